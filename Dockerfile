@@ -1,0 +1,67 @@
+# weightinit: a gRPC service that hands distributed trainers byte-identical
+# initial weights. Build:  docker build -t weightinit .
+# Run:    docker run --rm -p 50051:50051 weightinit
+# See deploy/README.md (compose, Kubernetes, and how the base images are made on
+# a machine that cannot pull them: deploy/make-base-images.sh).
+
+# Base images are build arguments with the usual public defaults.
+ARG RUST_IMAGE=rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+# ---------------------------------------------------------------- builder ---
+FROM ${RUST_IMAGE} AS builder
+WORKDIR /usr/src/weightinit
+
+# Crates vendored on the host by deploy/make-base-images.sh, used when present
+# (the build is then offline); without them cargo fetches from crates.io.
+COPY deploy/cargo-vendor/ /opt/cargo-vendor/
+RUN if [ -d /opt/cargo-vendor/crates ]; then \
+        mkdir -p "${CARGO_HOME:-$HOME/.cargo}" \
+        && printf '%s\n' \
+            '[source.crates-io]' 'replace-with = "vendored-sources"' \
+            '[source.vendored-sources]' 'directory = "/opt/cargo-vendor/crates"' \
+            '[net]' 'offline = true' \
+            > "${CARGO_HOME:-$HOME/.cargo}/config.toml" \
+        && echo "using vendored crates"; \
+    else \
+        echo "no vendored crates: fetching from crates.io"; \
+    fi
+
+# Dependencies first, against stub sources, so that a change in src/ only
+# rebuilds the crate itself. A failure here is reported by the real build below.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto/ proto/
+RUN mkdir -p src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && { cargo build --release --locked || echo "dependency pre-build failed; see the full build"; } \
+    && rm -rf src
+
+COPY src/ src/
+# Forget the stub's fingerprints so the real sources are always compiled.
+RUN rm -rf target/release/.fingerprint/weightinit-* \
+    && cargo build --release --locked \
+    && install -D -m 0755 target/release/weightinit /out/weightinit \
+    && /out/weightinit --help > /dev/null
+
+# ---------------------------------------------------------------- runtime ---
+FROM ${RUNTIME_IMAGE}
+ARG UID=10001
+RUN groupadd --system --gid "${UID}" weightinit \
+    && useradd --system --no-log-init --uid "${UID}" --gid weightinit --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin weightinit
+COPY --from=builder /out/weightinit /usr/local/bin/weightinit
+
+# Numeric so that Kubernetes' runAsNonRoot can verify it.
+USER ${UID}:${UID}
+ENV WEIGHTINIT_ADDR=0.0.0.0:50051 \
+    WEIGHTINIT_SHUTDOWN_GRACE=30s
+EXPOSE 50051
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/weightinit", "healthcheck", "--addr", "http://127.0.0.1:50051"]
+# SIGTERM: health goes NOT_SERVING, new connections are refused, streams in
+# flight finish within WEIGHTINIT_SHUTDOWN_GRACE, exit 0. Stop with a timeout
+# above that grace: docker stop -t 40.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/weightinit"]
+CMD ["serve"]

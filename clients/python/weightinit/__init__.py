@@ -1,0 +1,27 @@
+"""Python client of weightinit: byte-identical initial weights from a weightinit server.
+
+    import weightinit
+    arrays = weightinit.fetch(request, "127.0.0.1:50051")    # {name: numpy.ndarray}
+
+`weightinit.torch` (imported on first use) initializes torch modules in place.
+
+The generated gRPC stubs live in `weightinit/_proto/weightinit/v1/` exactly as grpc_tools.protoc
+writes them; they import each other as `weightinit.v1`, the proto package, so that directory is
+added to this package's path and the stubs are importable as `weightinit.v1.weightinit_pb2`.
+"""
+import importlib
+import os
+
+__path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
+
+from .client import IntegrityError, describe, digest, fetch, read_stream  # noqa: E402
+from .request import to_message  # noqa: E402
+
+__all__ = ["IntegrityError", "describe", "digest", "fetch", "read_stream", "to_message"]
+
+
+def __getattr__(name):
+    """Imports `weightinit.torch` on first access, so that torch stays optional."""
+    if name == "torch":
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

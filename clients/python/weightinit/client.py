@@ -1,0 +1,200 @@
+"""Calls to a weightinit server: tensors (Generate), digests (Digest), descriptions (Describe).
+
+Each call opens its own channel to `target` ("host:port", plaintext) and closes it when done.
+"""
+import importlib.util
+import math
+from contextlib import contextmanager
+
+import blake3
+import grpc
+import numpy as np
+
+from weightinit.v1 import weightinit_pb2 as pb
+from weightinit.v1 import weightinit_pb2_grpc as pb_grpc
+
+from .request import to_dict, to_message
+
+# Largest response message accepted; well above any chunk the server may send (grpc's own
+# default, 4 MiB, is below what a client may ask for with chunk_bytes).
+MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+
+# Output element types, little-endian as on the wire. bfloat16 arrives as its raw 16-bit
+# patterns, which numpy has no float type for.
+_NUMPY_DTYPES = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype("<u2"),
+}
+
+
+class IntegrityError(Exception):
+    """The Generate stream broke the protocol, or a tensor's bytes do not match its digest."""
+
+
+@contextmanager
+def _stub(target):
+    options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        yield pb_grpc.WeightInitStub(channel)
+
+
+def fetch(request, target, out=None, timeout=None):
+    """Generates every tensor of `request` on the server at `target` and returns them.
+
+    request: a GenerateRequest, or a dict in its proto3 JSON form.
+    out: optional {tensor name: destination}; a destination is a writable C-contiguous buffer
+        (a numpy array, bytearray, ...) of exactly the tensor's byte length, and the chunks are
+        copied straight into it. Its element type is not checked: the bytes are the tensor's
+        little-endian elements.
+    timeout: seconds for the whole call, None for no deadline.
+
+    Returns {name: array} in request order. A tensor fetched into `out` is returned as that
+    destination object. Any other tensor is a new numpy.ndarray of the output shape and dtype
+    (float32, float64 or float16), except bfloat16: a torch.bfloat16 tensor when torch is
+    importable, otherwise a numpy uint16 array of the raw bfloat16 bit patterns.
+
+    Raises grpc.RpcError when the server rejects the request (INVALID_ARGUMENT for a bad one),
+    IntegrityError when what arrives is not what the server promised.
+    """
+    message = to_message(request)
+    with _stub(target) as stub:
+        return read_stream(stub.Generate(message, timeout=timeout), message, out)
+
+
+def read_stream(responses, request, out=None):
+    """Assembles the GenerateResponse stream `responses` of `request`; see fetch().
+
+    Checks that tensors arrive in request order, that each tensor's chunks are contiguous and add
+    up to its byte length, and that the BLAKE3 digest of its bytes equals the one in TensorEnd.
+    """
+    message = to_message(request)
+    names = [tensor.name for tensor in message.tensors]
+    out = dict(out or {})
+    unknown = sorted(set(out) - set(names))
+    if unknown:
+        raise ValueError(f"out names tensors that are not in the request: {unknown}")
+
+    results = {}
+    receiver = None
+    for response in responses:
+        item = response.WhichOneof("item")
+        if item == "header":
+            if receiver is not None:
+                raise IntegrityError(f"tensor {receiver.name!r} has no end before the next header")
+            if len(results) == len(names):
+                raise IntegrityError("header of a tensor beyond the request's")
+            name = names[len(results)]
+            receiver = _Receiver(response.header, len(results), name, out.get(name))
+        elif item is None:
+            raise IntegrityError("empty GenerateResponse")
+        elif receiver is None:
+            raise IntegrityError(f"{item} outside a tensor (no header before it)")
+        elif item == "chunk":
+            receiver.write(response.chunk)
+        else:
+            results[receiver.name] = receiver.finish(response.end)
+            receiver = None
+    if receiver is not None or len(results) != len(names):
+        raise IntegrityError(f"stream ended after {len(results)} of {len(names)} tensors")
+    return results
+
+
+class _Receiver:
+    """Receives one tensor's chunks into its destination and checks them against its header."""
+
+    def __init__(self, header, index, name, dest):
+        if header.index != index or header.name != name:
+            raise IntegrityError(
+                f"header for tensor {header.index} {header.name!r}, expected {index} {name!r}"
+            )
+        dtype = _NUMPY_DTYPES.get(header.dtype)
+        if dtype is None:
+            raise IntegrityError(f"{name!r}: unknown dtype {header.dtype}")
+        shape = tuple(header.output_shape)
+        self.length = math.prod(shape) * dtype.itemsize
+        if header.byte_length != self.length:
+            raise IntegrityError(
+                f"{name!r}: byte_length {header.byte_length} does not fit output shape {shape}"
+            )
+        self.name = name
+        self.index = index
+        self.bfloat16 = header.dtype == pb.DTYPE_BFLOAT16 and dest is None
+        self.result = np.empty(shape, dtype) if dest is None else dest
+        self.buffer = _byte_view(self.result, self.length, name)
+        self.hasher = blake3.blake3()
+        self.received = 0
+
+    def write(self, chunk):
+        """Copies one chunk into place, once, and adds it to the digest."""
+        if chunk.tensor_index != self.index:
+            raise IntegrityError(f"chunk of tensor {chunk.tensor_index} inside {self.name!r}")
+        if chunk.offset != self.received:
+            raise IntegrityError(
+                f"{self.name!r}: chunk at offset {chunk.offset}, expected {self.received}"
+            )
+        data = chunk.data
+        stop = self.received + len(data)
+        if stop > self.length:
+            raise IntegrityError(f"{self.name!r}: chunks run past byte_length {self.length}")
+        self.buffer[self.received : stop] = data
+        self.hasher.update(data)
+        self.received = stop
+
+    def finish(self, end):
+        """Checks the tensor is complete and its digest matches; returns the result."""
+        if end.tensor_index != self.index:
+            raise IntegrityError(f"end of tensor {end.tensor_index} inside {self.name!r}")
+        if end.byte_length != self.length or self.received != self.length:
+            raise IntegrityError(
+                f"{self.name!r}: received {self.received} bytes, end says {end.byte_length}, "
+                f"header said {self.length}"
+            )
+        digest = self.hasher.digest()
+        if end.blake3 != digest:
+            raise IntegrityError(
+                f"{self.name!r}: BLAKE3 of the received bytes is {digest.hex()}, "
+                f"the server's is {end.blake3.hex()}"
+            )
+        return _as_bfloat16(self.result) if self.bfloat16 else self.result
+
+
+def _byte_view(dest, length, name):
+    """A flat writable byte view of dest, which must hold exactly `length` bytes."""
+    try:
+        view = memoryview(dest)
+    except TypeError:
+        raise TypeError(f"out[{name!r}] is a {type(dest).__name__}, not a buffer") from None
+    if view.readonly or not view.c_contiguous:
+        raise ValueError(f"out[{name!r}] must be writable and C-contiguous")
+    if view.nbytes != length:
+        raise ValueError(f"out[{name!r}] has {view.nbytes} bytes, the tensor {length}")
+    # memoryview cannot cast an empty view with a 0 in its shape; nothing is written there anyway.
+    return view.cast("B") if length else memoryview(bytearray())
+
+
+def _as_bfloat16(bits):
+    """Raw bfloat16 patterns as a torch.bfloat16 tensor (no copy) when torch is importable."""
+    if importlib.util.find_spec("torch") is None:
+        return bits
+    import torch
+
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+def digest(request, target, timeout=None):
+    """Returns {name: hex BLAKE3 digest} of every tensor's output, computed by the server."""
+    message = to_message(request)
+    with _stub(target) as stub:
+        response = stub.Digest(message, timeout=timeout)
+    return {message.tensors[d.tensor_index].name: d.blake3.hex() for d in response.digests}
+
+
+def describe(request, target, timeout=None):
+    """Returns {name: TensorHeader in proto3 JSON form}: shapes, dtype, byte length, and what the
+    scheme resolved to (fans, distribution, parameters), without generating anything."""
+    message = to_message(request)
+    with _stub(target) as stub:
+        response = stub.Describe(message, timeout=timeout)
+    return {header.name: to_dict(header) for header in response.tensors}

@@ -1,0 +1,36 @@
+"""GenerateRequest messages from their proto3 JSON form, and responses back to it.
+
+A request may be given as a `GenerateRequest` message or as a dict in proto3 JSON form, the form
+grpcurl users type and the shared test vectors use, e.g.
+
+    {"seed": 42, "tensors": [{"name": "fc.weight", "shape": [10, 784],
+                              "init": {"xavierUniform": {}}}]}
+
+Unknown fields are errors, so a misspelt field never silently falls back to a default.
+"""
+from collections.abc import Mapping
+
+from google.protobuf import json_format
+
+from weightinit.v1 import weightinit_pb2 as pb
+
+
+def to_message(request):
+    """Returns `request` as a GenerateRequest (a message is returned as is).
+
+    Raises google.protobuf.json_format.ParseError for a dict that is not a valid request form,
+    TypeError for anything else.
+    """
+    if isinstance(request, pb.GenerateRequest):
+        return request
+    if isinstance(request, Mapping):
+        return json_format.ParseDict(request, pb.GenerateRequest())
+    raise TypeError(
+        f"a request is a weightinit.v1.GenerateRequest or a dict in proto3 JSON form, "
+        f"not {type(request).__name__}"
+    )
+
+
+def to_dict(message):
+    """Returns a response message in proto3 JSON form, fields left at their defaults included."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)

@@ -1,0 +1,3 @@
+//! Client-side helpers for talking to a weightinit server.
+
+pub mod health;

@@ -1,0 +1,194 @@
+//! The four distributions of algorithm v1 and how a word becomes a value under each.
+
+use super::{normal, unit};
+
+/// A fully resolved distribution; all parameters are f64 and already validated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Distribution {
+    Constant {
+        value: f64,
+    },
+    Uniform {
+        low: f64,
+        high: f64,
+    },
+    Normal {
+        mean: f64,
+        std: f64,
+    },
+    /// `alpha` and `beta` are in units of `std`, relative to `mean`.
+    TruncatedNormal {
+        mean: f64,
+        std: f64,
+        alpha: f64,
+        beta: f64,
+    },
+}
+
+impl Distribution {
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Constant { .. } => "constant",
+            Self::Uniform { .. } => "uniform",
+            Self::Normal { .. } => "normal",
+            Self::TruncatedNormal { .. } => "truncated_normal",
+        }
+    }
+
+    /// The largest magnitude a value can take; a normal never goes past 8.3 std from its mean
+    /// (the quantile of the smallest p, 2^-53, is about -8.21).
+    pub fn max_magnitude(&self) -> f64 {
+        match *self {
+            Self::Constant { value } => value.abs(),
+            Self::Uniform { low, high } => low.abs().max(high.abs()),
+            Self::Normal { mean, std } => mean.abs() + 8.3 * std,
+            Self::TruncatedNormal {
+                mean,
+                std,
+                alpha,
+                beta,
+            } => {
+                let clamped = (mean + std * alpha).abs().max((mean + std * beta).abs());
+                (mean.abs() + 8.3 * std).min(clamped)
+            }
+        }
+    }
+
+    /// The per-tensor constants of the distribution, computed once.
+    pub fn sampler(&self) -> Sampler {
+        match *self {
+            Self::Constant { value } => Sampler::Constant { value },
+            Self::Uniform { low, high } => Sampler::Uniform {
+                low,
+                span: high - low,
+            },
+            Self::Normal { mean, std } => Sampler::Normal { mean, std },
+            Self::TruncatedNormal {
+                mean,
+                std,
+                alpha,
+                beta,
+            } => {
+                let ca = normal::cdf(alpha);
+                let cb = normal::cdf(beta);
+                Sampler::TruncatedNormal {
+                    mean,
+                    std,
+                    alpha,
+                    beta,
+                    ca,
+                    mass: cb - ca,
+                }
+            }
+        }
+    }
+}
+
+/// A distribution with its per-tensor constants, ready to turn words into values.
+#[derive(Clone, Copy, Debug)]
+pub enum Sampler {
+    Constant {
+        value: f64,
+    },
+    Uniform {
+        low: f64,
+        span: f64,
+    },
+    Normal {
+        mean: f64,
+        std: f64,
+    },
+    TruncatedNormal {
+        mean: f64,
+        std: f64,
+        alpha: f64,
+        beta: f64,
+        ca: f64,
+        mass: f64,
+    },
+}
+
+impl Sampler {
+    /// Whether values depend on the random words at all.
+    pub fn uses_words(&self) -> bool {
+        !matches!(self, Self::Constant { .. })
+    }
+
+    /// Writes the value of each word into `out` (same length as `words`).
+    pub fn values(&self, words: &[u64], out: &mut [f64]) {
+        debug_assert_eq!(words.len(), out.len());
+        match *self {
+            Self::Constant { value } => out.fill(value),
+            Self::Uniform { low, span } => map(words, out, |w| low + span * unit::unit(w)),
+            Self::Normal { mean, std } => map(words, out, |w| {
+                mean + std * normal::quantile(unit::open_unit(w))
+            }),
+            Self::TruncatedNormal {
+                mean,
+                std,
+                alpha,
+                beta,
+                ca,
+                mass,
+            } => map(words, out, |w| {
+                let z = normal::quantile(ca + mass * unit::open_unit(w));
+                // IEEE maxNum/minNum: a NaN z (only if the argument rounds to 1.0) yields alpha.
+                mean + std * z.max(alpha).min(beta)
+            }),
+        }
+    }
+}
+
+#[inline(always)]
+fn map(words: &[u64], out: &mut [f64], f: impl Fn(u64) -> f64) {
+    for (word, slot) in words.iter().zip(out.iter_mut()) {
+        *slot = f(*word);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(distribution: Distribution, word: u64) -> f64 {
+        let mut out = [0.0];
+        distribution.sampler().values(&[word], &mut out);
+        out[0]
+    }
+
+    #[test]
+    fn uniform_covers_low_to_just_below_high() {
+        let d = Distribution::Uniform {
+            low: -0.5,
+            high: 2.0,
+        };
+        assert_eq!(value(d, 0), -0.5);
+        assert!(value(d, u64::MAX) < 2.0);
+        assert_eq!(value(d, 1 << 63), 0.75);
+    }
+
+    #[test]
+    fn normal_median_is_the_mean() {
+        let d = Distribution::Normal {
+            mean: 1.0,
+            std: 0.02,
+        };
+        // p = 0.5 + 2^-53 is just above the median.
+        let mid = value(d, 1 << 63);
+        assert!(mid >= 1.0 && mid < 1.0 + 1e-15);
+    }
+
+    #[test]
+    fn truncated_normal_stays_inside_its_bounds() {
+        let d = Distribution::TruncatedNormal {
+            mean: 0.0,
+            std: 1.0,
+            alpha: -0.5,
+            beta: 0.25,
+        };
+        for word in [0, 1, u64::MAX, u64::MAX / 3, 1 << 63] {
+            let x = value(d, word);
+            assert!((-0.5..=0.25).contains(&x), "{x}");
+        }
+    }
+}

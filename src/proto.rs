@@ -1,0 +1,10 @@
+//! Generated types of the `weightinit.v1` protobuf package, with proto3-JSON (serde) support.
+
+#![allow(clippy::all, missing_docs)]
+
+tonic::include_proto!("weightinit.v1");
+include!(concat!(env!("OUT_DIR"), "/weightinit.v1.serde.rs"));
+
+/// The encoded file descriptor set, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/weightinit_descriptor.bin"));

@@ -1,0 +1,192 @@
+//! Shared test support: a real server on 127.0.0.1:0, clients, and the v1 vectors.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use weightinit::proto::{
+    GenerateRequest, generate_response::Item, weight_init_client::WeightInitClient,
+};
+use weightinit::service::handler::Shared;
+use weightinit::service::{ServeConfig, Server};
+
+/// A server running in this process on an ephemeral loopback port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut ServeConfig)) -> Self {
+        let mut config = ServeConfig::default();
+        config.addr = "127.0.0.1:0".parse().unwrap();
+        configure(&mut config);
+        let listener = TcpListener::bind(config.addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Server::new(config).unwrap();
+        let shared = server.shared();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.run(listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            shared,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> WeightInitClient<Channel> {
+        WeightInitClient::connect(self.url())
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// One tensor of a Generate stream, reassembled and checked for order and contiguity.
+#[derive(Debug)]
+pub struct Received {
+    pub header: weightinit::proto::TensorHeader,
+    pub data: Vec<u8>,
+    pub blake3: Vec<u8>,
+    pub chunk_sizes: Vec<usize>,
+}
+
+/// Runs Generate and reassembles every tensor, asserting the stream's structure.
+pub async fn generate(
+    client: &mut WeightInitClient<Channel>,
+    request: GenerateRequest,
+) -> Vec<Received> {
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let mut out: Vec<Received> = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        match message.item.unwrap() {
+            Item::Header(header) => {
+                assert_eq!(header.index as usize, out.len(), "headers in request order");
+                out.push(Received {
+                    header,
+                    data: Vec::new(),
+                    blake3: Vec::new(),
+                    chunk_sizes: Vec::new(),
+                });
+            }
+            Item::Chunk(chunk) => {
+                let current = out.last_mut().expect("chunk after a header");
+                assert_eq!(chunk.tensor_index, current.header.index);
+                assert_eq!(
+                    chunk.offset,
+                    current.data.len() as u64,
+                    "contiguous, in order"
+                );
+                current.chunk_sizes.push(chunk.data.len());
+                current.data.extend_from_slice(&chunk.data);
+            }
+            Item::End(end) => {
+                let current = out.last_mut().expect("end after a header");
+                assert_eq!(end.tensor_index, current.header.index);
+                assert_eq!(end.byte_length, current.data.len() as u64);
+                assert_eq!(current.header.byte_length, current.data.len() as u64);
+                current.blake3 = end.blake3;
+            }
+        }
+    }
+    out
+}
+
+#[derive(Deserialize)]
+pub struct Vectors {
+    pub cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+pub struct Case {
+    pub case: String,
+    pub request: serde_json::Value,
+    pub expect: Vec<Expected>,
+}
+
+#[derive(Deserialize)]
+pub struct Expected {
+    pub name: String,
+    pub byte_length: u64,
+    pub blake3: String,
+    pub first_values: Vec<f64>,
+}
+
+impl Case {
+    /// The case's request, parsed from proto3 JSON as grpcurl would send it.
+    pub fn request(&self) -> GenerateRequest {
+        serde_json::from_value(self.request.clone()).unwrap()
+    }
+}
+
+/// The committed copy of the v1 vectors (tests/data/vectors-v1.json).
+pub fn vectors() -> Vectors {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors-v1.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The engine's dtype for a proto DType number.
+pub fn engine_dtype(dtype: i32) -> weightinit::engine::DType {
+    use weightinit::engine::DType as E;
+    use weightinit::proto::DType as P;
+    match P::try_from(dtype).unwrap() {
+        P::DtypeFloat64 => E::Float64,
+        P::DtypeFloat32 => E::Float32,
+        P::DtypeFloat16 => E::Float16,
+        P::DtypeBfloat16 => E::BFloat16,
+        P::DtypeUnspecified => panic!("a header's dtype is never UNSPECIFIED"),
+    }
+}
+
+/// Decodes little-endian elements of `dtype` (a proto DType number) to f64.
+pub fn decode(dtype: i32, data: &[u8]) -> Vec<f64> {
+    use weightinit::proto::DType;
+    match DType::try_from(dtype).unwrap() {
+        DType::DtypeFloat64 => data
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        DType::DtypeFloat32 => data
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+            .collect(),
+        DType::DtypeFloat16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).to_f64())
+            .collect(),
+        DType::DtypeBfloat16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes(b.try_into().unwrap()).to_f64())
+            .collect(),
+        DType::DtypeUnspecified => panic!("a header's dtype is never UNSPECIFIED"),
+    }
+}

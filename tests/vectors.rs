@@ -1,0 +1,74 @@
+//! Every case of the v1 vectors (an independent implementation's digests) must match, in
+//! process through the engine and over gRPC through Generate, TensorEnd and Digest.
+
+mod common;
+
+use common::{TestServer, engine_dtype, generate, hex, vectors};
+use weightinit::engine::Limits;
+use weightinit::service::convert;
+
+#[test]
+fn engine_matches_every_vector() {
+    for case in vectors().cases {
+        let request = convert::request(&case.request()).unwrap();
+        let plan = request.plan(&Limits::default()).unwrap();
+        assert_eq!(plan.tensors.len(), case.expect.len(), "{}", case.case);
+        for (tensor, expected) in plan.tensors.iter().zip(&case.expect) {
+            let mut data = vec![0u8; tensor.byte_length() as usize];
+            tensor.fill(0, &mut data);
+            assert_eq!(tensor.name, expected.name);
+            assert_eq!(
+                data.len() as u64,
+                expected.byte_length,
+                "{}/{}",
+                case.case,
+                expected.name
+            );
+            assert_eq!(
+                blake3::hash(&data).to_hex().as_str(),
+                expected.blake3,
+                "{}/{}",
+                case.case,
+                expected.name
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_and_digest_match_every_vector() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for case in vectors().cases {
+        let received = generate(&mut client, case.request()).await;
+        let digests = client
+            .digest(case.request())
+            .await
+            .unwrap()
+            .into_inner()
+            .digests;
+        assert_eq!(received.len(), case.expect.len(), "{}", case.case);
+        assert_eq!(digests.len(), case.expect.len(), "{}", case.case);
+        for ((tensor, digest), expected) in received.iter().zip(&digests).zip(&case.expect) {
+            let what = format!("{}/{}", case.case, expected.name);
+            assert_eq!(tensor.header.name, expected.name, "{what}");
+            assert_eq!(tensor.header.byte_length, expected.byte_length, "{what}");
+            assert_eq!(
+                hex(blake3::hash(&tensor.data).as_bytes()),
+                expected.blake3,
+                "{what}: bytes"
+            );
+            assert_eq!(hex(&tensor.blake3), expected.blake3, "{what}: TensorEnd");
+            assert_eq!(hex(&digest.blake3), expected.blake3, "{what}: Digest");
+            assert_eq!(
+                digest.byte_length, expected.byte_length,
+                "{what}: Digest length"
+            );
+            // first_values went through a float printer: compare them rounded to the dtype.
+            let dtype = engine_dtype(tensor.header.dtype);
+            let mut want = vec![0u8; expected.first_values.len() * dtype.size()];
+            dtype.encode(&expected.first_values, &mut want);
+            assert_eq!(tensor.data[..want.len()], want, "{what}: first values");
+        }
+    }
+}
