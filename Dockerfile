@@ -58,7 +58,7 @@ ENV WEIGHTINIT_ADDR=0.0.0.0:50051 \
     WEIGHTINIT_SHUTDOWN_GRACE=30s
 EXPOSE 50051
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["/usr/local/bin/weightinit", "healthcheck", "--addr", "http://127.0.0.1:50051"]
+    CMD ["/usr/local/bin/weightinit", "healthcheck"]
 # SIGTERM: health goes NOT_SERVING, new connections are refused, streams in
 # flight finish within WEIGHTINIT_SHUTDOWN_GRACE, exit 0. Stop with a timeout
 # above that grace: docker stop -t 40.

@@ -7,6 +7,7 @@
 Needs grpcio-tools at the version pinned in pyproject.toml (the `test` extra): the generated
 files carry that version, and tests/test_stubs.py checks the committed ones are current.
 """
+
 import sys
 from pathlib import Path
 

@@ -102,6 +102,10 @@ impl Pipeline {
                 break;
             };
             let data = pending.await.map_err(|_| Stop::WorkerFailed)?;
+            // Digest sends nothing until the end: look for a gone receiver on every chunk.
+            if out.is_closed() {
+                return Err(Stop::Gone);
+            }
             *bytes += data.len() as u64;
             if emit == Emit::Chunks {
                 let chunk = Chunk {

@@ -190,3 +190,14 @@ pub fn decode(dtype: i32, data: &[u8]) -> Vec<f64> {
         DType::DtypeUnspecified => panic!("a header's dtype is never UNSPECIFIED"),
     }
 }
+
+/// Polls `condition` every 10 ms for up to 10 s; panics if it never holds.
+pub async fn wait_until(mut condition: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 10 s");
+}

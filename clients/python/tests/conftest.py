@@ -2,6 +2,7 @@
 
 The binary is $WEIGHTINIT_BIN, else target/release/weightinit, else target/debug/weightinit.
 """
+
 import os
 import re
 import select
@@ -27,7 +28,7 @@ def _server_binary():
 
 @pytest.fixture(scope="session")
 def target(tmp_path_factory):
-    """"127.0.0.1:PORT" of a server started with `weightinit serve --addr 127.0.0.1:0`."""
+    """The address, 127.0.0.1:PORT, of a server started with `serve --addr 127.0.0.1:0`."""
     binary = _server_binary()
     if not binary.exists():
         pytest.fail(f"no server binary at {binary}: cargo build --release, or set WEIGHTINIT_BIN")

@@ -1,18 +1,30 @@
 """read_stream() on hand-made Generate streams: assembly, buffers and every integrity check."""
+
 import importlib.util
 
 import blake3
 import numpy as np
 import pytest
-
-from weightinit import IntegrityError, read_stream, to_message
 from weightinit.v1 import weightinit_pb2 as pb
 
-DTYPES = {"<f4": pb.DTYPE_FLOAT32, "<f8": pb.DTYPE_FLOAT64, "<f2": pb.DTYPE_FLOAT16, "<u2": pb.DTYPE_BFLOAT16}
+from weightinit import IntegrityError, read_stream, to_message
+
+DTYPES = {
+    "<f4": pb.DTYPE_FLOAT32,
+    "<f8": pb.DTYPE_FLOAT64,
+    "<f2": pb.DTYPE_FLOAT16,
+    "<u2": pb.DTYPE_BFLOAT16,
+}
 
 
 def _request(arrays):
-    return {"seed": 1, "tensors": [{"name": name, "shape": list(a.shape), "init": {"zeros": {}}} for name, a in arrays.items()]}
+    return {
+        "seed": 1,
+        "tensors": [
+            {"name": name, "shape": list(a.shape), "init": {"zeros": {}}}
+            for name, a in arrays.items()
+        ],
+    }
 
 
 def _stream(arrays, chunk_bytes=6):
@@ -34,9 +46,13 @@ def _stream(arrays, chunk_bytes=6):
             )
         )
         for offset in range(0, len(data), chunk_bytes):
-            chunk = pb.Chunk(tensor_index=index, offset=offset, data=data[offset : offset + chunk_bytes])
+            chunk = pb.Chunk(
+                tensor_index=index, offset=offset, data=data[offset : offset + chunk_bytes]
+            )
             responses.append(pb.GenerateResponse(chunk=chunk))
-        end = pb.TensorEnd(tensor_index=index, blake3=blake3.blake3(data).digest(), byte_length=len(data))
+        end = pb.TensorEnd(
+            tensor_index=index, blake3=blake3.blake3(data).digest(), byte_length=len(data)
+        )
         responses.append(pb.GenerateResponse(end=end))
     return responses
 
@@ -165,7 +181,11 @@ BF16_BITS = np.array([0x3F80, 0xC000, 0x3E00], dtype="<u2")  # 1.0, -2.0, 0.125
 
 def test_bfloat16_without_torch_is_raw_bits(monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch" else find_spec(name, *a),
+    )
     result = read_stream(_stream({"b": BF16_BITS}), _request({"b": BF16_BITS}))["b"]
     assert isinstance(result, np.ndarray) and result.dtype == np.uint16
     assert result.tolist() == BF16_BITS.tolist()

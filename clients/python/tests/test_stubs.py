@@ -1,4 +1,5 @@
 """The committed gRPC stubs are what grpc_tools.protoc makes of the project's proto today."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """weightinit.torch.build_request(): names, PyTorch defaults, rules, dtypes and sharding plans."""
+
 import re
 
 import pytest
@@ -19,7 +20,12 @@ def _specs(module, **kwargs):
 def test_mlp_gets_pytorch_defaults():
     specs = _specs(nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)))
     assert list(specs) == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    assert specs["0.weight"] == {"name": "0.weight", "shape": [256, 784], "dtype": "DTYPE_FLOAT32", "init": {"torchDefault": {}}}
+    assert specs["0.weight"] == {
+        "name": "0.weight",
+        "shape": [256, 784],
+        "dtype": "DTYPE_FLOAT32",
+        "init": {"torchDefault": {}},
+    }
     assert specs["0.bias"]["init"] == {"torchDefaultBias": {}} and specs["0.bias"]["fanIn"] == "784"
     assert specs["2.bias"]["fanIn"] == "256"
 
@@ -64,9 +70,15 @@ def test_rules_glob_regex_and_overrides():
         ("*.bias", {"fan_in": "7"}),
     ]
     specs = _specs(Custom(), rules=rules)
-    assert specs["scale"]["init"] == {"constant": {"value": 0.5}} and specs["scale"]["layout"] == "LAYOUT_KERAS"
+    assert (
+        specs["scale"]["init"] == {"constant": {"value": 0.5}}
+        and specs["scale"]["layout"] == "LAYOUT_KERAS"
+    )
     assert specs["proj.weight"]["init"] == {"xavierNormal": {"gain": 2.0}}
-    assert specs["proj.bias"]["init"] == {"torchDefaultBias": {}} and specs["proj.bias"]["fanIn"] == "7"
+    assert (
+        specs["proj.bias"]["init"] == {"torchDefaultBias": {}}
+        and specs["proj.bias"]["fanIn"] == "7"
+    )
 
 
 def test_first_matching_rule_wins():
@@ -107,6 +119,11 @@ def test_tensor_digest_hashes_the_elements_bytes():
     import blake3
 
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    assert wt.tensor_digest(t.t()) == blake3.blake3(t.t().contiguous().numpy().tobytes()).hexdigest()
+    assert (
+        wt.tensor_digest(t.t()) == blake3.blake3(t.t().contiguous().numpy().tobytes()).hexdigest()
+    )
     bits = torch.tensor([1.0, -2.0], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
-    assert wt.tensor_digest(torch.tensor([1.0, -2.0], dtype=torch.bfloat16)) == blake3.blake3(bits).hexdigest()
+    assert (
+        wt.tensor_digest(torch.tensor([1.0, -2.0], dtype=torch.bfloat16))
+        == blake3.blake3(bits).hexdigest()
+    )

@@ -9,6 +9,7 @@ The generated gRPC stubs live in `weightinit/_proto/weightinit/v1/` exactly as g
 writes them; they import each other as `weightinit.v1`, the proto package, so that directory is
 added to this package's path and the stubs are importable as `weightinit.v1.weightinit_pb2`.
 """
+
 import importlib
 import os
 

@@ -2,6 +2,7 @@
 
 Each call opens its own channel to `target` ("host:port", plaintext) and closes it when done.
 """
+
 import importlib.util
 import math
 from contextlib import contextmanager

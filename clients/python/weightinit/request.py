@@ -8,6 +8,7 @@ grpcurl users type and the shared test vectors use, e.g.
 
 Unknown fields are errors, so a misspelt field never silently falls back to a default.
 """
+
 from collections.abc import Mapping
 
 from google.protobuf import json_format

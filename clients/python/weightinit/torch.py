@@ -12,6 +12,7 @@ process. Parameters get PyTorch's defaults by the layer that owns them unless a 
 - LayerNorm, GroupNorm, RMSNorm, BatchNorm*, SyncBatchNorm, InstanceNorm*: weight ones, bias zeros.
 Any other parameter needs a rule; init_module() names those that have none.
 """
+
 import fnmatch
 import math
 import re
@@ -61,7 +62,9 @@ _NORMS = tuple(
 # Keys that make a rule's value an Init (a scheme) rather than TensorSpec overrides, and the
 # proto3 JSON name of every TensorSpec field under either of its spellings.
 _INIT_KEYS = {key for f in pb.Init.DESCRIPTOR.fields for key in (f.name, f.json_name)}
-_SPEC_KEYS = {key: f.json_name for f in pb.TensorSpec.DESCRIPTOR.fields for key in (f.name, f.json_name)}
+_SPEC_KEYS = {
+    key: f.json_name for f in pb.TensorSpec.DESCRIPTOR.fields for key in (f.name, f.json_name)
+}
 
 
 def init_module(
@@ -152,14 +155,16 @@ def build_request(module, seed, rules=None, dtype=None, plan=None):
     tensors, missing = [], []
     for name, param in module.named_parameters():
         owner, local = owners[id(param)]
-        spec = {"name": name, "shape": list(param.shape), "dtype": _dtype_name(name, dtype or param.dtype)}
+        spec = {
+            "name": name,
+            "shape": list(param.shape),
+            "dtype": _dtype_name(name, dtype or param.dtype),
+        }
         spec.update(_default_spec(owner, local))
-        overrides = _rule_for(name, rules or ())
-        if plan is not None:
-            piece = plan(name, param)
-            if piece is not None:
-                spec["slice"] = piece
-        spec.update(overrides)
+        piece = None if plan is None else plan(name, param)
+        if piece is not None:
+            spec["slice"] = piece
+        spec.update(_rule_for(name, rules or ()))
         if "init" not in spec:
             missing.append(f"{name} ({type(owner).__name__})")
         tensors.append(spec)
@@ -194,7 +199,10 @@ def _default_spec(owner, local):
             return {"init": {"torchDefault": {}}}
         if local == "bias":
             weight = owner.weight
-            return {"init": {"torchDefaultBias": {}}, "fanIn": str(weight.shape[1] * math.prod(weight.shape[2:]))}
+            return {
+                "init": {"torchDefaultBias": {}},
+                "fanIn": str(weight.shape[1] * math.prod(weight.shape[2:])),
+            }
     if isinstance(owner, nn.Embedding) and local == "weight":
         return {"init": {"normal": {}}}
     if isinstance(owner, _NORMS):
@@ -222,7 +230,11 @@ def _rule_for(name, rules):
 def _writable_view(param, dtype_name):
     """A numpy array sharing the parameter's memory, when the fetched bytes can go straight
     there: a CPU, contiguous parameter of the requested dtype. None otherwise."""
-    if param.device.type != "cpu" or not param.is_contiguous() or _DTYPES.get(param.dtype) != dtype_name:
+    if (
+        param.device.type != "cpu"
+        or not param.is_contiguous()
+        or _DTYPES.get(param.dtype) != dtype_name
+    ):
         return None
     data = param.detach()
     if data.dtype == torch.bfloat16:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Python client with its test and torch extras into the repo's .venv (created if
+# missing) and runs its tests against the real server binary:
+#
+#   clients/python/run-tests.sh [PYTEST_ARGS...]
+#
+# The binary is $WEIGHTINIT_BIN, default target/release/weightinit (build it first with
+# `cargo build --release`). Safe to run again: an existing .venv and its packages are reused.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+bin=$(realpath -m "${WEIGHTINIT_BIN:-$repo/target/release/weightinit}")
+cd "$repo"
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --progress-bar off "./clients/python[test,torch]" numpy
+
+WEIGHTINIT_BIN=$bin exec .venv/bin/python -m pytest clients/python/tests "$@"

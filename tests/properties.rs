@@ -1,0 +1,289 @@
+//! Properties of the output: the same bytes for any chunk size, worker count and slice;
+//! slices tile the full tensor; each scheme has the statistics of its distribution.
+
+mod common;
+
+use common::{TestServer, generate};
+use serde_json::json;
+use weightinit::engine::{Limits, TensorPlan, normal};
+use weightinit::proto::GenerateRequest;
+use weightinit::service::convert;
+
+fn request(value: serde_json::Value) -> GenerateRequest {
+    serde_json::from_value(value).unwrap()
+}
+
+/// The engine's plans for a request (validated with default limits).
+fn plans(value: serde_json::Value) -> Vec<TensorPlan> {
+    convert::request(&request(value))
+        .unwrap()
+        .plan(&Limits::default())
+        .unwrap()
+        .tensors
+}
+
+fn bytes(plan: &TensorPlan) -> Vec<u8> {
+    let mut data = vec![0u8; plan.byte_length() as usize];
+    plan.fill(0, &mut data);
+    data
+}
+
+fn mixed_model() -> serde_json::Value {
+    json!({"seed": 11, "tensors": [
+        {"name": "a", "shape": [37, 29], "init": {"xavierNormal": {}}},
+        {"name": "b", "shape": [1001], "init": {"uniform": {}}, "dtype": "DTYPE_FLOAT16"},
+        {"name": "c", "shape": [13, 7, 3], "init": {"heNormal": {}}, "dtype": "DTYPE_FLOAT64"},
+        {"name": "d", "shape": [300, 5], "init": {"truncatedNormal": {"std": 0.02}}, "dtype": "DTYPE_BFLOAT16"},
+        {"name": "e", "shape": [0, 5], "init": {"normal": {}}}
+    ]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_bytes_for_every_chunk_size_and_worker_count() {
+    let expected: Vec<Vec<u8>> = plans(mixed_model()).iter().map(bytes).collect();
+    for workers in [1, 2, 5] {
+        let server = TestServer::start_with(|c| c.workers = Some(workers)).await;
+        let mut client = server.client().await;
+        for chunk_bytes in [8u32, 24, 1000, 4096, 65536, 0] {
+            let mut req = request(mixed_model());
+            req.chunk_bytes = chunk_bytes;
+            let received = generate(&mut client, req).await;
+            for (tensor, want) in received.iter().zip(&expected) {
+                assert_eq!(
+                    &tensor.data, want,
+                    "workers {workers}, chunk_bytes {chunk_bytes}"
+                );
+                assert_eq!(
+                    tensor.blake3,
+                    blake3::hash(want).as_bytes(),
+                    "TensorEnd digest"
+                );
+                let size = common::engine_dtype(tensor.header.dtype).size();
+                let limit = if chunk_bytes == 0 {
+                    1 << 20
+                } else {
+                    chunk_bytes as usize
+                };
+                for &n in &tensor.chunk_sizes {
+                    assert!(n <= limit && n % size == 0 && n > 0, "chunk of {n} bytes");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn any_byte_range_equals_the_same_range_of_the_whole() {
+    for plan in plans(mixed_model()) {
+        let whole = bytes(&plan);
+        let size = plan.dtype.size();
+        let elements = whole.len() / size;
+        for (start, count) in [
+            (0, 1),
+            (1, 3),
+            (511, 2),
+            (512, 513),
+            (elements / 2, elements / 2),
+        ] {
+            if start + count > elements {
+                continue;
+            }
+            let mut part = vec![0u8; count * size];
+            plan.fill((start * size) as u64, &mut part);
+            assert_eq!(
+                part,
+                whole[start * size..(start + count) * size],
+                "{} [{start}, +{count})",
+                plan.name
+            );
+        }
+    }
+}
+
+/// Values of the full tensor [13, 7, 6] at every element the slice selects, via the shape.
+fn expected_block(full: &[u8], shape: [usize; 3], ranges: [(usize, usize); 3]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in ranges[0].0..ranges[0].1 {
+        for j in ranges[1].0..ranges[1].1 {
+            for k in ranges[2].0..ranges[2].1 {
+                let flat = (i * shape[1] + j) * shape[2] + k;
+                out.extend_from_slice(&full[flat * 4..flat * 4 + 4]);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn shards_and_dims_slices_tile_the_full_tensor() {
+    let shape = [13usize, 7, 6];
+    let tensor = |slice: serde_json::Value| {
+        let mut spec = json!({"name": "w", "shape": shape, "init": {"kaimingUniform": {}}});
+        if !slice.is_null() {
+            spec["slice"] = slice;
+        }
+        bytes(&plans(json!({"seed": 3, "tensors": [spec]}))[0])
+    };
+    let full = tensor(serde_json::Value::Null);
+    for dim in 0..3 {
+        for count in [1usize, 2, 3, 4, 5, 8, 16] {
+            let mut shards = Vec::new();
+            for index in 0..count {
+                let got = tensor(json!({"shard": {"dim": dim, "index": index, "count": count}}));
+                // torch.chunk: chunks of ceil(n / count) rows, the tail ones possibly empty.
+                let n = shape[dim];
+                let c = n.div_ceil(count);
+                let mut ranges = [(0, shape[0]), (0, shape[1]), (0, shape[2])];
+                ranges[dim] = ((index * c).min(n), (index * c + c).min(n));
+                assert_eq!(
+                    got,
+                    expected_block(&full, shape, ranges),
+                    "dim {dim} shard {index}/{count}"
+                );
+                shards.push((ranges[dim], got));
+            }
+            let rows: usize = shards.iter().map(|((a, b), _)| b - a).sum();
+            assert_eq!(rows, shape[dim], "shards cover dim {dim} once");
+        }
+    }
+    // A 2-d tiling with dims slices, as tensor + sequential parallelism would cut it.
+    let mut covered = 0;
+    for (a, b) in [(0, 5), (5, 13)] {
+        for (c, d) in [(0, 2), (2, 7)] {
+            for (e, f) in [(0, 6)] {
+                let got = tensor(json!({"dims": {"ranges": [
+                    {"start": a, "stop": b}, {"start": c, "stop": d}, {"start": e, "stop": f}]}}));
+                assert_eq!(got, expected_block(&full, shape, [(a, b), (c, d), (e, f)]));
+                covered += got.len();
+            }
+        }
+    }
+    assert_eq!(covered, full.len());
+    // Flat ranges cut anywhere concatenate to the whole.
+    let cuts = [0usize, 1, 100, 101, 545, 546];
+    let joined: Vec<u8> = cuts
+        .windows(2)
+        .flat_map(|w| tensor(json!({"flat": {"start": w[0], "stop": w[1]}})))
+        .collect();
+    assert_eq!(joined, full);
+}
+
+/// Kolmogorov-Smirnov statistic of `sample` against `cdf`.
+fn ks_statistic(sample: &mut [f64], cdf: impl Fn(f64) -> f64) -> f64 {
+    sample.sort_by(f64::total_cmp);
+    let n = sample.len() as f64;
+    sample
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let f = cdf(x);
+            (f - i as f64 / n).abs().max(((i + 1) as f64 / n - f).abs())
+        })
+        .fold(0.0, f64::max)
+}
+
+fn sample(init: serde_json::Value, shape: [u64; 2]) -> (TensorPlan, Vec<f64>) {
+    let plan = plans(json!({"seed": 2024, "dtype": "DTYPE_FLOAT64",
+        "tensors": [{"name": "s", "shape": shape, "init": init}]}))
+    .remove(0);
+    let values = bytes(&plan)
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (plan, values)
+}
+
+fn mean_and_variance(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    (
+        mean,
+        values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0),
+    )
+}
+
+#[test]
+fn each_scheme_has_the_statistics_of_its_distribution() {
+    use weightinit::engine::Distribution as D;
+    // 1M draws: the KS critical value at alpha = 0.001 is 1.95 / sqrt(n) = 0.00195.
+    let ks_limit = 1.95 / 1000.0;
+    let schemes = [
+        json!({"xavierUniform": {}}),
+        json!({"xavierNormal": {"gain": 2.0}}),
+        json!({"kaimingUniform": {"nonlinearity": "NONLINEARITY_RELU"}}),
+        json!({"kaimingNormal": {"mode": "FAN_MODE_FAN_OUT"}}),
+        json!({"torchDefault": {}}),
+        json!({"glorotNormal": {}}),
+        json!({"heUniform": {}}),
+        json!({"lecunNormal": {}}),
+        json!({"varianceScaling": {"scale": 3.0, "mode": "FAN_MODE_FAN_GEO_AVG", "distribution": "DISTRIBUTION_UNTRUNCATED_NORMAL"}}),
+        json!({"truncatedNormal": {"mean": 0.5, "std": 2.0, "a": -1.0, "b": 4.0}}),
+        json!({"normal": {"mean": -3.0, "std": 0.5}}),
+        json!({"uniform": {"low": -2.0, "high": 5.0}}),
+    ];
+    for init in schemes {
+        let (plan, mut values) = sample(init.clone(), [1000, 1000]);
+        let (mean, variance) = mean_and_variance(&values);
+        let (low, high) = (
+            values.iter().cloned().fold(f64::INFINITY, f64::min),
+            values.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+        );
+        let (want_mean, want_variance, ks) = match plan.resolved.distribution {
+            D::Uniform { low: a, high: b } => {
+                assert!(low >= a && high < b, "{init}: within [{a}, {b})");
+                (
+                    0.5 * (a + b),
+                    (b - a) * (b - a) / 12.0,
+                    ks_statistic(&mut values, |x| ((x - a) / (b - a)).clamp(0.0, 1.0)),
+                )
+            }
+            D::Normal { mean: m, std: s } => (
+                m,
+                s * s,
+                ks_statistic(&mut values, |x| normal::cdf((x - m) / s)),
+            ),
+            D::TruncatedNormal {
+                mean: m,
+                std: s,
+                alpha,
+                beta,
+            } => {
+                assert!(
+                    low >= m + s * alpha && high <= m + s * beta,
+                    "{init}: within the truncation"
+                );
+                let (ca, cb) = (normal::cdf(alpha), normal::cdf(beta));
+                let pdf = |t: f64| (-0.5 * t * t).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                let z = cb - ca;
+                let mu = (pdf(alpha) - pdf(beta)) / z;
+                let var = 1.0 + (alpha * pdf(alpha) - beta * pdf(beta)) / z - mu * mu;
+                let cdf = |x: f64| ((normal::cdf((x - m) / s) - ca) / z).clamp(0.0, 1.0);
+                (m + s * mu, s * s * var, ks_statistic(&mut values, cdf))
+            }
+            D::Constant { .. } => unreachable!(),
+        };
+        let sd = want_variance.sqrt();
+        // 1M draws: the mean is off by well under 5 standard errors, the variance by < 1%.
+        assert!(
+            (mean - want_mean).abs() < 5.0 * sd / 1000.0,
+            "{init}: mean {mean} vs {want_mean}"
+        );
+        assert!(
+            (variance / want_variance - 1.0).abs() < 0.01,
+            "{init}: variance {variance} vs {want_variance}"
+        );
+        assert!(ks < ks_limit, "{init}: KS statistic {ks}");
+    }
+}
+
+#[test]
+fn constants_are_exact() {
+    for (init, value) in [
+        (json!({"zeros": {}}), 0.0),
+        (json!({"ones": {}}), 1.0),
+        (json!({"constant": {"value": -0.25}}), -0.25),
+    ] {
+        let (_, values) = sample(init, [3, 5]);
+        assert!(values.iter().all(|&v| v == value));
+    }
+}
