@@ -1,0 +1,164 @@
+//! Interop with the real grpcurl binary (1.8.6, which discovers services through
+//! reflection v1alpha): list, describe, every RPC and the health service.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{TestServer, hex, vectors};
+use serde_json::Value;
+
+/// grpcurl from $GRPCURL, the project's .venv (scripts/test installs it there), or PATH.
+fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPCURL") {
+        return path.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
+    if venv.exists() {
+        venv
+    } else {
+        "grpcurl".into()
+    }
+}
+
+/// Runs `grpcurl -plaintext FLAGS ADDRESS REST` and returns its stdout; panics with its
+/// stderr on failure.
+fn run(server: &TestServer, flags: &[&str], rest: &[&str]) -> String {
+    let output = Command::new(grpcurl())
+        .arg("-plaintext")
+        .args(flags)
+        .arg(server.addr.to_string())
+        .args(rest)
+        .output()
+        .expect("grpcurl runs (scripts/test installs it into .venv)");
+    assert!(
+        output.status.success(),
+        "grpcurl {rest:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Parses grpcurl's output: one JSON document per message.
+fn messages(output: &str) -> Vec<Value> {
+    serde_json::Deserializer::from_str(output)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn base64_to_hex(text: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut bytes = Vec::new();
+    for c in text.bytes().filter(|&c| c != b'=') {
+        bits = (bits << 6) | ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            bytes.push((bits >> count) as u8);
+        }
+    }
+    hex(&bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_discovers_and_calls_every_rpc() {
+    let server = TestServer::start().await;
+    let services = run(&server, &[], &["list"]);
+    for service in [
+        "weightinit.v1.WeightInit",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            services.lines().any(|l| l == service),
+            "{service} in {services}"
+        );
+    }
+    let described = run(&server, &[], &["describe", "weightinit.v1.WeightInit"]);
+    for rpc in ["Generate", "Describe", "Digest", "GetInfo"] {
+        assert!(
+            described.contains(&format!("rpc {rpc}")),
+            "{rpc} in {described}"
+        );
+    }
+    let message = run(&server, &[], &["describe", "weightinit.v1.TensorSpec"]);
+    assert!(message.contains("optional uint64 fan_in = 6;"), "{message}");
+
+    let info = &messages(&run(&server, &[], &["weightinit.v1.WeightInit/GetInfo"]))[0];
+    assert_eq!(info["algorithms"], serde_json::json!([1]));
+    assert_eq!(info["schemes"].as_array().unwrap().len(), 19);
+    assert_eq!(info["limits"]["defaultChunkBytes"], 1 << 20);
+
+    let health = &messages(&run(&server, &[], &["grpc.health.v1.Health/Check"]))[0];
+    assert_eq!(health["status"], "SERVING");
+    let health = &messages(&run(
+        &server,
+        &["-d", r#"{"service":"weightinit.v1.WeightInit"}"#],
+        &["grpc.health.v1.Health/Check"],
+    ))[0];
+    assert_eq!(health["status"], "SERVING");
+
+    // Every vector, typed the way a grpcurl user types it: proto3 JSON with -d.
+    for case in vectors().cases {
+        let body = case.request.to_string();
+        let generated = messages(&run(
+            &server,
+            &["-d", &body],
+            &["weightinit.v1.WeightInit/Generate"],
+        ));
+        let ends: Vec<&Value> = generated.iter().filter_map(|m| m.get("end")).collect();
+        let described = &messages(&run(
+            &server,
+            &["-d", &body],
+            &["weightinit.v1.WeightInit/Describe"],
+        ))[0];
+        let digested = &messages(&run(
+            &server,
+            &["-d", &body],
+            &["weightinit.v1.WeightInit/Digest"],
+        ))[0];
+        for (i, expected) in case.expect.iter().enumerate() {
+            let what = format!("{}/{}", case.case, expected.name);
+            assert_eq!(
+                base64_to_hex(ends[i]["blake3"].as_str().unwrap()),
+                expected.blake3,
+                "{what}"
+            );
+            assert_eq!(
+                base64_to_hex(digested["digests"][i]["blake3"].as_str().unwrap()),
+                expected.blake3,
+                "{what}"
+            );
+            let header = &described["tensors"][i];
+            assert_eq!(header["name"], expected.name.as_str());
+            assert_eq!(
+                header["byteLength"],
+                expected.byte_length.to_string(),
+                "{what}: uint64 is a JSON string"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_shows_the_bad_request_detail() {
+    let server = TestServer::start().await;
+    let output = Command::new(grpcurl())
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"tensors":[{"name":"w","shape":[8],"init":{"xavierUniform":{}}}]}"#,
+        ])
+        .arg(server.addr.to_string())
+        .arg("weightinit.v1.WeightInit/Generate")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("InvalidArgument"), "{stderr}");
+    assert!(stderr.contains("tensors[0].fan_in"), "{stderr}");
+}
