@@ -1,5 +1,6 @@
 //! The `weightinit` command: serve (the default) or check a server's health.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
