@@ -150,12 +150,10 @@ fn shards_and_dims_slices_tile_the_full_tensor() {
     let mut covered = 0;
     for (a, b) in [(0, 5), (5, 13)] {
         for (c, d) in [(0, 2), (2, 7)] {
-            for (e, f) in [(0, 6)] {
-                let got = tensor(json!({"dims": {"ranges": [
-                    {"start": a, "stop": b}, {"start": c, "stop": d}, {"start": e, "stop": f}]}}));
-                assert_eq!(got, expected_block(&full, shape, [(a, b), (c, d), (e, f)]));
-                covered += got.len();
-            }
+            let got = tensor(json!({"dims": {"ranges": [
+                {"start": a, "stop": b}, {"start": c, "stop": d}, {"start": 0, "stop": 6}]}}));
+            assert_eq!(got, expected_block(&full, shape, [(a, b), (c, d), (0, 6)]));
+            covered += got.len();
         }
     }
     assert_eq!(covered, full.len());

@@ -175,7 +175,7 @@ mod tests {
         };
         // p = 0.5 + 2^-53 is just above the median.
         let mid = value(d, 1 << 63);
-        assert!(mid >= 1.0 && mid < 1.0 + 1e-15);
+        assert!((1.0..1.0 + 1e-15).contains(&mid));
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl TensorPlan {
     pub fn fill(&self, offset: u64, out: &mut [u8]) {
         let size = self.dtype.size();
         assert!(
-            offset % size as u64 == 0 && out.len() % size == 0,
+            offset.is_multiple_of(size as u64) && out.len().is_multiple_of(size),
             "byte range must hold whole elements"
         );
         let mut words = [0u64; BLOCK];

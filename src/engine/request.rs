@@ -268,7 +268,7 @@ impl Request {
             RequestError::invalid(field, e.reason)
         })?;
         let reach = resolved.distribution.max_magnitude();
-        if !(reach <= dtype.max_finite()) {
+        if !reach.is_finite() || reach > dtype.max_finite() {
             return Err(RequestError::invalid(
                 "dtype",
                 format!(

@@ -7,6 +7,7 @@ use super::distribution::Distribution;
 use super::fans::Fans;
 
 /// Keras's correction making a [-2, 2]-truncated normal have the wanted variance.
+#[allow(clippy::excessive_precision)] // written as the algorithm writes it
 const TRUNCATION_STD_CORRECTION: f64 = 0.87962566103423978;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -341,7 +342,7 @@ fn truncated(mean: f64, std: f64, alpha: f64, beta: f64) -> Result<Distribution,
             "truncation bounds in units of std overflow f64",
         ));
     }
-    if !(alpha < beta) {
+    if alpha >= beta {
         return Err(invalid(
             SchemeField::Parameter("b"),
             "the truncation interval is empty: need a < b",
@@ -353,15 +354,13 @@ fn truncated(mean: f64, std: f64, alpha: f64, beta: f64) -> Result<Distribution,
         alpha,
         beta,
     };
-    if let super::distribution::Sampler::TruncatedNormal { mass, .. } = distribution.sampler() {
-        if !(mass > 0.0) {
-            return Err(invalid(
-                SchemeField::Parameter(""),
-                format!(
-                    "the truncation interval [{alpha}, {beta}] std has no probability mass in f64"
-                ),
-            ));
-        }
+    if let super::distribution::Sampler::TruncatedNormal { mass, .. } = distribution.sampler()
+        && mass <= 0.0
+    {
+        return Err(invalid(
+            SchemeField::Parameter(""),
+            format!("the truncation interval [{alpha}, {beta}] std has no probability mass in f64"),
+        ));
     }
     Ok(distribution)
 }
@@ -491,7 +490,7 @@ mod tests {
     #[test]
     fn glorot_normal_is_truncated_with_the_correction() {
         let r = Scheme::GlorotNormal.resolve(fans(784, 128)).unwrap();
-        let std = (1.0f64 / 456.0).sqrt() / 0.87962566103423978;
+        let std = (1.0f64 / 456.0).sqrt() / TRUNCATION_STD_CORRECTION;
         assert_eq!(
             r.distribution,
             Distribution::TruncatedNormal {

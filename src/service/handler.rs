@@ -13,7 +13,7 @@ use super::pipeline::{Emit, Outcome, Pipeline};
 use super::pool::WorkerPool;
 use crate::engine::{self, DType, Limits, RequestPlan, Scheme};
 use crate::proto::{
-    self, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
+    DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
     ServerInfo, ServerLimits, generate_response::Item, weight_init_server::WeightInit,
 };
 
@@ -192,7 +192,7 @@ impl WeightInit for Handler {
             schemes: Scheme::NAMES.iter().map(|s| (*s).to_owned()).collect(),
             dtypes: DType::ALL
                 .iter()
-                .map(|d| proto::DType::from(convert::proto_dtype(*d)).into())
+                .map(|d| convert::proto_dtype(*d).into())
                 .collect(),
             limits: Some(ServerLimits {
                 default_chunk_bytes: limits.default_chunk_bytes,

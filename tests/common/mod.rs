@@ -29,8 +29,10 @@ impl TestServer {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut ServeConfig)) -> Self {
-        let mut config = ServeConfig::default();
-        config.addr = "127.0.0.1:0".parse().unwrap();
+        let mut config = ServeConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
         configure(&mut config);
         let listener = TcpListener::bind(config.addr).await.unwrap();
         let addr = listener.local_addr().unwrap();

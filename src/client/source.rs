@@ -1,0 +1,245 @@
+//! Where the client commands get their tensors: a request file (with command-line overrides)
+//! and a server, remote over gRPC or the service itself in this process (`--local`).
+//!
+//! Both kinds of server are seen through the generated `WeightInit` trait, so `fetch` and
+//! `describe` run the very same code against either, and tests can wrap one to misbehave.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::engine::Limits;
+use crate::proto::weight_init_client::WeightInitClient;
+use crate::proto::weight_init_server::WeightInit;
+use crate::proto::{
+    self, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
+    ServerInfo,
+};
+use crate::service::handler::{Handler, Shared};
+use crate::service::pool::WorkerPool;
+
+/// Largest message accepted from a server: chunks are below 4 MiB unless a server raises
+/// its --max-chunk-bytes; this bounds memory all the same.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The request and the server: flags shared by `fetch` and `describe`.
+#[derive(clap::Args, Debug)]
+pub struct SourceArgs {
+    /// Server URL.
+    #[arg(
+        long,
+        env = "WEIGHTINIT_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+    /// Generate in this process instead of asking a server (offline use, or to check one);
+    /// --server is then ignored.
+    #[arg(long)]
+    pub local: bool,
+    /// GenerateRequest in proto3 JSON, as grpcurl -d takes it; "-" reads stdin.
+    #[arg(long)]
+    pub request: PathBuf,
+    /// Replaces the request's seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Replaces the request's default dtype (tensors that set their own keep it).
+    #[arg(long)]
+    pub dtype: Option<DTypeArg>,
+}
+
+/// The dtypes as `--dtype` spells them.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DTypeArg {
+    Float32,
+    Float64,
+    Float16,
+    Bfloat16,
+}
+
+impl From<DTypeArg> for proto::DType {
+    fn from(dtype: DTypeArg) -> Self {
+        match dtype {
+            DTypeArg::Float32 => Self::DtypeFloat32,
+            DTypeArg::Float64 => Self::DtypeFloat64,
+            DTypeArg::Float16 => Self::DtypeFloat16,
+            DTypeArg::Bfloat16 => Self::DtypeBfloat16,
+        }
+    }
+}
+
+/// Why the request or the server address cannot be used.
+#[derive(Debug)]
+pub enum SourceError {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    Server {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Read { path, source } => write!(f, "cannot read {}: {source}", path.display()),
+            Self::Parse { path, source } => write!(
+                f,
+                "{} is not a GenerateRequest in proto3 JSON: {source}",
+                path.display()
+            ),
+            Self::Server { url, source } => write!(f, "bad server URL {url:?}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+impl SourceArgs {
+    /// The request file with the overrides applied.
+    pub fn request(&self) -> Result<GenerateRequest, SourceError> {
+        let mut request = read_request(&self.request)?;
+        if let Some(seed) = self.seed {
+            request.seed = seed;
+        }
+        if let Some(dtype) = self.dtype {
+            request.dtype = proto::DType::from(dtype).into();
+        }
+        Ok(request)
+    }
+
+    pub fn source(&self) -> Result<Source, SourceError> {
+        if self.local {
+            Ok(Source::local())
+        } else {
+            Source::remote(&self.server)
+        }
+    }
+}
+
+fn read_request(path: &Path) -> Result<GenerateRequest, SourceError> {
+    let mut text = Vec::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin().read_to_end(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut text))
+    };
+    read.map_err(|source| SourceError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| SourceError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A server: over gRPC, or the service's own handler running in this process.
+pub enum Source {
+    Remote(WeightInitClient<Channel>),
+    Local(Handler),
+}
+
+impl Source {
+    /// A server at `url`; connects on first use and reconnects after a failure.
+    pub fn remote(url: &str) -> Result<Self, SourceError> {
+        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| {
+            SourceError::Server {
+                url: url.to_owned(),
+                source,
+            }
+        })?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            // A peer that vanished without closing the connection is noticed within seconds.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            // Windows as large as the server's keep a loopback or LAN stream from stalling.
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self::Remote(
+            WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        ))
+    }
+
+    /// The service in this process, with the default limits and a worker per core.
+    pub fn local() -> Self {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // One fetch runs a Generate and then a Digest, never more at once.
+        let shared = Shared::new(Limits::default(), 2, Arc::new(WorkerPool::new(workers)));
+        Self::Local(Handler::new(Arc::new(shared)))
+    }
+}
+
+/// The messages of one Generate stream, whichever server sends them.
+pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WeightInit for Source {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        Ok(match self {
+            Self::Remote(client) => client
+                .clone()
+                .generate(request)
+                .await?
+                .map(|s| Box::pin(s) as GenerateStream),
+            Self::Local(handler) => handler
+                .generate(request)
+                .await?
+                .map(|s| Box::pin(s) as GenerateStream),
+        })
+    }
+
+    async fn describe(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        match self {
+            Self::Remote(client) => client.clone().describe(request).await,
+            Self::Local(handler) => handler.describe(request).await,
+        }
+    }
+
+    async fn digest(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        match self {
+            Self::Remote(client) => client.clone().digest(request).await,
+            Self::Local(handler) => handler.digest(request).await,
+        }
+    }
+
+    async fn get_info(
+        &self,
+        request: Request<GetInfoRequest>,
+    ) -> Result<Response<ServerInfo>, Status> {
+        match self {
+            Self::Remote(client) => client.clone().get_info(request).await,
+            Self::Local(handler) => handler.get_info(request).await,
+        }
+    }
+}
+
+/// A status as a person reads it: the code and the server's message, without the metadata.
+pub fn status_text(status: &Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
