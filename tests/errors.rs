@@ -23,6 +23,15 @@ fn one(tensor: serde_json::Value) -> GenerateRequest {
     request(json!({"seed": 1, "tensors": [spec]}))
 }
 
+/// One tensor with an init that proto3 JSON cannot express (unknown enum numbers, NaN).
+fn with_init(scheme: weightinit::proto::init::Scheme) -> GenerateRequest {
+    let mut request = one(json!({}));
+    request.tensors[0].init = Some(weightinit::proto::Init {
+        scheme: Some(scheme),
+    });
+    request
+}
+
 fn cases() -> Vec<(&'static str, GenerateRequest, Code, &'static str)> {
     use Code::{InvalidArgument as Bad, ResourceExhausted as Limit};
     let mut unknown_request_dtype = one(json!({}));
@@ -31,43 +40,25 @@ fn cases() -> Vec<(&'static str, GenerateRequest, Code, &'static str)> {
     unknown_layout.layout = 7;
     let mut unknown_tensor_dtype = one(json!({}));
     unknown_tensor_dtype.tensors[0].dtype = 9;
-    let mut unknown_mode = one(json!({"init": {"kaimingUniform": {}}}));
-    if let Some(weightinit::proto::init::Scheme::KaimingUniform(k)) = unknown_mode.tensors[0]
-        .init
-        .as_mut()
-        .unwrap()
-        .scheme
-        .as_mut()
-    {
-        k.mode = 9;
-    }
-    let mut unknown_nonlinearity = one(json!({"init": {"kaimingNormal": {}}}));
-    if let Some(weightinit::proto::init::Scheme::KaimingNormal(k)) = unknown_nonlinearity.tensors[0]
-        .init
-        .as_mut()
-        .unwrap()
-        .scheme
-        .as_mut()
-    {
-        k.nonlinearity = 42;
-    }
-    let mut unknown_distribution = one(json!({"init": {"varianceScaling": {}}}));
-    if let Some(weightinit::proto::init::Scheme::VarianceScaling(v)) = unknown_distribution.tensors
-        [0]
-    .init
-    .as_mut()
-    .unwrap()
-    .scheme
-    .as_mut()
-    {
-        v.distribution = 9;
-    }
-    let mut nan_low = one(json!({"init": {"uniform": {}}}));
-    if let Some(weightinit::proto::init::Scheme::Uniform(u)) =
-        nan_low.tensors[0].init.as_mut().unwrap().scheme.as_mut()
-    {
-        u.low = Some(f64::NAN);
-    }
+    use weightinit::proto::{
+        KaimingNormal, KaimingUniform, Uniform, VarianceScaling, init::Scheme,
+    };
+    let unknown_mode = with_init(Scheme::KaimingUniform(KaimingUniform {
+        mode: 9,
+        ..Default::default()
+    }));
+    let unknown_nonlinearity = with_init(Scheme::KaimingNormal(KaimingNormal {
+        nonlinearity: 42,
+        ..Default::default()
+    }));
+    let unknown_distribution = with_init(Scheme::VarianceScaling(VarianceScaling {
+        distribution: 9,
+        ..Default::default()
+    }));
+    let nan_low = with_init(Scheme::Uniform(Uniform {
+        low: Some(f64::NAN),
+        high: None,
+    }));
     let two = |a: serde_json::Value, b: serde_json::Value| request(json!({"tensors": [a, b]}));
     let w = |name: &str| json!({"name": name, "shape": [2], "init": {"zeros": {}}});
     let many: Vec<_> = (0..5).map(|i| w(&format!("t{i}"))).collect();
