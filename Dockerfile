@@ -47,6 +47,9 @@ RUN rm -rf target/release/.fingerprint/weightinit-* \
 # ---------------------------------------------------------------- runtime ---
 FROM ${RUNTIME_IMAGE}
 ARG UID=10001
+LABEL org.opencontainers.image.title="weightinit" \
+      org.opencontainers.image.description="gRPC service that hands distributed trainers byte-identical initial weights" \
+      org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid "${UID}" weightinit \
     && useradd --system --no-log-init --uid "${UID}" --gid weightinit --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin weightinit

@@ -13,7 +13,7 @@
 #   stream must fail loudly rather than end short; the balancer keeps serving
 #   from the two replicas left.
 #
-# Env: KEEP_IMAGE=1 keeps the weightinit image ($IMAGE, default weightinit:ci),
+# Env: KEEP_IMAGE=1 keeps the weightinit image ($IMAGE, default weightinit:<run id>),
 #      KEEP_TMP=1 keeps target/wi-ci-compose-PID/, MAX_SECONDS (default 1800).
 # Last line: "ci-compose: N passed, N failed, N skipped".
 set -Eeuo pipefail
@@ -22,7 +22,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 setup_traps
 start_watchdog "${MAX_SECONDS:-1800}"
 
-IMAGE=${IMAGE:-weightinit:ci}
+IMAGE=${IMAGE:-weightinit:$RUN_ID}
 T_START=$SECONDS
 
 if command -v docker-compose >/dev/null; then
@@ -36,6 +36,10 @@ COMPOSE+=(-p "$RUN_ID" -f "$DEPLOY/compose.yaml")
 compose() { timeout "${COMPOSE_TIMEOUT:-240}" "${COMPOSE[@]}" "$@"; }
 
 extra_cleanup() {
+  if ((FAILED > 0)); then
+    log "compose logs (last 30 lines each):"
+    timeout 30 "${COMPOSE[@]}" logs --no-color --tail 30 2>&1 | sed 's/^/    /' >&2
+  fi
   timeout 120 "${COMPOSE[@]}" --profile test down -v --remove-orphans -t 45 >/dev/null 2>&1
   local ids
   ids=$(docker ps -aq --filter "label=com.docker.compose.project=$RUN_ID")
@@ -72,11 +76,11 @@ REPLICAS=(weightinit-1 weightinit-2 weightinit-3)
 declare -A RID
 for r in "${REPLICAS[@]}"; do RID[$r]=$(cid "$r"); done
 all_healthy() { local r; for r in "${REPLICAS[@]}"; do is_healthy "${RID[$r]}" || return 1; done; }
-wait_until 120 "3 healthy replicas" all_healthy && pass "3 replicas healthy" || die "replicas not healthy"
+if wait_until 120 "3 healthy replicas" all_healthy; then pass "3 replicas healthy"; else die "replicas not healthy"; fi
 LB_ADDR=$(compose port lb 50051 | sed 's/^0\.0\.0\.0:/127.0.0.1:/')
 log "balancer on $LB_ADDR (up in $((SECONDS - t0)) s)"
 lb_ok() { timeout 10 "$GRPCURL" -plaintext -max-time 5 "$LB_ADDR" grpc.health.v1.Health/Check | grep -q '"SERVING"'; }
-wait_until 60 "balancer answers" lb_ok && pass "health SERVING through the balancer" || die "balancer does not answer"
+if wait_until 60 "balancer answers" lb_ok; then pass "health SERVING through the balancer"; else die "balancer does not answer"; fi
 
 # Replicas have no route out (checked on the network's config, without sending
 # anything off the machine); the balancer is the only published port.
@@ -153,7 +157,7 @@ if has_fetch "$IMAGE"; then
   DL='exec weightinit fetch --server http://lb:50051 --request /out/kill/big.json --out /out/kill/big.safetensors'
 else
   MODE=grpcurl
-  DL='exec /opt/grpcurl -plaintext -max-time 200 -d @ lb:50051 weightinit.v1.WeightInit/Generate </out/kill/big.json >/out/kill/big-stream.json'
+  DL='exec /opt/grpcurl -plaintext -max-time 120 -d @ lb:50051 weightinit.v1.WeightInit/Generate </out/kill/big.json >/out/kill/big-stream.json'
 fi
 DLC=$RUN_ID-download
 docker run -d --name "$DLC" --label "$CI_LABEL" --network "${RUN_ID}_backend" \
@@ -169,6 +173,7 @@ fi
 tx() { timeout 5 docker exec "$1" cat /sys/class/net/eth0/statistics/tx_bytes 2>/dev/null || echo 0; }
 declare -A TX0
 for r in "${REPLICAS[@]}"; do TX0[$r]=$(tx "${RID[$r]}"); done
+LB_LOG0=$(compose logs --no-color lb 2>/dev/null | wc -l)
 touch "$OUT/kill/go"
 # The replica whose traffic grows by more than 4 MB serves the download.
 SERVING=
@@ -181,7 +186,8 @@ find_serving() {
   [[ -n $SERVING ]]
 }
 if wait_until 30 "a replica streaming the download" find_serving; then
-  log "$SERVING serves the download: docker kill"
+  KILLED_IP=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "${RID[$SERVING]}")
+  log "$SERVING ($KILLED_IP) serves the download: docker kill"
   timeout 30 docker kill "${RID[$SERVING]}" >/dev/null
   if [[ $(docker inspect -f '{{.State.Running}}' "$DLC") == true ]]; then
     pass "killed $SERVING while it served the running download"
@@ -191,8 +197,8 @@ if wait_until 30 "a replica streaming the download" find_serving; then
 else
   fail "no replica was seen serving the download"
 fi
-wait_until 240 "download finished" bash -c "[[ \$(docker inspect -f '{{.State.Running}}' $DLC) == false ]]" ||
-  fail "download still running after 240 s"
+wait_until 150 "download finished" bash -c "[[ \$(docker inspect -f '{{.State.Running}}' $DLC) == false ]]" ||
+  fail "download still running after 150 s"
 dl_exit=$(docker inspect -f '{{.State.ExitCode}}' "$DLC")
 timeout 10 docker logs "$DLC" >"$TMP/download.log" 2>&1 || true
 if [[ $MODE == fetch ]]; then
@@ -200,6 +206,16 @@ if [[ $MODE == fetch ]]; then
   want=$("$PY" -c 'import json,sys,base64; print(base64.b64decode(json.load(open(sys.argv[1]))["digests"][0]["blake3"]).hex())' "$TMP/big-digest.json")
   got=$(timeout 60 "$PY" "$DEPLOY/ci_checks.py" safetensors --file "$OUT/kill/big.safetensors" --print 2>&1 | awk '$1 == "big" {print $3}')
   if [[ -n $got && $got == "$want" ]]; then pass "resumed file is byte-identical (BLAKE3 $got)"; else fail "resumed file BLAKE3 '$got', Digest says $want"; fi
+  echo "    fetch's own log:"
+  grep -a -v '^\s*$' "$TMP/download.log" | tail -n 8 | sed 's/^/      /'
+  echo "    the balancer's Generate calls for it:"
+  compose logs --no-color lb 2>/dev/null | tail -n +"$((LB_LOG0 + 1))" | grep -a 'WeightInit/Generate' | sed 's/^[^|]*| /      /'
+  if compose logs --no-color lb 2>/dev/null | tail -n +"$((LB_LOG0 + 1))" | grep -a 'WeightInit/Generate' |
+    grep -a 'grpc_status=0 ' | grep -av "upstream=${KILLED_IP:-none}:" | grep -q .; then
+    pass "the resumed download completed on another replica than the killed $SERVING"
+  else
+    fail "no completed Generate from another replica after the kill"
+  fi
 else
   if [[ $dl_exit != 0 ]] && ! grep -q '"end"' "$OUT/kill/big-stream.json" 2>/dev/null; then
     pass "a stream cut by the replica kill fails loudly through the balancer (grpcurl exit $dl_exit, no end message)"

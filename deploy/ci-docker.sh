@@ -11,7 +11,7 @@
 #   health goes NOT_SERVING (Health/Watch), new connections are refused, the
 #   stream completes and verifies, exit code 0.
 #
-# Env: KEEP_IMAGE=1 keeps the image (tag $IMAGE, default weightinit:ci),
+# Env: KEEP_IMAGE=1 keeps the image (tag $IMAGE, default weightinit:<run id>),
 #      KEEP_TMP=1 keeps target/wi-ci-docker-PID/, MAX_SECONDS (default 1800).
 # Last line: "ci-docker: N passed, N failed, N skipped".
 set -Eeuo pipefail
@@ -20,7 +20,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 setup_traps
 start_watchdog "${MAX_SECONDS:-1800}"
 
-IMAGE=${IMAGE:-weightinit:ci}
+IMAGE=${IMAGE:-weightinit:$RUN_ID}
 NET=$RUN_ID-net
 SERVER=$RUN_ID-server
 GRACE=30s
@@ -140,8 +140,11 @@ if timeout 10 "$GRPCURL" -plaintext -max-time 5 "$ADDR" grpc.health.v1.Health/Ch
 else
   pass "new connections after SIGTERM are not served"
 fi
-kill -0 "$STREAM_PID" 2>/dev/null && pass "the stream was still running while the server drained" ||
+if kill -0 "$STREAM_PID" 2>/dev/null; then
+  pass "the stream was still running while the server drained"
+else
   fail "the stream was not running any more when health changed"
+fi
 
 wait_until 150 "long stream finished" test -s "$TMP/stream.rc" || fail "long stream did not finish"
 if [[ $(cat "$TMP/stream.rc" 2>/dev/null) == "0 0" ]]; then

@@ -8,6 +8,9 @@
               are contiguous and hash to the digest in each tensor's end message
   safetensors verify a file written by `weightinit fetch` against the vectors
               (one case) or print its per-tensor digests
+  k8s-policy  rules the schemas cannot express, on deploy/kubernetes/*.yaml:
+              grace period vs WEIGHTINIT_SHUTDOWN_GRACE, gRPC probes on the
+              served port, hardened securityContext, resources, selectors
 
 Only the standard library and the `blake3` package (PyPI) are used.
 """
@@ -210,6 +213,113 @@ def cmd_safetensors(args):
     return 0
 
 
+def parse_duration(s):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", str(s).strip())
+    if not m:
+        raise ValueError(f"bad duration {s!r}")
+    n, unit = float(m.group(1)), m.group(2) or "s"
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def cmd_k8s_policy(args):
+    import glob
+    import yaml  # PyYAML, a dependency of kubernetes-validate
+
+    docs = []
+    for path in sorted(glob.glob(f"{args.dir}/*.yaml")):
+        with open(path) as f:
+            docs += [(path, d) for d in yaml.safe_load_all(f) if d]
+    by_kind = {}
+    for path, d in docs:
+        by_kind.setdefault(d.get("kind"), []).append(d)
+    problems = []
+
+    def need(cond, msg):
+        if not cond:
+            problems.append(msg)
+
+    deps = by_kind.get("Deployment", [])
+    need(len(deps) == 1, f"expected one Deployment, found {len(deps)}")
+    if deps:
+        dep = deps[0]
+        spec = dep.get("spec", {})
+        pod = spec.get("template", {}).get("spec", {})
+        labels = spec.get("template", {}).get("metadata", {}).get("labels", {})
+        sel = spec.get("selector", {}).get("matchLabels", {})
+        need(spec.get("replicas") == args.replicas, f"replicas {spec.get('replicas')} != {args.replicas}")
+        need(sel and all(labels.get(k) == v for k, v in sel.items()), "Deployment selector does not match its pod labels")
+        psc = pod.get("securityContext", {})
+        need(psc.get("runAsNonRoot") is True, "pod securityContext.runAsNonRoot is not true")
+        need(isinstance(psc.get("runAsUser"), int) and psc.get("runAsUser") > 0, "pod runAsUser is not a non-zero uid")
+        cs = pod.get("containers", [])
+        need(len(cs) == 1, "expected one container")
+        for c in cs:
+            name = c.get("name")
+            env = {e.get("name"): e.get("value") for e in c.get("env", [])}
+            sc = c.get("securityContext", {})
+            need(sc.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation is not false")
+            need(sc.get("readOnlyRootFilesystem") is True, f"{name}: readOnlyRootFilesystem is not true")
+            need(sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{name}: runAsNonRoot is not true")
+            need(sc.get("privileged") in (None, False), f"{name}: privileged")
+            need("ALL" in sc.get("capabilities", {}).get("drop", []), f"{name}: capabilities do not drop ALL")
+            need(not sc.get("capabilities", {}).get("add"), f"{name}: adds capabilities")
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    need(r in res.get(kind, {}), f"{name}: resources.{kind}.{r} missing")
+            ports = [p.get("containerPort") for p in c.get("ports", [])]
+            need(args.port in ports, f"{name}: containerPort {args.port} not declared")
+            addr = env.get("WEIGHTINIT_ADDR", f"0.0.0.0:{args.port}")
+            need(addr.rsplit(":", 1)[-1] == str(args.port), f"{name}: WEIGHTINIT_ADDR {addr} does not serve port {args.port}")
+            for probe in ("readinessProbe", "livenessProbe"):
+                pr = c.get(probe)
+                need(pr is not None, f"{name}: no {probe}")
+                if pr is not None:
+                    need("grpc" in pr, f"{name}: {probe} is not a native gRPC probe")
+                    need(pr.get("grpc", {}).get("port") == args.port, f"{name}: {probe} does not probe port {args.port}")
+            if "startupProbe" in c:
+                need(c["startupProbe"].get("grpc", {}).get("port") == args.port, f"{name}: startupProbe not gRPC on {args.port}")
+            grace = env.get("WEIGHTINIT_SHUTDOWN_GRACE")
+            need(grace is not None, f"{name}: WEIGHTINIT_SHUTDOWN_GRACE not set")
+            pre = 0.0
+            cmd = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+            if len(cmd) == 2 and cmd[0] == "sleep":
+                pre = parse_duration(cmd[1])
+            if "sleep" in c.get("lifecycle", {}).get("preStop", {}):
+                pre = float(c["lifecycle"]["preStop"]["sleep"].get("seconds", 0))
+            tgp = pod.get("terminationGracePeriodSeconds", 30)
+            if grace is not None:
+                g = parse_duration(grace)
+                need(tgp >= pre + g + args.margin,
+                     f"terminationGracePeriodSeconds {tgp} < preStop {pre:g} + WEIGHTINIT_SHUTDOWN_GRACE {g:g} + margin {args.margin}")
+                need(g == args.grace, f"WEIGHTINIT_SHUTDOWN_GRACE {g:g}s, expected the server default {args.grace}s")
+        for kind in ("Service", "PodDisruptionBudget"):
+            need(by_kind.get(kind), f"no {kind}")
+            for o in by_kind.get(kind, []):
+                osel = o.get("spec", {}).get("selector", {})
+                osel = osel.get("matchLabels", osel) if kind == "PodDisruptionBudget" else osel
+                need(osel and all(labels.get(k) == v for k, v in osel.items()),
+                     f"{kind} {o['metadata']['name']}: selector does not match the pods")
+        for svc in by_kind.get("Service", []):
+            for p in svc.get("spec", {}).get("ports", []):
+                tp = p.get("targetPort")
+                need(tp == "grpc" or tp == args.port, f"Service {svc['metadata']['name']}: targetPort {tp}")
+        for pdb in by_kind.get("PodDisruptionBudget", []):
+            ps = pdb.get("spec", {})
+            mu, ma = ps.get("maxUnavailable"), ps.get("minAvailable")
+            need(mu is not None or ma is not None, "PDB sets neither maxUnavailable nor minAvailable")
+            if isinstance(mu, int):
+                need(0 < mu < args.replicas, f"PDB maxUnavailable {mu} lets every replica go")
+            if isinstance(ma, int):
+                need(0 < ma < args.replicas, f"PDB minAvailable {ma} blocks every drain or protects nothing")
+    if problems:
+        for p in problems:
+            print(f"FAIL k8s-policy: {p}")
+        return 1
+    print(f"ok   k8s-policy: {len(docs)} resources in {args.dir}")
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -228,8 +338,15 @@ def main():
     t.add_argument("--vectors")
     t.add_argument("--case")
     t.add_argument("--print", action="store_true", help="print name, length, blake3 of each tensor")
+    k = sub.add_parser("k8s-policy")
+    k.add_argument("--dir", required=True)
+    k.add_argument("--replicas", type=int, default=3)
+    k.add_argument("--port", type=int, default=50051)
+    k.add_argument("--grace", type=float, default=30.0, help="the server's shutdown grace, seconds")
+    k.add_argument("--margin", type=float, default=5.0, help="least extra seconds before SIGKILL")
     args = p.parse_args()
-    return {"vectors": cmd_vectors, "stream": cmd_stream, "safetensors": cmd_safetensors}[args.cmd](args)
+    return {"vectors": cmd_vectors, "stream": cmd_stream, "safetensors": cmd_safetensors,
+            "k8s-policy": cmd_k8s_policy}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,11 @@ wait_until() {
 bg() { "$@" & BG_PIDS+=($!); }
 
 # A run never outlives MAX_SECONDS: the watchdog sends SIGTERM, which runs cleanup.
+# It holds no stdout/stderr (a pipe reader would otherwise wait for it).
 start_watchdog() {
   local max=$1 me=$$
-  (sleep "$max" && echo "[$SCRIPT] watchdog: over ${max}s, stopping" >&2 && kill -TERM "$me") 2>/dev/null &
+  WATCHDOG_MAX=$max
+  (sleep "$max" && kill -TERM "$me") </dev/null >/dev/null 2>&1 &
   WATCHDOG_PID=$!
 }
 
@@ -59,15 +61,18 @@ cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM ERR
-  [[ -n ${WATCHDOG_PID:-} ]] && kill "$WATCHDOG_PID" 2>/dev/null
+  if [[ -n ${WATCHDOG_PID:-} ]]; then
+    pkill -P "$WATCHDOG_PID" 2>/dev/null # its sleep
+    kill "$WATCHDOG_PID" 2>/dev/null
+  fi
   local p
   for p in "${BG_PIDS[@]}"; do
     pkill -P "$p" 2>/dev/null # the children of our own background jobs only
     kill "$p" 2>/dev/null
   done
   if declare -F extra_cleanup >/dev/null; then extra_cleanup; fi
-  local ids
-  ids=$(docker ps -aq --filter "label=$CI_LABEL")
+  local ids=
+  command -v docker >/dev/null && ids=$(docker ps -aq --filter "label=$CI_LABEL")
   if [[ -n $ids ]]; then
     if ((FAILED > 0 || rc != 0)); then
       for p in $ids; do
@@ -78,7 +83,7 @@ cleanup() {
     # shellcheck disable=SC2086
     timeout 60 docker rm -f -v $ids >/dev/null
   fi
-  ids=$(docker network ls -q --filter "label=$CI_LABEL")
+  command -v docker >/dev/null && ids=$(docker network ls -q --filter "label=$CI_LABEL")
   # shellcheck disable=SC2086
   [[ -n $ids ]] && timeout 30 docker network rm $ids >/dev/null
   if [[ ${KEEP_IMAGE:-0} != 1 && ${#MADE_IMAGES[@]} -gt 0 ]]; then
@@ -93,7 +98,7 @@ cleanup() {
   exit 1
 }
 
-on_signal() { log "interrupted"; exit 130; }
+on_signal() { log "interrupted (a signal, or the watchdog after ${WATCHDOG_MAX:-?} s)"; exit 130; }
 
 setup_traps() {
   trap cleanup EXIT

@@ -52,6 +52,11 @@ command -v docker >/dev/null || die "docker not found"
 
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
+# One run at a time on this machine (CI and a developer may overlap).
+mkdir -p "$WORK"
+exec 9>"$WORK/.lock"
+flock -w 900 9 || die "another make-base-images.sh holds $WORK/.lock"
+
 # --- which mirror -----------------------------------------------------------
 # The first URI of an enabled `deb` source (one-line *.list or deb822 *.sources)
 # that lists exactly the suite $1.

@@ -1,10 +1,13 @@
-//! The `weightinit` command: serve (the default) or check a server's health.
+//! The `weightinit` command: serve (the default), check a server's health, or fetch and
+//! describe a request's tensors.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use weightinit::client::describe::{self, DescribeArgs};
+use weightinit::client::fetch::{self, FetchArgs};
 use weightinit::client::health;
 use weightinit::service::{ServeConfig, Server};
 
@@ -49,23 +52,38 @@ enum Command {
         service: String,
         #[arg(long, default_value = "3s", value_parser = weightinit::service::server::parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        security: health::ClientSecurity,
     },
+    /// Stream a request's tensors into a safetensors file, .npy files or raw bytes, verified
+    /// and resumed after interruptions.
+    Fetch(FetchArgs),
+    /// Print how every tensor of a request resolves (fans, distribution, sizes) as a table.
+    Describe(DescribeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match cli
+    let command = cli
         .command
-        .unwrap_or_else(|| Command::Serve(ServeConfig::default()))
-    {
+        .unwrap_or_else(|| Command::Serve(ServeConfig::default()));
+    // The client commands report on their own; --local would log every RPC at info.
+    let default_level = match command {
+        Command::Fetch(_) | Command::Describe(_) => "warn",
+        Command::Serve(_) | Command::Healthcheck { .. } => "info",
+    };
+    init_tracing(cli.log_format, default_level);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match command {
         Command::Serve(config) => runtime.block_on(serve(config)),
+        Command::Fetch(args) => exit(runtime.block_on(fetch::run(args))),
+        Command::Describe(args) => exit(runtime.block_on(describe::run(args))),
         Command::Healthcheck {
             addr,
             service,
             timeout,
-        } => match runtime.block_on(health::is_serving(&addr, &service, timeout)) {
+            security,
+        } => match runtime.block_on(health::is_serving_with(&addr, &service, timeout, &security)) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => {
                 eprintln!("{addr}: NOT_SERVING");
@@ -79,14 +97,18 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: ServeConfig) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(config.addr).await {
-        Ok(listener) => listener,
+fn exit<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(addr = %config.addr, %error, "cannot listen");
-            return ExitCode::FAILURE;
+            eprintln!("weightinit: {error}");
+            ExitCode::FAILURE
         }
-    };
+    }
+}
+
+async fn serve(config: ServeConfig) -> ExitCode {
+    let (addr, metrics_addr) = (config.addr, config.metrics_addr);
     let server = match Server::new(config) {
         Ok(server) => server,
         Err(error) => {
@@ -94,11 +116,42 @@ async fn serve(config: ServeConfig) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%addr, %error, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics_listener = match metrics_addr {
+        None => None,
+        Some(metrics_addr) => match tokio::net::TcpListener::bind(metrics_addr).await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::error!(%metrics_addr, %error, "cannot listen for metrics");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let addr = listener.local_addr().expect("bound address");
-    // Scripts and tests read the port from this first stdout line.
-    println!("weightinit listening on {addr}");
+    // Scripts and tests read the port from this first stdout line (and the metrics port
+    // from the second, when there is one): one write, so both are there when one is read.
+    let mut banner = format!("weightinit listening on {addr}\n");
+    let metrics_task = metrics_listener.map(|metrics_listener| {
+        let metrics_addr = metrics_listener.local_addr().expect("bound address");
+        banner.push_str(&format!(
+            "weightinit metrics on http://{metrics_addr}/metrics\n"
+        ));
+        tracing::info!(%metrics_addr, "metrics: GET /metrics");
+        server.serve_metrics(metrics_listener)
+    });
+    print!("{banner}");
     tracing::info!(%addr, "serving");
-    match server.run(listener, shutdown_signal()).await {
+    let result = server.run(listener, shutdown_signal()).await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    match result {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -120,9 +173,9 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

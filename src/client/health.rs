@@ -1,11 +1,95 @@
-//! `weightinit healthcheck`: asks a server's grpc.health.v1 whether it is SERVING.
+//! `weightinit healthcheck`: asks a server's grpc.health.v1 whether it is SERVING, over
+//! plaintext, TLS or mutual TLS ([`ClientSecurity`], which other client commands can reuse).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// How to reach a server that uses TLS, mutual TLS or a bearer token. The environment
+/// twins differ from the server's (`WEIGHTINIT_TLS_CERT` is the server's own certificate),
+/// except the token file, which server and client share.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ClientSecurity {
+    /// PEM CA certificate the server's certificate must chain to; turns TLS on
+    /// (`http://` addresses are then dialled as `https://`).
+    #[arg(long, env = "WEIGHTINIT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mutual TLS); needs --tls-key.
+    #[arg(long, env = "WEIGHTINIT_CLIENT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WEIGHTINIT_CLIENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Name the server's certificate must have [default: the host of the address].
+    #[arg(long, env = "WEIGHTINIT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// File holding the bearer token to send as `authorization: Bearer <token>`.
+    #[arg(long, env = "WEIGHTINIT_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+impl ClientSecurity {
+    fn uses_tls(&self) -> bool {
+        self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_server_name.is_some()
+    }
+
+    /// An endpoint for `addr` with TLS configured as asked.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
+        let tls = self.uses_tls();
+        let addr = match addr.strip_prefix("http://") {
+            Some(rest) if tls => format!("https://{rest}"),
+            _ => addr.to_owned(),
+        };
+        if addr.starts_with("https://") && self.tls_ca.is_none() {
+            return Err(
+                "an https:// address needs --tls-ca (the CA that signed the server's \
+                        certificate)"
+                    .into(),
+            );
+        }
+        let endpoint = Endpoint::from_shared(addr)?;
+        if !tls {
+            return Ok(endpoint);
+        }
+        let mut config = ClientTlsConfig::new();
+        if let Some(path) = &self.tls_ca {
+            config = config.ca_certificate(Certificate::from_pem(read("--tls-ca", path)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config = config.identity(Identity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
+        }
+        if let Some(name) = &self.tls_server_name {
+            config = config.domain_name(name.clone());
+        }
+        Ok(endpoint.tls_config(config)?)
+    }
+
+    /// The `authorization` value to send, if a token file is configured.
+    pub fn authorization(&self) -> Result<Option<AsciiMetadataValue>, Error> {
+        let Some(path) = &self.auth_token_file else {
+            return Ok(None);
+        };
+        let content = String::from_utf8(read("--auth-token-file", path)?)
+            .map_err(|_| format!("--auth-token-file {}: not UTF-8", path.display()))?;
+        let value = MetadataValue::try_from(format!("Bearer {}", content.trim()))
+            .map_err(|_| format!("--auth-token-file {}: not a valid token", path.display()))?;
+        Ok(Some(value))
+    }
+}
+
+fn read(flag: &str, path: &PathBuf) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()).into())
+}
 
 /// Whether the server at `addr` (e.g. `http://127.0.0.1:50051`) reports SERVING for
 /// `service` ("" = the whole server) within `timeout`.
@@ -14,15 +98,45 @@ pub async fn is_serving(
     service: &str,
     timeout: Duration,
 ) -> Result<bool, Box<dyn std::error::Error>> {
-    let channel = Endpoint::from_shared(addr.to_owned())?
+    is_serving_with(addr, service, timeout, &ClientSecurity::default())
+        .await
+        .map_err(|e| e as Box<dyn std::error::Error>)
+}
+
+/// [`is_serving`] over TLS or with a token, as `security` says.
+pub async fn is_serving_with(
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+    security: &ClientSecurity,
+) -> Result<bool, Error> {
+    let channel = security
+        .endpoint(addr)?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
-        .await?;
+        .await
+        .map_err(|e| chain(&e))?;
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    if let Some(value) = security.authorization()? {
+        request.metadata_mut().insert("authorization", value);
+    }
     let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await?;
+        .check(request)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
     Ok(response.into_inner().status == ServingStatus::Serving as i32)
+}
+
+/// An error and its causes, `a: b: c` (a transport error alone says only "transport error").
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }

@@ -1,3 +1,17 @@
-//! Client-side helpers for talking to a weightinit server.
+//! The client side: commands that talk to a weightinit server (or run one in-process).
+//!
+//! - [`source`]: the request file and the server, remote or in this process (`--local`).
+//! - [`fetch`]: streams a request's tensors to disk, verifying and resuming.
+//! - [`output`]: the safetensors, npy and raw writers.
+//! - [`describe`]: a request's resolved tensors as a table.
+//! - [`retry`]: which failures to retry, and the backoff.
+//! - [`progress`]: the progress line and notes on stderr.
+//! - [`health`]: `weightinit healthcheck`.
 
+pub mod describe;
+pub mod fetch;
 pub mod health;
+pub mod output;
+pub mod progress;
+pub mod retry;
+pub mod source;

@@ -16,7 +16,9 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::proto::{self, TensorHeader};
+use crate::engine::DType;
+use crate::proto::TensorHeader;
+use crate::service::convert;
 
 /// How the tensors are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -27,6 +29,15 @@ pub enum Format {
     Npy,
     /// The tensors' bytes concatenated in request order, nothing else.
     Raw,
+}
+
+impl std::fmt::Display for Format {
+    /// The name `--format` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        let value = self.to_possible_value().expect("no variant is skipped");
+        f.write_str(value.get_name())
+    }
 }
 
 impl Format {
@@ -62,7 +73,10 @@ pub enum OutputError {
         second: String,
     },
     /// A dtype number the client does not know (a server newer than this client).
-    UnknownDType { tensor: String, value: i32 },
+    UnknownDType {
+        tensor: String,
+        value: i32,
+    },
     /// A shape too long for an npy v1.0 header.
     NpyHeader(String),
     Io {
@@ -90,10 +104,16 @@ impl std::fmt::Display for OutputError {
                 second,
             } => write!(f, "tensors {first:?} and {second:?} would both be {file}"),
             Self::UnknownDType { tensor, value } => {
-                write!(f, "tensor {tensor:?} has dtype {value}, unknown to this client")
+                write!(
+                    f,
+                    "tensor {tensor:?} has dtype {value}, unknown to this client"
+                )
             }
             Self::NpyHeader(tensor) => {
-                write!(f, "tensor {tensor:?}: the shape is too long for an npy header")
+                write!(
+                    f,
+                    "tensor {tensor:?}: the shape is too long for an npy header"
+                )
             }
             Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
         }
@@ -102,27 +122,31 @@ impl std::fmt::Display for OutputError {
 
 impl std::error::Error for OutputError {}
 
+/// The dtype of a header's tensor, by the service's own mapping.
+pub fn dtype(header: &TensorHeader) -> Result<DType, OutputError> {
+    DType::ALL
+        .into_iter()
+        .find(|d| i32::from(convert::proto_dtype(*d)) == header.dtype)
+        .ok_or_else(|| OutputError::UnknownDType {
+            tensor: header.name.clone(),
+            value: header.dtype,
+        })
+}
+
 /// One tensor as the output files see it.
 #[derive(Clone, Debug, PartialEq)]
 struct Entry {
     name: String,
-    dtype: proto::DType,
+    dtype: DType,
     shape: Vec<u64>,
     byte_length: u64,
 }
 
 impl Entry {
     fn new(header: &TensorHeader) -> Result<Self, OutputError> {
-        let dtype = proto::DType::try_from(header.dtype)
-            .ok()
-            .filter(|d| *d != proto::DType::DtypeUnspecified)
-            .ok_or_else(|| OutputError::UnknownDType {
-                tensor: header.name.clone(),
-                value: header.dtype,
-            })?;
         Ok(Self {
             name: header.name.clone(),
-            dtype,
+            dtype: dtype(header)?,
             shape: header.output_shape.clone(),
             byte_length: header.byte_length,
         })
@@ -130,12 +154,12 @@ impl Entry {
 }
 
 /// The safetensors dtype code and the npy descr of a dtype.
-fn codes(dtype: proto::DType) -> (&'static str, &'static str) {
+fn codes(dtype: DType) -> (&'static str, &'static str) {
     match dtype {
-        proto::DType::DtypeFloat64 => ("F64", "<f8"),
-        proto::DType::DtypeFloat32 | proto::DType::DtypeUnspecified => ("F32", "<f4"),
-        proto::DType::DtypeFloat16 => ("F16", "<f2"),
-        proto::DType::DtypeBfloat16 => ("BF16", "<u2"),
+        DType::Float64 => ("F64", "<f8"),
+        DType::Float32 => ("F32", "<f4"),
+        DType::Float16 => ("F16", "<f2"),
+        DType::BFloat16 => ("BF16", "<u2"),
     }
 }
 
@@ -431,17 +455,12 @@ impl Drop for Output {
 mod tests {
     use super::*;
 
-    fn entry(name: &str, dtype: proto::DType, shape: &[u64]) -> Entry {
-        let size = match dtype {
-            proto::DType::DtypeFloat64 => 8,
-            proto::DType::DtypeFloat16 | proto::DType::DtypeBfloat16 => 2,
-            _ => 4,
-        };
+    fn entry(name: &str, dtype: DType, shape: &[u64]) -> Entry {
         Entry {
             name: name.into(),
             dtype,
             shape: shape.to_vec(),
-            byte_length: shape.iter().product::<u64>() * size,
+            byte_length: shape.iter().product::<u64>() * dtype.size() as u64,
         }
     }
 
@@ -466,8 +485,8 @@ mod tests {
     #[test]
     fn safetensors_header_is_aligned_and_digest_independent() {
         let entries = [
-            entry("w", proto::DType::DtypeBfloat16, &[3, 5]),
-            entry("s", proto::DType::DtypeFloat64, &[]),
+            entry("w", DType::BFloat16, &[3, 5]),
+            entry("s", DType::Float64, &[]),
         ];
         let placeholder = safetensors_header(&entries, PROVENANCE, None);
         let digests = [blake3::hash(b"w"), blake3::hash(b"s")];
@@ -490,7 +509,7 @@ mod tests {
 
     #[test]
     fn npy_headers_as_numpy_writes_them() {
-        let header = npy_header(&entry("w", proto::DType::DtypeFloat32, &[3, 5])).unwrap();
+        let header = npy_header(&entry("w", DType::Float32, &[3, 5])).unwrap();
         assert_eq!(header.len() % 64, 0);
         assert_eq!(&header[..8], b"\x93NUMPY\x01\x00");
         assert_eq!(
@@ -501,10 +520,16 @@ mod tests {
         assert!(dict.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 5), }"));
         assert!(dict.ends_with(" \n"));
         let shape = |s: &[u64]| {
-            let h = npy_header(&entry("x", proto::DType::DtypeBfloat16, s)).unwrap();
+            let h = npy_header(&entry("x", DType::BFloat16, s)).unwrap();
             let dict = String::from_utf8(h[10..].to_vec()).unwrap();
             assert!(dict.contains("'descr': '<u2'"));
-            dict.split("'shape': ").nth(1).unwrap().split(", }").next().unwrap().to_owned()
+            dict.split("'shape': ")
+                .nth(1)
+                .unwrap()
+                .split(", }")
+                .next()
+                .unwrap()
+                .to_owned()
         };
         assert_eq!(shape(&[]), "()");
         assert_eq!(shape(&[7]), "(7,)");
@@ -517,8 +542,8 @@ mod tests {
         assert_eq!(npy_file_name("../x y:é"), "_.__x_y__.npy");
         assert_eq!(npy_file_name(".hidden"), "_hidden.npy");
         let entries = [
-            entry("a/b", proto::DType::DtypeFloat32, &[1]),
-            entry("a__b", proto::DType::DtypeFloat32, &[1]),
+            entry("a/b", DType::Float32, &[1]),
+            entry("a__b", DType::Float32, &[1]),
         ];
         let clash = layout(Format::Npy, Path::new("d"), &entries, PROVENANCE).unwrap_err();
         assert!(matches!(clash, OutputError::NameClash { .. }), "{clash}");
@@ -527,21 +552,44 @@ mod tests {
     #[test]
     fn layouts_place_tensors_after_headers() {
         let entries = [
-            entry("a", proto::DType::DtypeFloat32, &[2]),
-            entry("b", proto::DType::DtypeFloat16, &[3]),
+            entry("a", DType::Float32, &[2]),
+            entry("b", DType::Float16, &[3]),
         ];
-        let (files, places) = layout(Format::Raw, Path::new("m.bin"), &entries, PROVENANCE).unwrap();
+        let (files, places) =
+            layout(Format::Raw, Path::new("m.bin"), &entries, PROVENANCE).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].data_len, 14);
-        assert_eq!(places, [Place { file: 0, base: 0 }, Place { file: 0, base: 8 }]);
-        let (files, places) =
-            layout(Format::Safetensors, Path::new("m.safetensors"), &entries, PROVENANCE).unwrap();
+        assert_eq!(
+            places,
+            [Place { file: 0, base: 0 }, Place { file: 0, base: 8 }]
+        );
+        let (files, places) = layout(
+            Format::Safetensors,
+            Path::new("m.safetensors"),
+            &entries,
+            PROVENANCE,
+        )
+        .unwrap();
         let header = files[0].prefix.len() as u64;
-        assert_eq!(places[1], Place { file: 0, base: header + 8 });
+        assert_eq!(
+            places[1],
+            Place {
+                file: 0,
+                base: header + 8
+            }
+        );
         let (files, places) = layout(Format::Npy, Path::new("d"), &entries, PROVENANCE).unwrap();
         assert_eq!(files[1].path, Path::new("d/b.npy"));
-        assert_eq!(places[1], Place { file: 1, base: 64 });
-        let reserved = [entry("__metadata__", proto::DType::DtypeFloat32, &[1])];
-        assert!(layout(Format::Safetensors, Path::new("m.safetensors"), &reserved, PROVENANCE).is_err());
+        assert_eq!(places[1], Place { file: 1, base: 128 });
+        let reserved = [entry("__metadata__", DType::Float32, &[1])];
+        assert!(
+            layout(
+                Format::Safetensors,
+                Path::new("m.safetensors"),
+                &reserved,
+                PROVENANCE
+            )
+            .is_err()
+        );
     }
 }

@@ -6,6 +6,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
@@ -41,22 +42,28 @@ impl RetryPolicy {
 
 /// Whether a failed RPC may succeed when tried again. Transport failures surface as
 /// UNAVAILABLE, UNKNOWN, INTERNAL or CANCELLED depending on where the connection broke.
+/// RESOURCE_EXHAUSTED is final when a BadRequest detail blames the request (too many bytes),
+/// and transient when the server is only busy (all its stream slots taken).
 pub fn is_transient(status: &Status) -> bool {
-    matches!(
-        status.code(),
+    match status.code() {
         Code::Unavailable
-            | Code::Unknown
-            | Code::Internal
-            | Code::Cancelled
-            | Code::Aborted
-            | Code::DeadlineExceeded
-    )
+        | Code::Unknown
+        | Code::Internal
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::DeadlineExceeded => true,
+        Code::ResourceExhausted => status.get_details_bad_request().is_none(),
+        _ => false,
+    }
 }
 
-/// Counts failures in a row and says how long to wait before the next attempt.
+/// Counts failures and says how long to wait before the next attempt.
 pub struct Backoff {
     policy: RetryPolicy,
+    /// In a row, since the last progress.
     failures: u32,
+    /// Retries granted in all.
+    retried: u32,
 }
 
 impl Backoff {
@@ -64,6 +71,7 @@ impl Backoff {
         Self {
             policy,
             failures: 0,
+            retried: 0,
         }
     }
 
@@ -75,8 +83,11 @@ impl Backoff {
             self.failures = 0;
         }
         self.failures += 1;
-        (self.failures <= self.policy.retries)
-            .then(|| self.policy.delay(self.failures, random()))
+        if self.failures > self.policy.retries {
+            return None;
+        }
+        self.retried += 1;
+        Some(self.policy.delay(self.failures, random()))
     }
 
     /// Failures in a row so far.
@@ -86,6 +97,11 @@ impl Backoff {
 
     pub fn retries(&self) -> u32 {
         self.policy.retries
+    }
+
+    /// Retries granted so far.
+    pub fn retried(&self) -> u32 {
+        self.retried
     }
 }
 
@@ -122,6 +138,7 @@ mod tests {
         assert_eq!(backoff.failures(), 1);
         assert!(backoff.next(false).is_some());
         assert!(backoff.next(false).is_none());
+        assert_eq!(backoff.retried(), 4);
     }
 
     #[test]
@@ -129,6 +146,10 @@ mod tests {
         assert!(is_transient(&Status::unavailable("connection refused")));
         assert!(is_transient(&Status::unknown("error reading a body")));
         assert!(!is_transient(&Status::invalid_argument("bad shape")));
-        assert!(!is_transient(&Status::resource_exhausted("too big")));
+        assert!(is_transient(&Status::resource_exhausted(
+            "all stream slots taken"
+        )));
+        let too_big = crate::engine::RequestError::over_limit("tensors", "too many bytes");
+        assert!(!is_transient(&Status::from(too_big)));
     }
 }

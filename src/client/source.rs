@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::Stream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use super::health::ClientSecurity;
 use crate::engine::Limits;
 use crate::proto::weight_init_client::WeightInitClient;
 use crate::proto::weight_init_server::WeightInit;
@@ -38,6 +40,8 @@ pub struct SourceArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+    #[command(flatten)]
+    pub security: ClientSecurity,
     /// Generate in this process instead of asking a server (offline use, or to check one);
     /// --server is then ignored.
     #[arg(long)]
@@ -84,9 +88,10 @@ pub enum SourceError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// The server address, TLS files or token cannot be used.
     Server {
         url: String,
-        source: tonic::transport::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -99,7 +104,7 @@ impl std::fmt::Display for SourceError {
                 "{} is not a GenerateRequest in proto3 JSON: {source}",
                 path.display()
             ),
-            Self::Server { url, source } => write!(f, "bad server URL {url:?}: {source}"),
+            Self::Server { url, source } => write!(f, "cannot use server {url}: {source}"),
         }
     }
 }
@@ -123,19 +128,19 @@ impl SourceArgs {
         if self.local {
             Ok(Source::local())
         } else {
-            Source::remote(&self.server)
+            Source::remote(&self.server, &self.security)
         }
     }
 }
 
 fn read_request(path: &Path) -> Result<GenerateRequest, SourceError> {
-    let mut text = Vec::new();
-    let read = if path == Path::new("-") {
-        std::io::stdin().read_to_end(&mut text)
+    let text = if path == Path::new("-") {
+        let mut text = Vec::new();
+        std::io::stdin().read_to_end(&mut text).map(|_| text)
     } else {
-        std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut text))
-    };
-    read.map_err(|source| SourceError::Read {
+        std::fs::read(path)
+    }
+    .map_err(|source| SourceError::Read {
         path: path.to_owned(),
         source,
     })?;
@@ -147,20 +152,39 @@ fn read_request(path: &Path) -> Result<GenerateRequest, SourceError> {
 
 /// A server: over gRPC, or the service's own handler running in this process.
 pub enum Source {
-    Remote(WeightInitClient<Channel>),
+    Remote(Remote),
     Local(Handler),
 }
 
+/// A server over gRPC, with the token to present if it wants one.
+pub struct Remote {
+    client: WeightInitClient<Channel>,
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl Remote {
+    /// The client and `request`, with the token if there is one.
+    fn call<T>(&self, mut request: Request<T>) -> (WeightInitClient<Channel>, Request<T>) {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        (self.client.clone(), request)
+    }
+}
+
 impl Source {
-    /// A server at `url`; connects on first use and reconnects after a failure.
-    pub fn remote(url: &str) -> Result<Self, SourceError> {
-        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| {
-            SourceError::Server {
-                url: url.to_owned(),
-                source,
-            }
-        })?;
-        let channel = endpoint
+    /// A server at `url`, reached as `security` says; connects on first use and reconnects
+    /// after a failure.
+    pub fn remote(url: &str, security: &ClientSecurity) -> Result<Self, SourceError> {
+        let error = |source| SourceError::Server {
+            url: url.to_owned(),
+            source,
+        };
+        let channel = security
+            .endpoint(url)
+            .map_err(error)?
             .connect_timeout(Duration::from_secs(5))
             // A peer that vanished without closing the connection is noticed within seconds.
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -170,16 +194,18 @@ impl Source {
             .initial_connection_window_size(16 << 20)
             .tcp_nodelay(true)
             .connect_lazy();
-        Ok(Self::Remote(
-            WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        ))
+        Ok(Self::Remote(Remote {
+            client: WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            authorization: security.authorization().map_err(error)?,
+        }))
     }
 
     /// The service in this process, with the default limits and a worker per core.
     pub fn local() -> Self {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // One fetch runs a Generate and then a Digest, never more at once.
-        let shared = Shared::new(Limits::default(), 2, Arc::new(WorkerPool::new(workers)));
+        // A fetch runs one stream at a time, but an abandoned one may still hold its slot for
+        // a moment while the next starts.
+        let shared = Shared::new(Limits::default(), 8, Arc::new(WorkerPool::new(workers)));
         Self::Local(Handler::new(Arc::new(shared)))
     }
 }
@@ -196,11 +222,13 @@ impl WeightInit for Source {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         Ok(match self {
-            Self::Remote(client) => client
-                .clone()
-                .generate(request)
-                .await?
-                .map(|s| Box::pin(s) as GenerateStream),
+            Self::Remote(remote) => {
+                let (mut client, request) = remote.call(request);
+                client
+                    .generate(request)
+                    .await?
+                    .map(|s| Box::pin(s) as GenerateStream)
+            }
             Self::Local(handler) => handler
                 .generate(request)
                 .await?
@@ -213,7 +241,10 @@ impl WeightInit for Source {
         request: Request<GenerateRequest>,
     ) -> Result<Response<DescribeResponse>, Status> {
         match self {
-            Self::Remote(client) => client.clone().describe(request).await,
+            Self::Remote(remote) => {
+                let (mut client, request) = remote.call(request);
+                client.describe(request).await
+            }
             Self::Local(handler) => handler.describe(request).await,
         }
     }
@@ -223,7 +254,10 @@ impl WeightInit for Source {
         request: Request<GenerateRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
         match self {
-            Self::Remote(client) => client.clone().digest(request).await,
+            Self::Remote(remote) => {
+                let (mut client, request) = remote.call(request);
+                client.digest(request).await
+            }
             Self::Local(handler) => handler.digest(request).await,
         }
     }
@@ -233,7 +267,10 @@ impl WeightInit for Source {
         request: Request<GetInfoRequest>,
     ) -> Result<Response<ServerInfo>, Status> {
         match self {
-            Self::Remote(client) => client.clone().get_info(request).await,
+            Self::Remote(remote) => {
+                let (mut client, request) = remote.call(request);
+                client.get_info(request).await
+            }
             Self::Local(handler) => handler.get_info(request).await,
         }
     }

@@ -115,14 +115,19 @@ impl Sampler {
     }
 
     /// Writes the value of each word into `out` (same length as `words`).
-    pub fn values(&self, words: &[u64], out: &mut [f64]) {
-        debug_assert_eq!(words.len(), out.len());
+    ///
+    /// Each step is a separate loop over the block so that it vectorizes; callers compile it
+    /// for the CPU's vector width (see [`super::plan`]), hence `inline(always)`.
+    #[inline(always)]
+    pub fn values(&self, words: &[u64], out: &mut [f64], scratch: &mut Scratch) {
+        assert_eq!(words.len(), out.len());
         match *self {
             Self::Constant { value } => out.fill(value),
             Self::Uniform { low, span } => map(words, out, |w| low + span * unit::unit(w)),
-            Self::Normal { mean, std } => map(words, out, |w| {
-                mean + std * normal::quantile(unit::open_unit(w))
-            }),
+            Self::Normal { mean, std } => {
+                quantiles(words, out, scratch, unit::open_unit);
+                out.iter_mut().for_each(|z| *z = mean + std * *z);
+            }
             Self::TruncatedNormal {
                 mean,
                 std,
@@ -130,11 +135,14 @@ impl Sampler {
                 beta,
                 ca,
                 mass,
-            } => map(words, out, |w| {
-                let z = normal::quantile(ca + mass * unit::open_unit(w));
+            } => {
+                quantiles(words, out, scratch, |w| {
+                    ca + mass * unit::open_unit(w)
+                });
                 // IEEE maxNum/minNum: a NaN z (only if the argument rounds to 1.0) yields alpha.
-                mean + std * z.max(alpha).min(beta)
-            }),
+                out.iter_mut()
+                    .for_each(|z| *z = mean + std * z.max(alpha).min(beta));
+            }
         }
     }
 }
@@ -146,13 +154,43 @@ fn map(words: &[u64], out: &mut [f64], f: impl Fn(u64) -> f64) {
     }
 }
 
+/// Working memory of [`Sampler::values`] for the normal quantile, reused across calls.
+pub struct Scratch {
+    p: [f64; normal::MAX_BLOCK],
+    tails: normal::Tails,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self {
+            p: [0.0; normal::MAX_BLOCK],
+            tails: normal::Tails::default(),
+        }
+    }
+}
+
+/// `out[i] = N(argument(words[i]))`, a block of at most [`normal::MAX_BLOCK`] at a time.
+#[inline(always)]
+fn quantiles(words: &[u64], out: &mut [f64], scratch: &mut Scratch, argument: impl Fn(u64) -> f64) {
+    for (words, out) in words
+        .chunks(normal::MAX_BLOCK)
+        .zip(out.chunks_mut(normal::MAX_BLOCK))
+    {
+        let p = &mut scratch.p[..words.len()];
+        map(words, p, &argument);
+        normal::quantiles(p, out, &mut scratch.tails);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn value(distribution: Distribution, word: u64) -> f64 {
         let mut out = [0.0];
-        distribution.sampler().values(&[word], &mut out);
+        distribution
+            .sampler()
+            .values(&[word], &mut out, &mut Scratch::default());
         out[0]
     }
 

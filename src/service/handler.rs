@@ -1,30 +1,40 @@
 //! The `weightinit.v1.WeightInit` RPCs: validate, then hand the work to the pipeline.
+//! Every RPC ends in one log line and in the metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tokio_stream::StreamExt as _;
+use tonic::{Code, Request, Response, Status};
 
 use super::convert;
+use super::metrics::{Metrics, Rpc};
 use super::pipeline::{Emit, Outcome, Pipeline};
 use super::pool::WorkerPool;
+use super::watchdog::{Watch, WatchedStream};
 use crate::engine::{self, DType, Limits, RequestPlan, Scheme};
 use crate::proto::{
-    DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
-    ServerInfo, ServerLimits, generate_response::Item, weight_init_server::WeightInit,
+    DescribeResponse, DigestResponse, GenerateRequest, GetInfoRequest, ServerInfo, ServerLimits,
+    generate_response::Item, weight_init_server::WeightInit,
 };
 
 /// Messages buffered between the producer and tonic, per stream.
 const STREAM_BUFFER: usize = 2;
+
+/// How long a Generate stream may wait for its client to read, unless configured.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// State shared by every RPC of one server.
 pub struct Shared {
     pub limits: Limits,
     pub max_concurrent_streams: u32,
     pub pipeline: Pipeline,
+    /// A Generate stream whose client reads nothing for this long is closed with
+    /// DEADLINE_EXCEEDED; zero = never.
+    pub stream_idle_timeout: Duration,
+    pub metrics: Arc<Metrics>,
     streams: Arc<Semaphore>,
 }
 
@@ -35,6 +45,8 @@ impl Shared {
             limits,
             max_concurrent_streams,
             pipeline: Pipeline { pool, depth },
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+            metrics: Arc::new(Metrics::default()),
             streams: Arc::new(Semaphore::new(max_concurrent_streams as usize)),
         }
     }
@@ -55,6 +67,7 @@ impl Shared {
 
     fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
         Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
+            self.metrics.stream_rejected();
             Status::resource_exhausted(format!(
                 "this server is already running its limit of {} concurrent streams; retry later",
                 self.max_concurrent_streams
@@ -62,68 +75,103 @@ impl Shared {
         })
     }
 
-    /// Validates, takes a stream slot, and starts producing into a bounded channel.
+    /// Validates, takes a stream slot, and starts producing into a bounded channel. A
+    /// Generate stream's client that reads nothing for the idle timeout loses its stream.
     fn start(
         self: &Arc<Self>,
-        rpc: &'static str,
+        rpc: Rpc,
         request: &Request<GenerateRequest>,
         emit: Emit,
-    ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
-        let call = Call::new(rpc, request);
+    ) -> Result<WatchedStream, Status> {
+        let call = self.call(rpc, request.remote_addr(), request.get_ref().tensors.len());
         let plan = self
             .plan(request.get_ref())
-            .inspect_err(|s| call.finish(0, s.code().description()))?;
-        let permit = self
-            .admit()
-            .inspect_err(|s| call.finish(0, s.code().description()))?;
+            .inspect_err(|s| call.failed(s))?;
+        let permit = self.admit().inspect_err(|s| call.failed(s))?;
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let (watch, stream) = Watch::new(receiver, Arc::clone(&self.metrics));
+        let idle = match emit {
+            Emit::Chunks if !self.stream_idle_timeout.is_zero() => Some(self.stream_idle_timeout),
+            // Digest's handler drains its own stream; nothing waits on a client.
+            _ => None,
+        };
         let shared = Arc::clone(self);
         tokio::spawn(async move {
-            let outcome = shared.pipeline.run(plan, emit, sender.clone()).await;
+            let run = shared.pipeline.run(plan, emit, sender.clone());
+            let outcome = match idle {
+                Some(idle) => tokio::select! {
+                    outcome = run => Some(outcome),
+                    // Dropping `run` stops the producer: its queued jobs are skipped.
+                    () = watch.idle(&sender, idle) => None,
+                },
+                None => Some(run.await),
+            };
             drop(permit);
             match outcome {
-                Outcome::Complete { bytes } => call.finish(bytes, "ok"),
-                Outcome::Abandoned { bytes } => call.finish(bytes, "cancelled by client"),
-                Outcome::Failed { bytes } => {
-                    call.finish(bytes, "internal");
-                    let _ = sender
-                        .send(Err(Status::internal("a generation worker failed")))
-                        .await;
+                Some(Outcome::Complete { bytes }) => call.finish(bytes, Code::Ok, "ok"),
+                Some(Outcome::Abandoned { bytes }) => {
+                    call.finish(bytes, Code::Cancelled, "cancelled by client")
+                }
+                Some(Outcome::Failed { bytes }) => {
+                    call.finish(bytes, Code::Internal, "internal");
+                    watch.fail_after_queued(Status::internal("a generation worker failed"));
+                }
+                None => {
+                    shared.metrics.stream_idle_timeout();
+                    call.finish(
+                        watch.sent_bytes(),
+                        Code::DeadlineExceeded,
+                        "idle timeout: the client read nothing",
+                    );
+                    watch.fail_now(Status::deadline_exceeded(format!(
+                        "the stream was idle for {:?} (--stream-idle-timeout): the client read \
+                         nothing, so the server closed it; retry, reading as data arrives",
+                        shared.stream_idle_timeout
+                    )));
                 }
             }
         });
-        Ok(receiver)
+        Ok(stream)
+    }
+
+    fn call(self: &Arc<Self>, rpc: Rpc, peer: Option<SocketAddr>, tensors: usize) -> Call {
+        Call {
+            rpc,
+            peer,
+            tensors,
+            started: Instant::now(),
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 }
 
-/// One RPC, for its log line.
+/// One RPC, for its log line and its metrics.
 struct Call {
-    rpc: &'static str,
+    rpc: Rpc,
     peer: Option<SocketAddr>,
     tensors: usize,
     started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl Call {
-    fn new(rpc: &'static str, request: &Request<GenerateRequest>) -> Self {
-        Self {
-            rpc,
-            peer: request.remote_addr(),
-            tensors: request.get_ref().tensors.len(),
-            started: Instant::now(),
-        }
-    }
-
-    fn finish(&self, bytes: u64, status: &str) {
+    fn finish(&self, bytes: u64, code: Code, status: &str) {
+        let duration = self.started.elapsed();
+        self.metrics.rpc_finished(self.rpc, code, duration, bytes);
         tracing::info!(
-            rpc = self.rpc,
+            rpc = self.rpc.name(),
             peer = ?self.peer,
             tensors = self.tensors,
             bytes,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            duration_ms = duration.as_secs_f64() * 1e3,
             status,
             "rpc"
         );
+    }
+
+    /// Refused before any data.
+    fn failed(&self, status: &Status) {
+        self.finish(0, status.code(), status.code().description());
     }
 }
 
@@ -141,26 +189,30 @@ impl Handler {
 
 #[tonic::async_trait]
 impl WeightInit for Handler {
-    type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
+    type GenerateStream = WatchedStream;
 
     async fn generate(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let receiver = self.shared.start("Generate", &request, Emit::Chunks)?;
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        let stream = self.shared.start(Rpc::Generate, &request, Emit::Chunks)?;
+        Ok(Response::new(stream))
     }
 
     async fn describe(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<DescribeResponse>, Status> {
-        let call = Call::new("Describe", &request);
+        let call = self.shared.call(
+            Rpc::Describe,
+            request.remote_addr(),
+            request.get_ref().tensors.len(),
+        );
         let plan = self
             .shared
             .plan(request.get_ref())
-            .inspect_err(|s| call.finish(0, s.code().description()))?;
-        call.finish(0, "ok");
+            .inspect_err(|s| call.failed(s))?;
+        call.finish(0, Code::Ok, "ok");
         Ok(Response::new(DescribeResponse {
             tensors: plan.tensors.iter().map(convert::header).collect(),
         }))
@@ -171,9 +223,11 @@ impl WeightInit for Handler {
         request: Request<GenerateRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
         // Dropping this future (the client cancelled) drops the receiver, which stops the work.
-        let mut receiver = self.shared.start("Digest", &request, Emit::DigestsOnly)?;
+        let mut stream = self
+            .shared
+            .start(Rpc::Digest, &request, Emit::DigestsOnly)?;
         let mut digests = Vec::new();
-        while let Some(message) = receiver.recv().await {
+        while let Some(message) = stream.next().await {
             if let Some(Item::End(end)) = message?.item {
                 digests.push(end);
             }
@@ -183,9 +237,11 @@ impl WeightInit for Handler {
 
     async fn get_info(
         &self,
-        _request: Request<GetInfoRequest>,
+        request: Request<GetInfoRequest>,
     ) -> Result<Response<ServerInfo>, Status> {
+        let call = self.shared.call(Rpc::GetInfo, request.remote_addr(), 0);
         let limits = &self.shared.limits;
+        call.finish(0, Code::Ok, "ok");
         Ok(Response::new(ServerInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             algorithms: engine::ALGORITHMS.to_vec(),

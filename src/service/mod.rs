@@ -3,13 +3,23 @@
 //! - [`convert`]: proto <-> engine types, and engine errors -> gRPC statuses.
 //! - [`pool`]: the worker threads that do the CPU work.
 //! - [`pipeline`]: a validated request streamed as headers, chunks and ends.
+//! - [`watchdog`]: the response stream, and the idle limit for clients that stop reading.
 //! - [`handler`]: the `weightinit.v1.WeightInit` RPCs.
+//! - [`auth`]: the optional bearer token.
+//! - [`tls`]: TLS and mutual TLS from PEM files.
+//! - [`listener`]: accepting connections up to a limit.
+//! - [`metrics`]: counters and the Prometheus text endpoint.
 //! - [`server`]: configuration, health, reflection and graceful shutdown.
 
+pub mod auth;
 pub mod convert;
 pub mod handler;
+pub mod listener;
+pub mod metrics;
 pub mod pipeline;
 pub mod pool;
 pub mod server;
+pub mod tls;
+pub mod watchdog;
 
 pub use server::{ServeConfig, Server};

@@ -1,13 +1,20 @@
 //! The streaming pipeline: a validated request becomes headers, chunks and ends, with the
-//! CPU work on the worker pool and memory bounded by the chunks in flight.
+//! CPU work on the worker pool and memory bounded by the blocks in flight.
 //!
-//! Chunks are generated in parallel, a few ahead of the one being sent; the BLAKE3 digest
-//! runs on the pool too, chained chunk after chunk in order. When the receiver is gone the
-//! producer stops at its next send, and queued jobs for it are skipped.
+//! Each tensor's output is cut into aligned blocks of [`BLOCK_BYTES`] (the last one shorter).
+//! A job on the pool generates one block and hashes it as a BLAKE3 subtree (a power-of-two
+//! run of 1 KiB chunks at a power-of-two offset is a subtree of the tensor's tree), so the
+//! hashing runs in parallel like the generation; the producer only merges 32-byte chaining
+//! values, in order, with [`Tree`]. A few blocks are in flight ahead of the one being sent;
+//! transport chunks are zero-copy slices of a block, so a chunk never spans two blocks.
+//! When the receiver is gone the producer stops at its next block, and queued jobs for it are
+//! skipped.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -16,6 +23,11 @@ use super::convert;
 use super::pool::WorkerPool;
 use crate::engine::{RequestPlan, TensorPlan};
 use crate::proto::{Chunk, GenerateResponse, TensorEnd, generate_response::Item};
+
+/// Output bytes per generation job: a power of two, so blocks are BLAKE3 subtrees, and a
+/// multiple of every element size, so no element straddles two blocks. 1 MiB keeps a job's
+/// output in the L2 cache between generating and hashing it, and the stream's memory small.
+pub const BLOCK_BYTES: usize = 1 << 20;
 
 /// How the production of a stream ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,13 +54,26 @@ pub type Sink = mpsc::Sender<Result<GenerateResponse, Status>>;
 
 pub struct Pipeline {
     pub pool: Arc<WorkerPool>,
-    /// Chunks generated ahead of the one being sent, per stream.
+    /// Blocks generated ahead of the one being sent, per stream.
     pub depth: usize,
 }
 
 enum Stop {
     Gone,
     WorkerFailed,
+}
+
+/// What a job hands back: the block's bytes (for Generate) and its hash.
+struct Block {
+    data: Option<Bytes>,
+    hash: BlockHash,
+}
+
+enum BlockHash {
+    /// The whole tensor fits in one block: its BLAKE3 hash.
+    Root(blake3::Hash),
+    /// One block of several: its subtree's chaining value.
+    Subtree(ChainingValue),
 }
 
 impl Pipeline {
@@ -79,66 +104,152 @@ impl Pipeline {
     ) -> Result<(), Stop> {
         send(out, Item::Header(convert::header(&tensor))).await?;
         let index = tensor.index;
-        let mut ranges = tensor.chunks(chunk_bytes);
-        let mut in_flight: VecDeque<(u64, oneshot::Receiver<Bytes>)> =
-            VecDeque::with_capacity(self.depth);
-        let mut hashing: Option<oneshot::Receiver<blake3::Hasher>> = None;
+        let total = tensor.byte_length();
+        let size = tensor.dtype.size();
+        let chunk_step = (chunk_bytes / size).max(1) * size;
+        let mut offsets = (0..total).step_by(BLOCK_BYTES);
+        let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
+        let mut in_flight: VecDeque<(u64, oneshot::Receiver<Block>)> = VecDeque::new();
         loop {
             while in_flight.len() < self.depth.max(1) {
-                let Some((offset, len)) = ranges.next() else {
+                let Some(offset) = offsets.next() else {
                     break;
                 };
                 let tensor = Arc::clone(&tensor);
-                in_flight.push_back((
-                    offset,
-                    self.pool.run(move || {
-                        let mut data = vec![0u8; len];
-                        tensor.fill(offset, &mut data);
-                        Bytes::from(data)
-                    }),
-                ));
+                let len = (total - offset).min(BLOCK_BYTES as u64) as usize;
+                let job = move || generate(&tensor, offset, len, emit);
+                in_flight.push_back((offset, self.pool.run(job)));
             }
             let Some((offset, pending)) = in_flight.pop_front() else {
                 break;
             };
-            let data = pending.await.map_err(|_| Stop::WorkerFailed)?;
-            // Digest sends nothing until the end: look for a gone receiver on every chunk.
+            let block = pending.await.map_err(|_| Stop::WorkerFailed)?;
+            // Digest sends nothing until the end: look for a gone receiver on every block.
             if out.is_closed() {
                 return Err(Stop::Gone);
             }
-            *bytes += data.len() as u64;
-            if emit == Emit::Chunks {
-                let chunk = Chunk {
-                    tensor_index: index,
-                    offset,
-                    data: data.clone(),
-                };
-                send(out, Item::Chunk(chunk)).await?;
+            if let Some(data) = block.data {
+                for start in (0..data.len()).step_by(chunk_step) {
+                    let end = (start + chunk_step).min(data.len());
+                    let chunk = Chunk {
+                        tensor_index: index,
+                        offset: offset + start as u64,
+                        data: data.slice(start..end),
+                    };
+                    send(out, Item::Chunk(chunk)).await?;
+                    *bytes += (end - start) as u64;
+                }
+            } else {
+                *bytes += (total - offset).min(BLOCK_BYTES as u64);
             }
-            let hasher = previous(hashing.take()).await?;
-            hashing = Some(self.pool.run(move || {
-                let mut hasher = hasher;
-                hasher.update(&data);
-                hasher
-            }));
+            tree.push(block.hash);
         }
-        let digest = previous(hashing).await?.finalize();
         let end = TensorEnd {
             tensor_index: index,
-            blake3: digest.as_bytes().to_vec(),
-            byte_length: tensor.byte_length(),
+            blake3: tree.root().as_bytes().to_vec(),
+            byte_length: total,
         };
         send(out, Item::End(end)).await
     }
 }
 
-/// The hasher after the previous chunk, or a fresh one before the first.
-async fn previous(
-    hashing: Option<oneshot::Receiver<blake3::Hasher>>,
-) -> Result<blake3::Hasher, Stop> {
-    match hashing {
-        Some(pending) => pending.await.map_err(|_| Stop::WorkerFailed),
-        None => Ok(blake3::Hasher::new()),
+/// The job: bytes `[offset, offset + len)` of `tensor`, and their hash as a block of a
+/// `tensor.byte_length()`-byte output. Digest needs no bytes afterwards, so it generates
+/// into the worker's reusable buffer instead of a fresh one.
+fn generate(tensor: &TensorPlan, offset: u64, len: usize, emit: Emit) -> Block {
+    let only_block = tensor.byte_length() <= BLOCK_BYTES as u64;
+    let hash = |data: &[u8]| {
+        if only_block {
+            BlockHash::Root(blake3::hash(data))
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            hasher.set_input_offset(offset).update(data);
+            BlockHash::Subtree(hasher.finalize_non_root())
+        }
+    };
+    match emit {
+        Emit::Chunks => {
+            let mut data = vec![0u8; len];
+            tensor.fill(offset, &mut data);
+            Block {
+                hash: hash(&data),
+                data: Some(Bytes::from(data)),
+            }
+        }
+        Emit::DigestsOnly => {
+            thread_local! {
+                static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+            }
+            BUFFER.with_borrow_mut(|buffer| {
+                buffer.resize(len, 0);
+                let data = &mut buffer[..len];
+                tensor.fill(offset, data);
+                Block {
+                    hash: hash(data),
+                    data: None,
+                }
+            })
+        }
+    }
+}
+
+/// BLAKE3's tree over the blocks of one tensor, built from their hashes in order.
+///
+/// With `n` blocks the root's left subtree is the largest power of two of blocks below `n`,
+/// and so on down the right side; so two equal neighbours merge into a (non-root) parent as
+/// soon as both are in, unless together they are the whole tensor. The stack then holds
+/// subtrees of decreasing power-of-two sizes, folded from the right at the end.
+struct Tree {
+    blocks: u64,
+    stack: Vec<(ChainingValue, u64)>,
+    root: Option<blake3::Hash>,
+}
+
+impl Tree {
+    fn new(blocks: u64) -> Self {
+        Self {
+            blocks,
+            stack: Vec::new(),
+            root: None,
+        }
+    }
+
+    fn push(&mut self, hash: BlockHash) {
+        let mut cv = match hash {
+            BlockHash::Root(root) => {
+                debug_assert_eq!(self.blocks, 1);
+                self.root = Some(root);
+                return;
+            }
+            BlockHash::Subtree(cv) => cv,
+        };
+        let mut size = 1;
+        while let Some(&(left, left_size)) = self.stack.last() {
+            if left_size != size || 2 * size == self.blocks {
+                break;
+            }
+            self.stack.pop();
+            cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+            size *= 2;
+        }
+        self.stack.push((cv, size));
+    }
+
+    /// The tensor's BLAKE3 hash, once every block is in.
+    fn root(mut self) -> blake3::Hash {
+        if let Some(root) = self.root {
+            return root;
+        }
+        let Some((mut right, _)) = self.stack.pop() else {
+            return blake3::hash(&[]);
+        };
+        while let Some((left, _)) = self.stack.pop() {
+            if self.stack.is_empty() {
+                return merge_subtrees_root(&left, &right, Mode::Hash);
+            }
+            right = merge_subtrees_non_root(&left, &right, Mode::Hash);
+        }
+        unreachable!("a tensor of several blocks has a root with two children")
     }
 }
 
@@ -146,4 +257,44 @@ async fn send(out: &Sink, item: Item) -> Result<(), Stop> {
     out.send(Ok(GenerateResponse { item: Some(item) }))
         .await
         .map_err(|_| Stop::Gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tree's root over `data` cut into blocks exactly as the pipeline cuts it.
+    fn tree_hash(data: &[u8], block: usize) -> blake3::Hash {
+        let blocks = data.len().div_ceil(block) as u64;
+        let mut tree = Tree::new(blocks);
+        for (i, part) in data.chunks(block).enumerate() {
+            let hash = if blocks == 1 {
+                BlockHash::Root(blake3::hash(part))
+            } else {
+                let mut hasher = blake3::Hasher::new();
+                hasher.set_input_offset((i * block) as u64).update(part);
+                BlockHash::Subtree(hasher.finalize_non_root())
+            };
+            tree.push(hash);
+        }
+        tree.root()
+    }
+
+    #[test]
+    fn the_tree_of_blocks_is_blake3() {
+        let data: Vec<u8> = (0..48u32 << 10).map(|i| (i * 31 + i / 251) as u8).collect();
+        // Blocks of 1 and 4 KiB: lengths 0, one element, around block boundaries, many
+        // blocks (every count up to 10 blocks), odd sizes.
+        for block in [1024usize, 4096] {
+            let mut lengths = vec![0usize, 1, 2, 4, 8, 1023, 1024, 1025, 4095, 4096, 4097];
+            for blocks in 2..=10 {
+                lengths.extend([blocks * block - 2, blocks * block, blocks * block + 3]);
+            }
+            lengths.extend([40 << 10, (40 << 10) - 7, 12345, 33333]);
+            for len in lengths {
+                let data = &data[..len];
+                assert_eq!(tree_hash(data, block), blake3::hash(data), "{len} bytes");
+            }
+        }
+    }
 }

@@ -20,10 +20,8 @@ impl WorkerPool {
     pub fn new(workers: usize) -> Self {
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
-        let busy = Arc::new(AtomicUsize::new(0));
         for id in 0..workers {
             let receiver = Arc::clone(&receiver);
-            let busy = Arc::clone(&busy);
             thread::Builder::new()
                 .name(format!("weightinit-worker-{id}"))
                 .spawn(move || {
@@ -33,10 +31,7 @@ impl WorkerPool {
                             Ok(job) => job,
                             Err(_) => return, // the pool is gone
                         };
-                        busy.fetch_add(1, Ordering::Relaxed);
-                        // A panicking job loses its result, not the worker.
-                        let _ = catch_unwind(AssertUnwindSafe(job));
-                        busy.fetch_sub(1, Ordering::Relaxed);
+                        job();
                     }
                 })
                 .expect("spawn worker thread");
@@ -44,7 +39,7 @@ impl WorkerPool {
         Self {
             jobs: sender,
             workers,
-            busy,
+            busy: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -56,9 +51,18 @@ impl WorkerPool {
         F: FnOnce() -> T + Send + 'static,
     {
         let (result, receiver) = oneshot::channel();
+        let busy = Arc::clone(&self.busy);
         let job: Job = Box::new(move || {
-            if !result.is_closed() {
-                let _ = result.send(work());
+            if result.is_closed() {
+                return;
+            }
+            busy.fetch_add(1, Ordering::Relaxed);
+            // A panicking job loses its result, not the worker.
+            let value = catch_unwind(AssertUnwindSafe(work));
+            // Not busy any more by the time the result can be seen.
+            busy.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(value) = value {
+                let _ = result.send(value);
             }
         });
         self.jobs.send(job).expect("workers outlive the pool");

@@ -1,18 +1,24 @@
-//! The server: configuration, the gRPC services (WeightInit, health, reflection) and
-//! graceful shutdown.
+//! The server: configuration, the gRPC services (WeightInit, health, reflection) behind
+//! optional TLS and bearer token, connection and stream limits, metrics, and graceful
+//! shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use super::auth::{RequireToken, Token};
 use super::handler::{Handler, Shared};
+use super::listener::{self, Incoming};
+use super::metrics;
 use super::pool::WorkerPool;
+use super::tls::{self, TlsSummary};
 use crate::engine::Limits;
 use crate::proto::{self, weight_init_server::WeightInitServer};
 
@@ -55,7 +61,43 @@ pub struct ServeConfig {
     /// HTTP/2 flow-control window per connection, in bytes.
     #[arg(long, env = "WEIGHTINIT_CONNECTION_WINDOW_BYTES", default_value_t = 16 << 20)]
     pub connection_window_bytes: u32,
+    /// PEM certificate (chain) of the server; with --tls-key the port speaks TLS only.
+    #[arg(long, env = "WEIGHTINIT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WEIGHTINIT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS).
+    #[arg(long, env = "WEIGHTINIT_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// File holding the bearer token that WeightInit and reflection calls must carry as
+    /// `authorization: Bearer <token>` (health stays open for probes).
+    #[arg(long, env = "WEIGHTINIT_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (GET /metrics) [default: off].
+    #[arg(long, env = "WEIGHTINIT_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Close a Generate stream whose client has read nothing for this long (DEADLINE_EXCEEDED);
+    /// 0 = never.
+    #[arg(long, env = "WEIGHTINIT_STREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
+    /// Most client connections at once; further ones are closed as soon as accepted.
+    #[arg(long, env = "WEIGHTINIT_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Most RPCs at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "WEIGHTINIT_MAX_CONNECTION_STREAMS", default_value_t = 128)]
+    pub max_connection_streams: u32,
+    /// Largest request message, in bytes; larger ones are refused before they are decoded.
+    #[arg(long, env = "WEIGHTINIT_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+    /// Ping each connection this often (HTTP/2 keepalive); one that does not answer within
+    /// 20 s is closed with its streams. 0 = no pings.
+    #[arg(long, env = "WEIGHTINIT_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
+    pub keepalive: Duration,
 }
+
+/// How long a keepalive ping may go unanswered.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Default for ServeConfig {
     fn default() -> Self {
@@ -117,7 +159,38 @@ impl ServeConfig {
                 "--max-concurrent-streams and --workers must be at least 1".into(),
             ));
         }
+        if self.max_connections == 0 || self.max_connection_streams == 0 {
+            return Err(ConfigError(
+                "--max-connections and --max-connection-streams must be at least 1".into(),
+            ));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError(format!(
+                "--max-message-bytes must be at least 1024, got {}",
+                self.max_message_bytes
+            )));
+        }
         Ok(limits)
+    }
+
+    fn tls(&self) -> Result<Option<(ServerTlsConfig, TlsSummary)>, ConfigError> {
+        tls::server_config(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
+        .map_err(ConfigError)
+    }
+
+    fn token(&self) -> Result<Option<Arc<Token>>, ConfigError> {
+        self.auth_token_file
+            .as_deref()
+            .map(|path| {
+                Token::from_file(path)
+                    .map(Arc::new)
+                    .map_err(|e| ConfigError(format!("--auth-token-file: {}", e.0)))
+            })
+            .transpose()
     }
 
     fn worker_count(&self) -> usize {
@@ -130,19 +203,37 @@ impl ServeConfig {
 pub struct Server {
     config: ServeConfig,
     shared: Arc<Shared>,
+    tls: Option<(ServerTlsConfig, TlsSummary)>,
+    token: Option<Arc<Token>>,
 }
 
 impl Server {
+    /// Checks the whole configuration (limits, TLS files, token file) and starts the
+    /// worker pool; every problem is a [`ConfigError`] naming the flag.
     pub fn new(config: ServeConfig) -> Result<Self, ConfigError> {
         let limits = config.limits()?;
+        let tls = config.tls()?;
+        let token = config.token()?;
         let pool = Arc::new(WorkerPool::new(config.worker_count()));
-        let shared = Arc::new(Shared::new(limits, config.max_concurrent_streams, pool));
-        Ok(Self { config, shared })
+        let mut shared = Shared::new(limits, config.max_concurrent_streams, pool);
+        shared.stream_idle_timeout = config.stream_idle_timeout;
+        Ok(Self {
+            config,
+            shared: Arc::new(shared),
+            tls,
+            token,
+        })
     }
 
-    /// Live counters of this server (active streams, busy workers).
+    /// Live counters of this server (active streams, busy workers, metrics).
     pub fn shared(&self) -> Arc<Shared> {
         Arc::clone(&self.shared)
+    }
+
+    /// Serves the metrics endpoint on `listener` (see [`metrics::serve`]) until the returned
+    /// task is aborted.
+    pub fn serve_metrics(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(metrics::serve(listener, self.shared()))
     }
 
     /// Serves on `listener` until `shutdown` completes, then reports NOT_SERVING, stops
@@ -152,20 +243,37 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
+        let config = &self.config;
+        let metrics = Arc::clone(&self.shared.metrics);
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
-        let reflection_v1 = reflection().build_v1().expect("valid descriptors");
-        let reflection_v1alpha = reflection().build_v1alpha().expect("valid descriptors");
+        let reflection_v1 = self.guard(reflection().build_v1().expect("valid descriptors"));
+        let reflection_v1alpha =
+            self.guard(reflection().build_v1alpha().expect("valid descriptors"));
+        let weightinit = self.guard(
+            WeightInitServer::new(Handler::new(Arc::clone(&self.shared)))
+                .max_decoding_message_size(config.max_message_bytes),
+        );
+        let keepalive = (!config.keepalive.is_zero()).then_some(config.keepalive);
+        let mut builder = tonic::transport::Server::builder()
+            .initial_stream_window_size(config.stream_window_bytes)
+            .initial_connection_window_size(config.connection_window_bytes)
+            .max_concurrent_streams(config.max_connection_streams)
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(keepalive.map(|_| KEEPALIVE_TIMEOUT));
+        if let Some((tls, _)) = &self.tls {
+            builder = builder.tls_config(tls.clone())?;
+        }
+        let connection_limit = listener::connection_limit(config.max_connections);
+        self.log_security(connection_limit);
+        let incoming = Incoming::new(listener, connection_limit, Arc::clone(&metrics));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tonic::transport::Server::builder()
-            .initial_stream_window_size(self.config.stream_window_bytes)
-            .initial_connection_window_size(self.config.connection_window_bytes)
-            .tcp_nodelay(true)
+        let serving = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(WeightInitServer::new(Handler::new(self.shared)))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .add_service(weightinit)
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             });
         tokio::pin!(serving);
@@ -174,6 +282,7 @@ impl Server {
             () = shutdown => {}
         }
         tracing::info!(grace = ?self.config.shutdown_grace, "shutting down: NOT_SERVING, draining streams");
+        metrics.set_draining();
         set_health(&health, ServingStatus::NotServing).await;
         let _ = stop.send(());
         match tokio::time::timeout(self.config.shutdown_grace, serving).await {
@@ -182,6 +291,46 @@ impl Server {
                 tracing::warn!("grace period over: closing the streams still running");
                 Ok(())
             }
+        }
+    }
+}
+
+impl Server {
+    /// `service` behind the bearer token, if one is configured.
+    fn guard<S>(&self, service: S) -> RequireToken<S> {
+        RequireToken::new(
+            service,
+            self.token.clone(),
+            Arc::clone(&self.shared.metrics),
+        )
+    }
+
+    fn log_security(&self, connection_limit: usize) {
+        let tls = match &self.tls {
+            None => "off",
+            Some((_, summary)) if summary.client_ca.is_some() => {
+                "mutual (client certificates required)"
+            }
+            Some(_) => "on",
+        };
+        let auth = if self.token.is_some() {
+            "bearer token"
+        } else {
+            "off"
+        };
+        tracing::info!(
+            tls,
+            auth,
+            max_connections = connection_limit,
+            max_connection_streams = self.config.max_connection_streams,
+            stream_idle_timeout = ?self.config.stream_idle_timeout,
+            "security and limits"
+        );
+        if self.token.is_some() && self.tls.is_none() {
+            tracing::warn!(
+                "--auth-token-file without TLS: the token crosses the network in clear text \
+                 (fine behind a TLS-terminating proxy on a trusted network, not otherwise)"
+            );
         }
     }
 }
@@ -224,6 +373,38 @@ mod tests {
         assert!(config.max_chunk_bytes < 4 << 20);
         assert_eq!(config.max_concurrent_streams, 256);
         assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(config.stream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.metrics_addr, None);
+        assert!(config.tls_cert.is_none() && config.auth_token_file.is_none());
         assert!(config.limits().is_ok());
+    }
+
+    #[test]
+    fn configuration_errors_name_the_flag() {
+        let error = |configure: fn(&mut ServeConfig)| {
+            let mut config = ServeConfig::default();
+            configure(&mut config);
+            Server::new(config).err().expect("refused").to_string()
+        };
+        assert!(error(|c| c.tls_cert = Some("/nonexistent/cert.pem".into())).contains("--tls-key"));
+        assert!(error(|c| c.tls_key = Some("/nonexistent/key.pem".into())).contains("--tls-cert"));
+        assert!(
+            error(|c| c.tls_client_ca = Some("/nonexistent/ca.pem".into()))
+                .contains("--tls-client-ca")
+        );
+        let missing = error(|c| {
+            c.tls_cert = Some("/nonexistent/cert.pem".into());
+            c.tls_key = Some("/nonexistent/key.pem".into());
+        });
+        assert!(
+            missing.contains("--tls-cert /nonexistent/cert.pem: cannot read"),
+            "{missing}"
+        );
+        assert!(
+            error(|c| c.auth_token_file = Some("/nonexistent/token".into()))
+                .contains("--auth-token-file: cannot read /nonexistent/token")
+        );
+        assert!(error(|c| c.max_connections = 0).contains("--max-connections"));
+        assert!(error(|c| c.max_message_bytes = 10).contains("--max-message-bytes"));
     }
 }

@@ -1,0 +1,241 @@
+//! Service benchmarks against the real release server on 127.0.0.1:0: Digest and Generate
+//! throughput, server memory while streaming 4 GiB, small-request latency under 1, 8 and 64
+//! concurrent clients, and the chunk size / flow-control window sweep.
+//!
+//! Run by `scripts/bench` (or `cargo bench --bench service`, after `cargo build --release`);
+//! the server binary is `$WEIGHTINIT_BIN` or target/release/weightinit. Prints one JSON
+//! object per line for the report, and a readable line on stderr.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
+use weightinit::proto::weight_init_client::WeightInitClient;
+use weightinit::proto::{GenerateRequest, generate_response::Item};
+
+/// Repetitions of each throughput measurement; the best is kept (other work on the machine
+/// only ever slows a run down), the median reported beside it.
+const REPEATS: usize = 5;
+
+/// How long each latency level runs.
+const LATENCY_RUN: Duration = Duration::from_secs(3);
+
+#[tokio::main]
+async fn main() {
+    let server = Server::start(&[]);
+    let mut client = server.client(None).await;
+    for (scheme, init) in [
+        ("xavier_uniform", r#"{"xavierUniform": {}}"#),
+        ("xavier_normal", r#"{"xavierNormal": {}}"#),
+        ("truncated_normal", r#"{"truncatedNormal": {"std": 0.02}}"#),
+    ] {
+        let request = request(&[8192, 8192], init, 0);
+        let times = repeat(|| digest(&mut client, request.clone())).await;
+        report(json!({"bench": "digest", "scheme": scheme, "shape": [8192, 8192],
+                      "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}));
+    }
+    let request = request(&[8192, 8192], r#"{"xavierUniform": {}}"#, 0);
+    let times = repeat(|| generate(&mut client, request.clone(), true)).await;
+    report(json!({"bench": "generate_rust", "scheme": "xavier_uniform", "shape": [8192, 8192],
+                  "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}));
+    for (rpc, concurrency) in [1, 8, 64].map(|c| ("digest", c)).into_iter().chain([1, 8, 64].map(|c| ("describe", c))) {
+        latency(&server, rpc, concurrency).await;
+    }
+    drop(client);
+    drop(server);
+    memory().await;
+    sweep().await;
+}
+
+/// A release server in a child process, stopped on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(flags: &[&str]) -> Self {
+        let binary = std::env::var("WEIGHTINIT_BIN").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/weightinit").to_owned()
+        });
+        let mut child = Command::new(&binary)
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(flags)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("weightinit listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        Self {
+            url: format!("http://{addr}"),
+            child,
+        }
+    }
+
+    /// A client on its own connection; `window` sets its HTTP/2 receive windows
+    /// (stream, connection), else tonic's defaults.
+    async fn client(&self, window: Option<(u32, u32)>) -> WeightInitClient<Channel> {
+        let mut endpoint = Endpoint::from_shared(self.url.clone()).unwrap();
+        if let Some((stream, connection)) = window {
+            endpoint = endpoint
+                .initial_stream_window_size(stream)
+                .initial_connection_window_size(connection);
+        }
+        WeightInitClient::new(endpoint.connect().await.unwrap())
+            .max_decoding_message_size(16 << 20)
+    }
+
+    /// Peak resident memory of the server process, in bytes.
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn request(shape: &[u64], init: &str, chunk_bytes: u32) -> GenerateRequest {
+    serde_json::from_value(json!({
+        "seed": 1, "chunkBytes": chunk_bytes,
+        "tensors": [{"name": "w", "shape": shape, "init": serde_json::from_str::<serde_json::Value>(init).unwrap()}]
+    }))
+    .unwrap()
+}
+
+/// (best, median) seconds of `REPEATS` runs.
+async fn repeat<F: Future<Output = f64>>(mut run: impl FnMut() -> F) -> (f64, f64) {
+    let mut times = Vec::new();
+    for _ in 0..REPEATS {
+        times.push(run().await);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[0], times[REPEATS / 2])
+}
+
+async fn digest(client: &mut WeightInitClient<Channel>, request: GenerateRequest) -> f64 {
+    let start = Instant::now();
+    let digests = client.digest(request).await.unwrap().into_inner().digests;
+    assert_eq!(digests.len(), 1);
+    start.elapsed().as_secs_f64()
+}
+
+/// Streams the tensor; with `keep`, into a preallocated buffer at each chunk's offset (as a
+/// client filling a tensor would), else dropping each chunk.
+async fn generate(client: &mut WeightInitClient<Channel>, request: GenerateRequest, keep: bool) -> f64 {
+    let start = Instant::now();
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let mut buffer = Vec::new();
+    let mut received = 0u64;
+    while let Some(message) = stream.message().await.unwrap() {
+        match message.item.unwrap() {
+            Item::Header(header) if keep => buffer = vec![0u8; header.byte_length as usize],
+            Item::Chunk(chunk) => {
+                received += chunk.data.len() as u64;
+                if keep {
+                    let at = chunk.offset as usize;
+                    buffer[at..at + chunk.data.len()].copy_from_slice(&chunk.data);
+                }
+            }
+            Item::End(end) => assert_eq!(end.byte_length, received),
+            Item::Header(_) => {}
+        }
+    }
+    std::hint::black_box(&buffer);
+    start.elapsed().as_secs_f64()
+}
+
+/// `concurrency` clients, each on its own connection, calling `rpc` on a [4, 4] tensor back
+/// to back for [`LATENCY_RUN`].
+async fn latency(server: &Server, rpc: &'static str, concurrency: usize) {
+    let request = request(&[4, 4], r#"{"xavierUniform": {}}"#, 0);
+    let mut clients = Vec::new();
+    for _ in 0..concurrency {
+        clients.push(server.client(None).await);
+    }
+    let deadline = Instant::now() + LATENCY_RUN;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let start = Instant::now();
+                    match rpc {
+                        "digest" => drop(client.digest(request.clone()).await.unwrap()),
+                        _ => drop(client.describe(request.clone()).await.unwrap()),
+                    }
+                    latencies.push(start.elapsed().as_secs_f64());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort_by(f64::total_cmp);
+    let at = |q: f64| all[((all.len() - 1) as f64 * q) as usize];
+    report(json!({"bench": "latency", "rpc": rpc, "concurrency": concurrency,
+                  "requests_per_s": all.len() as f64 / LATENCY_RUN.as_secs_f64(),
+                  "p50_ms": at(0.5) * 1e3, "p99_ms": at(0.99) * 1e3}));
+}
+
+/// Peak server memory while one client streams a 4 GiB tensor and drops the data.
+async fn memory() {
+    let server = Server::start(&[]);
+    let mut client = server.client(None).await;
+    let before = server.peak_rss();
+    let request = request(&[32768, 32768], r#"{"xavierUniform": {}}"#, 0);
+    let secs = generate(&mut client, request, false).await;
+    report(json!({"bench": "memory", "bytes": 1u64 << 32, "seconds": secs,
+                  "idle_peak_rss": before, "peak_rss": server.peak_rss()}));
+}
+
+/// Generate throughput into the Rust client by chunk size, server window flags and client
+/// receive windows (for a download the client's receive window is the one that counts).
+async fn sweep() {
+    let windows: [(&str, [&str; 4]); 3] = [
+        ("2M/4M", ["--stream-window-bytes", "2097152", "--connection-window-bytes", "4194304"]),
+        ("8M/16M", ["--stream-window-bytes", "8388608", "--connection-window-bytes", "16777216"]),
+        ("32M/64M", ["--stream-window-bytes", "33554432", "--connection-window-bytes", "67108864"]),
+    ];
+    for (server_window, flags) in windows {
+        let server = Server::start(&flags);
+        for client_window in [None, Some((8u32 << 20, 16u32 << 20)), Some((32 << 20, 64 << 20))] {
+            let mut client = server.client(client_window).await;
+            for chunk in [256u32 << 10, 1 << 20, (4 << 20) - (64 << 10)] {
+                let request = request(&[8192, 8192], r#"{"xavierUniform": {}}"#, chunk);
+                let times = repeat(|| generate(&mut client, request.clone(), false)).await;
+                report(json!({"bench": "sweep", "server_window": server_window,
+                              "client_window": client_window.map_or("default".to_owned(),
+                                  |(s, c)| format!("{}M/{}M", s >> 20, c >> 20)),
+                              "chunk_bytes": chunk, "bytes": 1u64 << 28,
+                              "best_s": times.0, "median_s": times.1}));
+            }
+        }
+    }
+}
+
+fn report(line: serde_json::Value) {
+    println!("{line}");
+    eprintln!("  {line}");
+}
