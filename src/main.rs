@@ -17,7 +17,8 @@ use weightinit::service::{ServeConfig, Server};
     about = "Byte-identical initial weights for distributed trainers, over gRPC"
 )]
 struct Cli {
-    /// Log line format (logs go to stderr; RUST_LOG filters, default info).
+    /// Log line format (logs go to stderr; RUST_LOG filters, default info, warn for fetch
+    /// and describe).
     #[arg(
         long,
         global = true,

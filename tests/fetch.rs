@@ -56,6 +56,15 @@ async fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `weightinit fetch` from `source` (`--server URL` or `--local`) into `out`.
+async fn fetch(source: &[&str], request: &str, out: &str, flags: &[&str]) -> Output {
+    let mut args = vec!["fetch"];
+    args.extend_from_slice(source);
+    args.extend_from_slice(&["--request", request, "--out", out]);
+    args.extend_from_slice(flags);
+    run(&args).await
+}
+
 fn succeeded(output: &Output) {
     assert!(
         output.status.success(),
@@ -160,19 +169,8 @@ async fn fetches_every_vector_and_local_equals_remote() {
         let remote = dir.path(&format!("{}.safetensors", case.case));
         let local = dir.path(&format!("{}-local.safetensors", case.case));
         let url = server.url();
-        succeeded(
-            &run(&[
-                "fetch",
-                "--server",
-                &url,
-                "--request",
-                &request,
-                "--out",
-                &remote,
-            ])
-            .await,
-        );
-        succeeded(&run(&["fetch", "--local", "--request", &request, "--out", &local]).await);
+        succeeded(&fetch(&["--server", &url], &request, &remote, &[]).await);
+        succeeded(&fetch(&["--local"], &request, &local, &[]).await);
         assert_eq!(
             std::fs::read(&remote).unwrap(),
             std::fs::read(&local).unwrap(),
@@ -235,43 +233,9 @@ async fn npy_and_raw_outputs_hold_the_same_bytes() {
         let npy = format!("{}/", dir.path(name));
         let forced = dir.path(&format!("{name}.forced"));
         let raw = dir.path(&format!("{name}.bin"));
-        succeeded(
-            &run(&[
-                "fetch",
-                "--server",
-                &url,
-                "--request",
-                &request,
-                "--out",
-                &npy,
-            ])
-            .await,
-        );
-        succeeded(
-            &run(&[
-                "fetch",
-                "--local",
-                "--request",
-                &request,
-                "--out",
-                &forced,
-                "--format",
-                "npy",
-            ])
-            .await,
-        );
-        succeeded(
-            &run(&[
-                "fetch",
-                "--server",
-                &url,
-                "--request",
-                &request,
-                "--out",
-                &raw,
-            ])
-            .await,
-        );
+        succeeded(&fetch(&["--server", &url], &request, &npy, &[]).await);
+        succeeded(&fetch(&["--local"], &request, &forced, &["--format", "npy"]).await);
+        succeeded(&fetch(&["--server", &url], &request, &raw, &[]).await);
         let raw = std::fs::read(raw).unwrap();
         let mut offset = 0;
         let headers = headers(&server, case).await;
@@ -344,7 +308,7 @@ async fn overrides_and_stdin() {
     request["dtype"] = json!("DTYPE_BFLOAT16");
     let written = dir.json("overridden.json", &request);
     let direct = dir.path("direct.safetensors");
-    succeeded(&run(&["fetch", "--local", "--request", &written, "--out", &direct]).await);
+    succeeded(&fetch(&["--local"], &written, &direct, &[]).await);
     assert_eq!(
         std::fs::read(&piped).unwrap(),
         std::fs::read(&direct).unwrap()
@@ -365,42 +329,31 @@ async fn refusals_fail_at_once_and_leave_nothing() {
         &json!({"tensors": [{"name": "w", "shape": [0], "init": {"xavierUniform": {}}}]}),
     );
     let started = Instant::now();
-    let stderr = failed(&run(&["fetch", "--server", &url, "--request", &bad, "--out", &out]).await);
+    let stderr = failed(&fetch(&["--server", &url], &bad, &out, &[]).await);
     assert!(stderr.contains("InvalidArgument: tensors[0]"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(5), "not retried");
     let not_json = dir.path("not.json");
     std::fs::write(&not_json, "{\"tensors\": 3}").unwrap();
-    let stderr = failed(&run(&["fetch", "--local", "--request", &not_json, "--out", &out]).await);
+    let stderr = failed(&fetch(&["--local"], &not_json, &out, &[]).await);
     assert!(
         stderr.contains("not a GenerateRequest in proto3 JSON"),
         "{stderr}"
     );
     let good = dir.json("good.json", &vectors().cases[0].request);
-    let stderr = failed(
-        &run(&[
-            "fetch",
-            "--local",
-            "--request",
-            &good,
-            "--out",
-            &dir.path("model.pt"),
-        ])
-        .await,
-    );
+    let stderr = failed(&fetch(&["--local"], &good, &dir.path("model.pt"), &[]).await);
     assert!(stderr.contains("--format"), "{stderr}");
-    // Nothing listens on port 9 of loopback: every attempt fails, two retries, then an error.
+    // A port just released: every attempt fails, two retries, then an error.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let stderr = failed(
-        &run(&[
-            "fetch",
-            "--server",
-            "http://127.0.0.1:9",
-            "--request",
+        &fetch(
+            &["--server", &format!("http://{closed}")],
             &good,
-            "--out",
             &out,
-            "--retries",
-            "2",
-        ])
+            &["--retries", "2"],
+        )
         .await,
     );
     assert!(

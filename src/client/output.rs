@@ -7,9 +7,10 @@
 //! ever carries the final name; dropping an uncommitted output removes them.
 //!
 //! npy: NumPy has no bfloat16, so bfloat16 tensors are written as `<u2` holding the raw bf16
-//! bits (`torch.from_numpy(a).view(torch.bfloat16)` restores them). File names are the tensor
-//! names with `/` as `__`, every byte other than ASCII letters, digits, `.`, `-` and `_` as
-//! `_`, and a leading `.` as `_`; names that collide after this are refused.
+//! bits (`torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)` restores them). File names
+//! are the tensor names with `/` as `__`, every other character that is not an ASCII letter,
+//! digit, `.`, `-` or `_` as `_`, and a leading `.` as `_`; names that collide after this are
+//! refused.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -387,7 +388,6 @@ impl Output {
             partial_name.push(".partial");
             let partial = plan.path.with_file_name(partial_name);
             let file = OpenOptions::new()
-                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)

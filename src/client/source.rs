@@ -40,8 +40,6 @@ pub struct SourceArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
-    #[command(flatten)]
-    pub security: ClientSecurity,
     /// Generate in this process instead of asking a server (offline use, or to check one);
     /// --server is then ignored.
     #[arg(long)]
@@ -55,6 +53,8 @@ pub struct SourceArgs {
     /// Replaces the request's default dtype (tensors that set their own keep it).
     #[arg(long)]
     pub dtype: Option<DTypeArg>,
+    #[command(flatten)]
+    pub security: ClientSecurity,
 }
 
 /// The dtypes as `--dtype` spells them.
