@@ -10,6 +10,8 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 # ---------------------------------------------------------------- builder ---
 FROM ${RUST_IMAGE} AS builder
+# Marks the build cache, so that deploy/lib.sh can prune stale copies of it.
+LABEL io.weightinit.stage=builder
 WORKDIR /usr/src/weightinit
 
 # Crates vendored on the host by deploy/make-base-images.sh, used when present
@@ -27,10 +29,17 @@ RUN if [ -d /opt/cargo-vendor/crates ]; then \
         echo "no vendored crates: fetching from crates.io"; \
     fi
 
+# Only the library and binaries go into the image: the manifest's [[bench]],
+# [[test]] and [[example]] targets (whose files are not copied) are dropped
+# from the build's copy of Cargo.toml. Dependencies and the lock are unchanged.
+COPY Cargo.toml Cargo.lock build.rs ./
+RUN awk '/^[[:space:]]*\[\[(bench|test|example)\]\]/ { skip = 1; next } /^[[:space:]]*\[/ { skip = 0 } !skip' \
+        Cargo.toml > Cargo.toml.build \
+    && mv Cargo.toml.build Cargo.toml
+COPY proto/ proto/
+
 # Dependencies first, against stub sources, so that a change in src/ only
 # rebuilds the crate itself. A failure here is reported by the real build below.
-COPY Cargo.toml Cargo.lock build.rs ./
-COPY proto/ proto/
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

@@ -43,8 +43,10 @@ fn main() {
             let elements = 1u64 << 26;
             for &t in &threads {
                 let secs = best(|| generate(&plan, t, elements));
-                report(json!({"bench": "engine", "distribution": distribution, "dtype": dtype,
-                              "threads": t, "elements_per_s": elements as f64 / secs}));
+                report(
+                    json!({"bench": "engine", "distribution": distribution, "dtype": dtype,
+                              "threads": t, "elements_per_s": elements as f64 / secs}),
+                );
             }
         }
     }

@@ -25,22 +25,33 @@ const LATENCY_RUN: Duration = Duration::from_secs(3);
 #[tokio::main]
 async fn main() {
     let server = Server::start(&[]);
-    let mut client = server.client(None).await;
+    let client = server.client(None).await;
     for (scheme, init) in [
         ("xavier_uniform", r#"{"xavierUniform": {}}"#),
         ("xavier_normal", r#"{"xavierNormal": {}}"#),
         ("truncated_normal", r#"{"truncatedNormal": {"std": 0.02}}"#),
     ] {
         let request = request(&[8192, 8192], init, 0);
-        let times = repeat(|| digest(&mut client, request.clone())).await;
-        report(json!({"bench": "digest", "scheme": scheme, "shape": [8192, 8192],
-                      "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}));
+        let times = repeat(|| digest(client.clone(), request.clone())).await;
+        report(
+            json!({"bench": "digest", "scheme": scheme, "shape": [8192, 8192],
+                      "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}),
+        );
     }
+    // Into a client with 8/16 MiB receive windows: tonic's default (64 KiB) throttles
+    // downloads; the sweep below measures both.
+    let windowed = server.client(Some((8 << 20, 16 << 20))).await;
     let request = request(&[8192, 8192], r#"{"xavierUniform": {}}"#, 0);
-    let times = repeat(|| generate(&mut client, request.clone(), true)).await;
-    report(json!({"bench": "generate_rust", "scheme": "xavier_uniform", "shape": [8192, 8192],
-                  "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}));
-    for (rpc, concurrency) in [1, 8, 64].map(|c| ("digest", c)).into_iter().chain([1, 8, 64].map(|c| ("describe", c))) {
+    let times = repeat(|| generate(windowed.clone(), request.clone(), true)).await;
+    report(
+        json!({"bench": "generate_rust", "scheme": "xavier_uniform", "shape": [8192, 8192],
+                  "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}),
+    );
+    for (rpc, concurrency) in [1, 8, 64]
+        .map(|c| ("digest", c))
+        .into_iter()
+        .chain([1, 8, 64].map(|c| ("describe", c)))
+    {
         latency(&server, rpc, concurrency).await;
     }
     drop(client);
@@ -91,8 +102,7 @@ impl Server {
                 .initial_stream_window_size(stream)
                 .initial_connection_window_size(connection);
         }
-        WeightInitClient::new(endpoint.connect().await.unwrap())
-            .max_decoding_message_size(16 << 20)
+        WeightInitClient::new(endpoint.connect().await.unwrap()).max_decoding_message_size(16 << 20)
     }
 
     /// Peak resident memory of the server process, in bytes.
@@ -129,7 +139,7 @@ async fn repeat<F: Future<Output = f64>>(mut run: impl FnMut() -> F) -> (f64, f6
     (times[0], times[REPEATS / 2])
 }
 
-async fn digest(client: &mut WeightInitClient<Channel>, request: GenerateRequest) -> f64 {
+async fn digest(mut client: WeightInitClient<Channel>, request: GenerateRequest) -> f64 {
     let start = Instant::now();
     let digests = client.digest(request).await.unwrap().into_inner().digests;
     assert_eq!(digests.len(), 1);
@@ -138,7 +148,11 @@ async fn digest(client: &mut WeightInitClient<Channel>, request: GenerateRequest
 
 /// Streams the tensor; with `keep`, into a preallocated buffer at each chunk's offset (as a
 /// client filling a tensor would), else dropping each chunk.
-async fn generate(client: &mut WeightInitClient<Channel>, request: GenerateRequest, keep: bool) -> f64 {
+async fn generate(
+    mut client: WeightInitClient<Channel>,
+    request: GenerateRequest,
+    keep: bool,
+) -> f64 {
     let start = Instant::now();
     let mut stream = client.generate(request).await.unwrap().into_inner();
     let mut buffer = Vec::new();
@@ -194,37 +208,69 @@ async fn latency(server: &Server, rpc: &'static str, concurrency: usize) {
     }
     all.sort_by(f64::total_cmp);
     let at = |q: f64| all[((all.len() - 1) as f64 * q) as usize];
-    report(json!({"bench": "latency", "rpc": rpc, "concurrency": concurrency,
+    report(
+        json!({"bench": "latency", "rpc": rpc, "concurrency": concurrency,
                   "requests_per_s": all.len() as f64 / LATENCY_RUN.as_secs_f64(),
-                  "p50_ms": at(0.5) * 1e3, "p99_ms": at(0.99) * 1e3}));
+                  "p50_ms": at(0.5) * 1e3, "p99_ms": at(0.99) * 1e3}),
+    );
 }
 
 /// Peak server memory while one client streams a 4 GiB tensor and drops the data.
 async fn memory() {
     let server = Server::start(&[]);
-    let mut client = server.client(None).await;
+    let client = server.client(None).await;
     let before = server.peak_rss();
     let request = request(&[32768, 32768], r#"{"xavierUniform": {}}"#, 0);
-    let secs = generate(&mut client, request, false).await;
-    report(json!({"bench": "memory", "bytes": 1u64 << 32, "seconds": secs,
-                  "idle_peak_rss": before, "peak_rss": server.peak_rss()}));
+    let secs = generate(client, request, false).await;
+    report(
+        json!({"bench": "memory", "bytes": 1u64 << 32, "seconds": secs,
+                  "idle_peak_rss": before, "peak_rss": server.peak_rss()}),
+    );
 }
 
 /// Generate throughput into the Rust client by chunk size, server window flags and client
 /// receive windows (for a download the client's receive window is the one that counts).
 async fn sweep() {
     let windows: [(&str, [&str; 4]); 3] = [
-        ("2M/4M", ["--stream-window-bytes", "2097152", "--connection-window-bytes", "4194304"]),
-        ("8M/16M", ["--stream-window-bytes", "8388608", "--connection-window-bytes", "16777216"]),
-        ("32M/64M", ["--stream-window-bytes", "33554432", "--connection-window-bytes", "67108864"]),
+        (
+            "2M/4M",
+            [
+                "--stream-window-bytes",
+                "2097152",
+                "--connection-window-bytes",
+                "4194304",
+            ],
+        ),
+        (
+            "8M/16M",
+            [
+                "--stream-window-bytes",
+                "8388608",
+                "--connection-window-bytes",
+                "16777216",
+            ],
+        ),
+        (
+            "32M/64M",
+            [
+                "--stream-window-bytes",
+                "33554432",
+                "--connection-window-bytes",
+                "67108864",
+            ],
+        ),
     ];
     for (server_window, flags) in windows {
         let server = Server::start(&flags);
-        for client_window in [None, Some((8u32 << 20, 16u32 << 20)), Some((32 << 20, 64 << 20))] {
-            let mut client = server.client(client_window).await;
+        for client_window in [
+            None,
+            Some((8u32 << 20, 16u32 << 20)),
+            Some((32 << 20, 64 << 20)),
+        ] {
+            let client = server.client(client_window).await;
             for chunk in [256u32 << 10, 1 << 20, (4 << 20) - (64 << 10)] {
                 let request = request(&[8192, 8192], r#"{"xavierUniform": {}}"#, chunk);
-                let times = repeat(|| generate(&mut client, request.clone(), false)).await;
+                let times = repeat(|| generate(client.clone(), request.clone(), false)).await;
                 report(json!({"bench": "sweep", "server_window": server_window,
                               "client_window": client_window.map_or("default".to_owned(),
                                   |(s, c)| format!("{}M/{}M", s >> 20, c >> 20)),

@@ -33,6 +33,9 @@ run ci-kubernetes "$DIR/ci-kubernetes.sh"
 run ci-docker env KEEP_IMAGE=1 "$DIR/ci-docker.sh"
 run ci-compose env KEEP_IMAGE="${KEEP_IMAGE:-0}" "$DIR/ci-compose.sh"
 
+# ci-compose removes the image when it built it; not when it failed before that.
+if [[ ${KEEP_IMAGE:-0} != 1 ]]; then docker rmi "$IMAGE" >/dev/null 2>&1 || true; fi
+
 echo
 echo "deploy checks took $((SECONDS - T0)) s"
 echo "deploy: $passed passed, $failed failed, $skipped skipped"

@@ -130,18 +130,26 @@ ensure_base_images() {
 }
 
 # build_image TAG: the root Dockerfile, with the local base images.
+# The builder stage is tagged too ($BUILD_CACHE_TAG), so docker's build cache for
+# it survives and stale copies (dangling, from earlier sources) can be pruned:
+# without that every change in src/ would leave ~1-2 GB behind.
+BUILD_CACHE_TAG=${BUILD_CACHE_TAG:-weightinit-build-cache:local}
 build_image() {
   local tag=$1 t0=$SECONDS
+  local args=(--force-rm --build-arg "RUST_IMAGE=$RUST_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE")
   log "docker build -t $tag (RUST_IMAGE=$RUST_IMAGE RUNTIME_IMAGE=$RUNTIME_IMAGE)"
-  if ! timeout "${BUILD_TIMEOUT:-1500}" docker build \
-    --build-arg "RUST_IMAGE=$RUST_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE" \
-    --label "$CI_LABEL" -t "$tag" "$ROOT" >"$TMP/docker-build.log" 2>&1; then
+  if ! timeout "${BUILD_TIMEOUT:-1500}" docker build "${args[@]}" --target builder -t "$BUILD_CACHE_TAG" "$ROOT" \
+    >"$TMP/docker-build.log" 2>&1 ||
+    ! timeout 600 docker build "${args[@]}" --label "$CI_LABEL" -t "$tag" "$ROOT" >>"$TMP/docker-build.log" 2>&1; then
     tail -n 40 "$TMP/docker-build.log" >&2
     die "docker build $tag"
   fi
   MADE_IMAGES+=("$tag")
   BUILD_SECONDS=$((SECONDS - t0))
   log "built $tag in ${BUILD_SECONDS}s, $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.1f MB", $1 / 1e6}')"
+  # Stale build caches and untagged images of earlier runs (ours only, by label).
+  timeout 120 docker image prune -f --filter label=io.weightinit.stage=builder >/dev/null 2>&1 || true
+  timeout 120 docker image prune -f --filter label=io.weightinit.ci >/dev/null 2>&1 || true
 }
 
 container_health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$1" 2>/dev/null; }

@@ -17,8 +17,16 @@ async fn digests_are_blake3_of_the_bytes_for_every_length() {
     let block = BLOCK_BYTES as u64;
     // (dtype, element size, byte lengths)
     let cases = [
-        ("DTYPE_FLOAT32", 4u64, vec![0, 4, block - 4, block, block + 4, 2 * block, 3 * block + 12]),
-        ("DTYPE_FLOAT16", 2, vec![2, 2 * block - 2, 4 * block + 2, 5 * block + 1002]),
+        (
+            "DTYPE_FLOAT32",
+            4u64,
+            vec![0, 4, block - 4, block, block + 4, 2 * block, 3 * block + 12],
+        ),
+        (
+            "DTYPE_FLOAT16",
+            2,
+            vec![2, 2 * block - 2, 4 * block + 2, 5 * block + 1002],
+        ),
         ("DTYPE_FLOAT64", 8, vec![8, block + 8, 7 * block - 8]),
         ("DTYPE_BFLOAT16", 2, vec![1234, block / 2 + 6]),
     ];
@@ -38,9 +46,16 @@ async fn digests_are_blake3_of_the_bytes_for_every_length() {
                     let want = blake3::hash(&tensor.data);
                     assert_eq!(tensor.blake3, want.as_bytes(), "{what}: TensorEnd");
                     assert_eq!(digest.blake3, want.as_bytes(), "{what}: Digest");
-                    let limit = if chunk_bytes == 0 { 1 << 20 } else { chunk_bytes as usize };
+                    let limit = if chunk_bytes == 0 {
+                        1 << 20
+                    } else {
+                        chunk_bytes as usize
+                    };
                     for &n in &tensor.chunk_sizes {
-                        assert!(n > 0 && n <= limit && n as u64 % size == 0, "{what}: chunk {n}");
+                        assert!(
+                            n > 0 && n <= limit && (n as u64).is_multiple_of(size),
+                            "{what}: chunk {n}"
+                        );
                     }
                 }
                 assert_eq!(received[0].data.len() as u64, bytes, "{what}");

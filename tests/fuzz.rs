@@ -24,10 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut};
+use harness::Raw;
 use prost::Message;
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use weightinit::engine::Limits;
 use weightinit::proto::{self, GenerateRequest, init, slice};
@@ -39,6 +38,7 @@ use weightinit::service::convert;
 struct Counting;
 
 thread_local! {
+    static PANIC_SITE: Cell<Option<String>> = const { Cell::new(None) };
     static TRACKING: Cell<bool> = const { Cell::new(false) };
     static CURRENT: Cell<isize> = const { Cell::new(0) };
     static PEAK: Cell<isize> = const { Cell::new(0) };
@@ -113,13 +113,24 @@ fn measured<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
 
 // ------------------------------------------------------------------------------ inputs ---
 
-/// SplitMix64: small, fast, and enough for fuzzing.
-struct Rng(u64);
+/// SplitMix64: small, fast, and enough for fuzzing. `sane` makes the generators below keep
+/// to plausible values, so that many requests get past validation into planning.
+struct Rng {
+    state: u64,
+    sane: bool,
+}
 
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Self {
+            state: seed,
+            sane: false,
+        }
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
@@ -143,6 +154,9 @@ impl Rng {
 }
 
 fn dim(rng: &mut Rng) -> u64 {
+    if rng.sane {
+        return rng.below(64) + 1;
+    }
     match rng.below(12) {
         0 => 0,
         1 => 1,
@@ -157,6 +171,9 @@ fn dim(rng: &mut Rng) -> u64 {
 }
 
 fn number(rng: &mut Rng) -> f64 {
+    if rng.sane {
+        return 0.1 + (rng.below(1000) as f64) / 500.0;
+    }
     match rng.below(14) {
         0 => f64::NAN,
         1 => f64::INFINITY,
@@ -174,10 +191,17 @@ fn number(rng: &mut Rng) -> f64 {
 }
 
 fn maybe(rng: &mut Rng) -> Option<f64> {
-    if rng.chance(2) { None } else { Some(number(rng)) }
+    if rng.chance(2) {
+        None
+    } else {
+        Some(number(rng))
+    }
 }
 
 fn enum_value(rng: &mut Rng, known: i32) -> i32 {
+    if rng.sane {
+        return rng.below(known as u64 + 1) as i32;
+    }
     match rng.below(8) {
         0 => rng.next() as i32,
         1 => -1,
@@ -189,9 +213,9 @@ fn enum_value(rng: &mut Rng, known: i32) -> i32 {
 fn scheme(rng: &mut Rng) -> Option<init::Scheme> {
     use init::Scheme as S;
     use proto::{
-        Constant, GlorotNormal, GlorotUniform, HeNormal, HeUniform, KaimingNormal,
-        KaimingUniform, LecunNormal, LecunUniform, Normal, Ones, TorchDefault, TorchDefaultBias,
-        TruncatedNormal, Uniform, VarianceScaling, XavierNormal, XavierUniform, Zeros,
+        Constant, GlorotNormal, GlorotUniform, HeNormal, HeUniform, KaimingNormal, KaimingUniform,
+        LecunNormal, LecunUniform, Normal, Ones, TorchDefault, TorchDefaultBias, TruncatedNormal,
+        Uniform, VarianceScaling, XavierNormal, XavierUniform, Zeros,
     };
     let kaiming = |rng: &mut Rng| KaimingUniform {
         a: number(rng),
@@ -199,7 +223,8 @@ fn scheme(rng: &mut Rng) -> Option<init::Scheme> {
         nonlinearity: enum_value(rng, 6),
     };
     Some(match rng.below(20) {
-        0 => return None,
+        0 if !rng.sane => return None,
+        0 => S::Zeros(Zeros {}),
         1 => S::Zeros(Zeros {}),
         2 => S::Ones(Ones {}),
         3 => S::Constant(Constant { value: number(rng) }),
@@ -262,6 +287,7 @@ fn range(rng: &mut Rng, extent: u64) -> proto::Range {
 
 fn tensor(rng: &mut Rng, index: usize) -> proto::TensorSpec {
     let rank = match rng.below(10) {
+        _ if rng.sane => rng.below(4) as usize + 1,
         0 => 0,
         1 => rng.below(40) as usize,
         _ => rng.below(4) as usize + 1,
@@ -269,6 +295,7 @@ fn tensor(rng: &mut Rng, index: usize) -> proto::TensorSpec {
     let shape: Vec<u64> = (0..rank).map(|_| dim(rng)).collect();
     let numel = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d));
     let name = match rng.below(10) {
+        _ if rng.sane => format!("layer{index}.weight"),
         0 => String::new(),
         1 => "dup".to_owned(),
         2 => "ü€𝄞".repeat(rng.below(400) as usize),
@@ -300,7 +327,7 @@ fn tensor(rng: &mut Rng, index: usize) -> proto::TensorSpec {
     proto::TensorSpec {
         name,
         shape,
-        init: if rng.chance(10) {
+        init: if !rng.sane && rng.chance(10) {
             None
         } else {
             Some(proto::Init {
@@ -317,6 +344,7 @@ fn tensor(rng: &mut Rng, index: usize) -> proto::TensorSpec {
 
 fn generate_request(rng: &mut Rng) -> GenerateRequest {
     let count = match rng.below(10) {
+        _ if rng.sane => rng.below(6) as usize + 1,
         0 => 0,
         1 => rng.below(40) as usize,
         _ => rng.below(4) as usize + 1,
@@ -325,9 +353,17 @@ fn generate_request(rng: &mut Rng) -> GenerateRequest {
         seed: rng.next(),
         tensors: (0..count).map(|i| tensor(rng, i)).collect(),
         dtype: enum_value(rng, 4),
-        chunk_bytes: rng.pick(&[0, 0, 0, 1, 2, 7, 8, 4096, 1 << 20, u32::MAX]),
+        chunk_bytes: if rng.sane {
+            rng.pick(&[0, 8, 4096, 1 << 20])
+        } else {
+            rng.pick(&[0, 0, 0, 1, 2, 7, 8, 4096, 1 << 20, u32::MAX])
+        },
         layout: enum_value(rng, 2),
-        algorithm: rng.pick(&[0, 0, 1, 1, 2, u32::MAX]),
+        algorithm: if rng.sane {
+            rng.pick(&[0, 1])
+        } else {
+            rng.pick(&[0, 0, 1, 1, 2, u32::MAX])
+        },
     }
 }
 
@@ -493,7 +529,7 @@ fn process(bytes: &[u8], limits: &Limits) -> Outcome {
 /// input's size (decoding expands a 2-byte empty tensor into a struct of a few hundred bytes,
 /// and conversion copies it once), never anything that follows a claimed size.
 fn allowance(len: usize) -> usize {
-    (1 << 20) + 640 * len
+    (1 << 20) + 256 * len
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -543,7 +579,25 @@ fn decoding_and_validation_survive_hostile_input() {
         });
     }
 
-    let mut rng = Rng(seed);
+    let mut panics = std::collections::BTreeMap::<String, (String, Vec<u8>, u64)>::new();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let site = info
+            .location()
+            .map_or("?".to_owned(), |l| format!("{}:{}", l.file(), l.line()));
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if PANIC_SITE.try_with(|_| ()).is_ok() && TRACKING.with(Cell::get) {
+            PANIC_SITE.with(|s| s.set(Some(format!("{site}: {message}"))));
+        } else {
+            default_hook(info);
+        }
+    }));
+    let mut rng = Rng::new(seed);
     let mut previous = generate_request(&mut rng).encode_to_vec();
     let mut stats = [0u64; 4]; // inputs, decoded, converted, planned
     let mut slowest = Duration::ZERO;
@@ -562,9 +616,15 @@ fn decoding_and_validation_survive_hostile_input() {
             measured(|| catch_unwind(AssertUnwindSafe(|| process(&bytes, limits))));
         let took = began.elapsed();
         progress.fetch_add(1, Ordering::Relaxed);
-        let outcome = result.unwrap_or_else(|_| {
-            panic!("{what}: panicked on input {}", hex(&bytes));
-        });
+        let Ok(outcome) = result else {
+            // Collected by panic site, so that one run reports every distinct bug.
+            let site = PANIC_SITE.with(|s| s.take()).unwrap_or_default();
+            panics
+                .entry(site)
+                .or_insert_with(|| (what.to_owned(), bytes.clone(), 0))
+                .2 += 1;
+            return (0, took);
+        };
         assert!(
             took < Duration::from_secs(2),
             "{what}: {took:?} on input {}",
@@ -596,6 +656,7 @@ fn decoding_and_validation_survive_hostile_input() {
     while started.elapsed() < Duration::from_secs(seconds) {
         for _ in 0..64 {
             let limits = if rng.chance(3) { &tight } else { &limits };
+            rng.sane = rng.chance(2);
             let input = match rng.below(10) {
                 0 => {
                     let n = rng.below(512) as usize;
@@ -618,6 +679,7 @@ fn decoding_and_validation_survive_hostile_input() {
         }
     }
     done.store(1, Ordering::Relaxed);
+    let _ = std::panic::take_hook();
     println!(
         "fuzzed {} inputs in {:.1?} (seed {seed:#x}): {} decoded, {} converted, {} planned; \
          slowest {slowest:?}; peak allocation {} KiB, at most {worst_ratio:.0} bytes per input byte",
@@ -628,50 +690,36 @@ fn decoding_and_validation_survive_hostile_input() {
         stats[3],
         worst_peak >> 10
     );
-    assert!(stats[3] > 0 && stats[1] > stats[3], "the mix reaches every stage");
+    assert!(
+        stats[3] > 0 && stats[1] > stats[3],
+        "the mix reaches every stage"
+    );
+    let mut unknown = 0;
+    for (site, (what, input, count)) in &panics {
+        let known = KNOWN_PANICS.iter().find(|(s, _)| site.starts_with(s));
+        match known {
+            Some((_, why)) => eprintln!("KNOWN BUG, still present: {site} ({count} inputs): {why}"),
+            None => unknown += 1,
+        }
+        eprintln!(
+            "PANIC at {site}\n  {count} inputs, e.g. ({what}) {}",
+            hex(input)
+        );
+    }
+    assert_eq!(unknown, 0, "{unknown} new panic sites (above)");
 }
+
+/// Panics already reported to the owner of the code, with the fix; each is printed on
+/// every run until it is gone, and then its entry should be deleted. Anything else fails.
+const KNOWN_PANICS: &[(&str, &str)] = &[(
+    "src/engine/slice.rs:154: attempt to multiply with overflow",
+    "Selection::block computes strides before its `len == 0` return: with a 0 dimension the \
+     element count fits u64 but the other dimensions' product need not (LAYOUT_KERAS shape \
+     [0, 2^40, 2^40] with a dims or shard slice). Wraps harmlessly in release builds, panics with overflow checks. Fix: \
+     return the empty selection before computing strides and base.",
+)];
 
 // --------------------------------------------------------------------- the real server ---
-
-/// Sends and receives raw message bytes, so that anything can be put on the wire.
-#[derive(Clone, Default)]
-struct Raw;
-
-struct RawCoder;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCoder;
-    type Decoder = RawCoder;
-
-    fn encoder(&mut self) -> RawCoder {
-        RawCoder
-    }
-
-    fn decoder(&mut self) -> RawCoder {
-        RawCoder
-    }
-}
-
-impl Encoder for RawCoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_answers_hostile_messages_and_keeps_serving() {
@@ -685,7 +733,7 @@ async fn the_server_answers_hostile_messages_and_keeps_serving() {
         .connect()
         .await
         .unwrap();
-    let mut rng = Rng(0xF00D);
+    let mut rng = Rng::new(0xF00D);
     let mut previous = generate_request(&mut rng).encode_to_vec();
     let mut inputs: Vec<Vec<u8>> = claims().into_iter().map(|(_, b)| b).collect();
     inputs.push(vec![0x12; 3 << 20]); // over --max-message-bytes
@@ -710,8 +758,8 @@ async fn the_server_answers_hostile_messages_and_keeps_serving() {
         grpc.ready().await.unwrap();
         let mut request = tonic::Request::new(input.clone());
         request.set_timeout(Duration::from_secs(10));
-        let path_and_query = PathAndQuery::try_from(format!("/weightinit.v1.WeightInit/{path}"))
-            .unwrap();
+        let path_and_query =
+            PathAndQuery::try_from(format!("/weightinit.v1.WeightInit/{path}")).unwrap();
         let code = if path == "Generate" {
             match grpc.server_streaming(request, path_and_query, Raw).await {
                 Ok(response) => {
@@ -773,4 +821,22 @@ async fn the_server_answers_hostile_messages_and_keeps_serving() {
         blake3::hash(&received[0].data).as_bytes(),
         &harness::expected_digests(&good)[0]
     );
+}
+
+/// The minimal form of the known slice overflow (see KNOWN_PANICS): a zero-size Keras-layout
+/// tensor (fans 0, so they fit) whose other dimensions multiply past u64, with a dims slice.
+/// Valid; must plan to 0 bytes.
+#[test]
+#[ignore = "engine bug reported (Selection::block overflow); un-ignore once fixed"]
+fn a_zero_size_tensor_with_huge_dimensions_and_a_slice_plans_to_nothing() {
+    let request: GenerateRequest = serde_json::from_value(serde_json::json!({"tensors": [{
+        "name": "w", "shape": [0, "1099511627776", "1099511627776"], "init": {"zeros": {}},
+        "layout": "LAYOUT_KERAS",
+        "slice": {"dims": {"ranges": [{}, {"stop": 1}, {"stop": 1}]}}}]}))
+    .unwrap();
+    let plan = convert::request(&request)
+        .unwrap()
+        .plan(&Limits::default())
+        .unwrap();
+    assert_eq!(plan.total_bytes, 0);
 }

@@ -136,9 +136,7 @@ impl Sampler {
                 ca,
                 mass,
             } => {
-                quantiles(words, out, scratch, |w| {
-                    ca + mass * unit::open_unit(w)
-                });
+                quantiles(words, out, scratch, |w| ca + mass * unit::open_unit(w));
                 // IEEE maxNum/minNum: a NaN z (only if the argument rounds to 1.0) yields alpha.
                 out.iter_mut()
                     .for_each(|z| *z = mean + std * z.max(alpha).min(beta));

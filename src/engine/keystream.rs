@@ -365,9 +365,11 @@ mod tests {
         (0..n).map(|_| rng.next_u64()).collect()
     }
 
+    type Fill = Box<dyn Fn(&Keystream, u64, &mut [u64])>;
+
     /// Every way of filling this CPU can run.
-    fn fills() -> Vec<(&'static str, Box<dyn Fn(&Keystream, u64, &mut [u64])>)> {
-        let mut fills: Vec<(&'static str, Box<dyn Fn(&Keystream, u64, &mut [u64])>)> = vec![
+    fn fills() -> Vec<(&'static str, Fill)> {
+        let mut fills: Vec<(&'static str, Fill)> = vec![
             ("dispatch", Box::new(|s, first, w| s.fill(first, w))),
             (
                 "portable",

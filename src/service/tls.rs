@@ -59,6 +59,10 @@ pub fn server_config(
     }
     // Building the acceptor parses everything and checks that the key fits the certificate.
     if let Err(error) = tonic::transport::Server::builder().tls_config(config.clone()) {
+        let mut reason = error_chain(&error);
+        if reason.contains("KeyMismatch") {
+            reason = "the private key does not belong to the certificate".to_owned();
+        }
         return Err(format!(
             "--tls-cert {} / --tls-key {}{}: {}",
             cert_path.display(),
@@ -67,7 +71,7 @@ pub fn server_config(
                 " / --tls-client-ca {}",
                 p.display()
             )),
-            error_chain(&error)
+            reason
         ));
     }
     Ok(Some((

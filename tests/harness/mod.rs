@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BufMut};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use weightinit::engine::Limits;
 use weightinit::proto::GenerateRequest;
 use weightinit::service::convert;
@@ -78,7 +80,9 @@ impl Pki {
             let key = KeyPair::generate().unwrap();
             let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
             let mut params = CertificateParams::new(names.clone()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, &names[0]);
+            params
+                .distinguished_name
+                .push(DnType::CommonName, &names[0]);
             params.extended_key_usages = vec![usage];
             let cert = params.signed_by(&key, issuer).unwrap();
             (cert.pem(), key.serialize_pem())
@@ -111,19 +115,37 @@ impl Pki {
     }
 }
 
-/// The server binary: `$WEIGHTINIT_BIN`, else the release build when it is at least as new
-/// as the test build (so not stale), else the test build.
+/// The server binary: `$WEIGHTINIT_BIN`, else the release build when it is newer than every
+/// source file (so not stale; scripts/test builds it first), else the test build.
 pub fn server_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("WEIGHTINIT_BIN") {
         return path.into();
     }
-    let debug = PathBuf::from(env!("CARGO_BIN_EXE_weightinit"));
-    let release = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/weightinit");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match (modified(&release), modified(&debug)) {
-        (Some(r), Some(d)) if r >= d => release,
-        _ => debug,
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let release = root.join("target/release/weightinit");
+    let built = std::fs::metadata(&release).and_then(|m| m.modified()).ok();
+    let newest_source = ["src", "proto", "build.rs", "Cargo.toml", "Cargo.lock"]
+        .iter()
+        .filter_map(|p| newest(&root.join(p)))
+        .max();
+    match (built, newest_source) {
+        (Some(built), Some(source)) if built >= source => release,
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_weightinit")),
     }
+}
+
+/// The latest modification time of `path` or anything under it.
+fn newest(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    let mut latest = meta.modified().ok()?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).ok()?.flatten() {
+            if let Some(t) = newest(&entry.path()) {
+                latest = latest.max(t);
+            }
+        }
+    }
+    Some(latest)
 }
 
 /// `weightinit serve` running as a child process on loopback ports.
@@ -146,7 +168,10 @@ impl Served {
         }
         let mut child = command
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -349,4 +374,62 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
+}
+
+/// Sends and receives raw message bytes, so that anything can be put on the wire.
+#[derive(Clone, Default)]
+pub struct Raw;
+
+pub struct RawCoder;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCoder;
+    type Decoder = RawCoder;
+
+    fn encoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+
+    fn decoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+}
+
+impl Encoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Sends `message` as-is to the unary RPC `method` of WeightInit; the status code.
+pub async fn raw_unary(
+    channel: tonic::transport::Channel,
+    method: &str,
+    message: Vec<u8>,
+) -> tonic::Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(format!(
+        "/weightinit.v1.WeightInit/{method}"
+    ))
+    .unwrap();
+    match grpc.unary(tonic::Request::new(message), path, Raw).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
 }
