@@ -3,7 +3,9 @@
 //!
 //! Run by `scripts/bench` (or `cargo bench --bench engine`); prints one JSON object per line
 //! for the report, and a readable line on stderr. Each figure is the best of a few
-//! repetitions, since other work on the machine only ever slows a run down.
+//! repetitions, since other work on the machine only ever slows a run down. Besides the wall
+//! time each run records the CPU time its threads got (Linux schedstat), so the per-core
+//! rates hold even when other processes share the cores.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -26,11 +28,17 @@ fn main() {
     for &t in &threads {
         // 512 MiB of keystream: the words of 64 Mi elements.
         let bytes = 512u64 << 20;
-        let secs = best(|| keystream(t, bytes));
-        report(json!({"bench": "keystream", "threads": t, "bytes_per_s": bytes as f64 / secs}));
+        let (wall, cpu) = best(|| keystream(t, bytes));
+        report(
+            json!({"bench": "keystream", "threads": t, "bytes_per_s": bytes as f64 / wall,
+                      "bytes_per_cpu_s": bytes as f64 / cpu}),
+        );
         let bytes = 1u64 << 30;
-        let secs = best(|| blake3(t, bytes));
-        report(json!({"bench": "blake3", "threads": t, "bytes_per_s": bytes as f64 / secs}));
+        let (wall, cpu) = best(|| blake3(t, bytes));
+        report(
+            json!({"bench": "blake3", "threads": t, "bytes_per_s": bytes as f64 / wall,
+                      "bytes_per_cpu_s": bytes as f64 / cpu}),
+        );
     }
     let schemes = [
         ("uniform", r#"{"xavierUniform": {}}"#),
@@ -42,11 +50,12 @@ fn main() {
             let plan = plan(init, dtype);
             let elements = 1u64 << 26;
             for &t in &threads {
-                let secs = best(|| generate(&plan, t, elements));
-                report(
-                    json!({"bench": "engine", "distribution": distribution, "dtype": dtype,
-                              "threads": t, "elements_per_s": elements as f64 / secs}),
-                );
+                let (wall, cpu) = best(|| generate(&plan, t, elements));
+                report(json!({
+                    "bench": "engine", "distribution": distribution, "dtype": dtype,
+                    "threads": t, "elements_per_s": elements as f64 / wall,
+                    "elements_per_cpu_s": elements as f64 / cpu
+                }));
             }
         }
     }
@@ -67,32 +76,53 @@ fn plan(init: &str, dtype: &str) -> TensorPlan {
         .remove(0)
 }
 
-fn best(mut run: impl FnMut() -> f64) -> f64 {
-    (0..REPEATS).map(|_| run()).fold(f64::INFINITY, f64::min)
+/// The best wall time and the best CPU time (seconds) of `REPEATS` runs.
+fn best(mut run: impl FnMut() -> (f64, f64)) -> (f64, f64) {
+    (0..REPEATS)
+        .map(|_| run())
+        .fold((f64::INFINITY, f64::INFINITY), |(w, c), (wall, cpu)| {
+            (w.min(wall), c.min(cpu))
+        })
 }
 
 /// Runs `job(i)` for i in 0..jobs on `threads` threads, taking jobs in order as the worker
-/// pool does; returns the wall time in seconds.
-fn parallel(threads: usize, jobs: u64, job: impl Fn(u64) + Sync) -> f64 {
+/// pool does; returns the wall time and the CPU time of all threads, in seconds.
+fn parallel(threads: usize, jobs: u64, job: impl Fn(u64) + Sync) -> (f64, f64) {
     let next = AtomicU64::new(0);
     let start = Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= jobs {
-                        break;
+    let cpu: f64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let before = thread_cpu_seconds();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= jobs {
+                            break;
+                        }
+                        job(i);
                     }
-                    job(i);
-                }
-            });
-        }
+                    thread_cpu_seconds() - before
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
     });
-    start.elapsed().as_secs_f64()
+    (start.elapsed().as_secs_f64(), cpu)
 }
 
-fn keystream(threads: usize, bytes: u64) -> f64 {
+/// CPU time of the calling thread: the first field of /proc/thread-self/schedstat (ns).
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let ns: f64 = stat
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    ns / 1e9
+}
+
+fn keystream(threads: usize, bytes: u64) -> (f64, f64) {
     let stream = Keystream::new(1, "w");
     let words_per_job = (JOB_BYTES / 8) as u64;
     parallel(threads, bytes / JOB_BYTES as u64, |i| {
@@ -105,14 +135,14 @@ fn keystream(threads: usize, bytes: u64) -> f64 {
     })
 }
 
-fn blake3(threads: usize, bytes: u64) -> f64 {
+fn blake3(threads: usize, bytes: u64) -> (f64, f64) {
     let data: Vec<u8> = (0..JOB_BYTES).map(|i| (i * 7 + i / 4093) as u8).collect();
     parallel(threads, bytes / JOB_BYTES as u64, |_| {
         std::hint::black_box(blake3::hash(&data));
     })
 }
 
-fn generate(plan: &TensorPlan, threads: usize, elements: u64) -> f64 {
+fn generate(plan: &TensorPlan, threads: usize, elements: u64) -> (f64, f64) {
     let bytes = elements * plan.dtype.size() as u64;
     parallel(threads, bytes.div_ceil(JOB_BYTES as u64), |i| {
         thread_local!(static OUT: std::cell::RefCell<Vec<u8>> =

@@ -22,9 +22,48 @@ const REPEATS: usize = 5;
 /// How long each latency level runs.
 const LATENCY_RUN: Duration = Duration::from_secs(3);
 
+/// Runs every section, or only those named on the command line (`digest`, `generate`,
+/// `latency`, `memory`, `sweep`).
 #[tokio::main]
 async fn main() {
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
     let server = Server::start(&[]);
+    if run("digest") {
+        digests(&server).await;
+    }
+    if run("generate") {
+        // Into a client with 8/16 MiB receive windows: tonic's default (64 KiB) throttles
+        // downloads; the sweep measures both.
+        let client = server.client(Some((8 << 20, 16 << 20))).await;
+        let request = request(&[8192, 8192], r#"{"xavierUniform": {}}"#, 0);
+        let times = repeat(|| generate(client.clone(), request.clone(), true)).await;
+        report(json!({
+            "bench": "generate_rust", "scheme": "xavier_uniform", "shape": [8192, 8192],
+            "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1
+        }));
+    }
+    if run("latency") {
+        for rpc in ["digest", "describe"] {
+            for concurrency in [1, 8, 64] {
+                latency(&server, rpc, concurrency).await;
+            }
+        }
+    }
+    drop(server);
+    if run("memory") {
+        memory().await;
+    }
+    if run("sweep") {
+        sweep().await;
+    }
+}
+
+/// Digest of [8192, 8192] float32 (256 MiB) with each scheme, and the server's CPU time.
+async fn digests(server: &Server) {
     let client = server.client(None).await;
     for (scheme, init) in [
         ("xavier_uniform", r#"{"xavierUniform": {}}"#),
@@ -32,32 +71,14 @@ async fn main() {
         ("truncated_normal", r#"{"truncatedNormal": {"std": 0.02}}"#),
     ] {
         let request = request(&[8192, 8192], init, 0);
+        let cpu_before = server.cpu_seconds();
         let times = repeat(|| digest(client.clone(), request.clone())).await;
-        report(
-            json!({"bench": "digest", "scheme": scheme, "shape": [8192, 8192],
-                      "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}),
-        );
+        let cpu = (server.cpu_seconds() - cpu_before) / REPEATS as f64;
+        report(json!({
+            "bench": "digest", "scheme": scheme, "shape": [8192, 8192], "bytes": 1u64 << 28,
+            "best_s": times.0, "median_s": times.1, "server_cpu_s": cpu
+        }));
     }
-    // Into a client with 8/16 MiB receive windows: tonic's default (64 KiB) throttles
-    // downloads; the sweep below measures both.
-    let windowed = server.client(Some((8 << 20, 16 << 20))).await;
-    let request = request(&[8192, 8192], r#"{"xavierUniform": {}}"#, 0);
-    let times = repeat(|| generate(windowed.clone(), request.clone(), true)).await;
-    report(
-        json!({"bench": "generate_rust", "scheme": "xavier_uniform", "shape": [8192, 8192],
-                  "bytes": 1u64 << 28, "best_s": times.0, "median_s": times.1}),
-    );
-    for (rpc, concurrency) in [1, 8, 64]
-        .map(|c| ("digest", c))
-        .into_iter()
-        .chain([1, 8, 64].map(|c| ("describe", c)))
-    {
-        latency(&server, rpc, concurrency).await;
-    }
-    drop(client);
-    drop(server);
-    memory().await;
-    sweep().await;
 }
 
 /// A release server in a child process, stopped on drop.
@@ -103,6 +124,16 @@ impl Server {
                 .initial_connection_window_size(connection);
         }
         WeightInitClient::new(endpoint.connect().await.unwrap()).max_decoding_message_size(16 << 20)
+    }
+
+    /// CPU time the server process has used (all threads; 10 ms ticks), in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the parenthesized name: utime and stime are the 12th and 13th.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
     }
 
     /// Peak resident memory of the server process, in bytes.
@@ -218,7 +249,7 @@ async fn latency(server: &Server, rpc: &'static str, concurrency: usize) {
 /// Peak server memory while one client streams a 4 GiB tensor and drops the data.
 async fn memory() {
     let server = Server::start(&[]);
-    let client = server.client(None).await;
+    let client = server.client(Some((8 << 20, 16 << 20))).await;
     let before = server.peak_rss();
     let request = request(&[32768, 32768], r#"{"xavierUniform": {}}"#, 0);
     let secs = generate(client, request, false).await;

@@ -130,25 +130,29 @@ ensure_base_images() {
 }
 
 # build_image TAG: the root Dockerfile, with the local base images.
-# The builder stage is tagged too ($BUILD_CACHE_TAG), so docker's build cache for
-# it survives and stale copies (dangling, from earlier sources) can be pruned:
-# without that every change in src/ would leave ~1-2 GB behind.
+# The builder stage's last image is tagged too ($BUILD_CACHE_TAG, read off the
+# build log), so docker's build cache for it survives while stale copies from
+# earlier sources (dangling, ~1-2 GB each) are pruned.
 BUILD_CACHE_TAG=${BUILD_CACHE_TAG:-weightinit-build-cache:local}
 build_image() {
-  local tag=$1 t0=$SECONDS
-  local args=(--force-rm --build-arg "RUST_IMAGE=$RUST_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE")
+  local tag=$1 t0=$SECONDS cache_id
   log "docker build -t $tag (RUST_IMAGE=$RUST_IMAGE RUNTIME_IMAGE=$RUNTIME_IMAGE)"
-  if ! timeout "${BUILD_TIMEOUT:-1500}" docker build "${args[@]}" --target builder -t "$BUILD_CACHE_TAG" "$ROOT" \
-    >"$TMP/docker-build.log" 2>&1 ||
-    ! timeout 600 docker build "${args[@]}" --label "$CI_LABEL" -t "$tag" "$ROOT" >>"$TMP/docker-build.log" 2>&1; then
+  if ! timeout "${BUILD_TIMEOUT:-1500}" docker build --force-rm \
+    --build-arg "RUST_IMAGE=$RUST_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE" \
+    --label "$CI_LABEL" -t "$tag" "$ROOT" >"$TMP/docker-build.log" 2>&1; then
     tail -n 40 "$TMP/docker-build.log" >&2
     die "docker build $tag"
   fi
   MADE_IMAGES+=("$tag")
   BUILD_SECONDS=$((SECONDS - t0))
   log "built $tag in ${BUILD_SECONDS}s, $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.1f MB", $1 / 1e6}')"
-  # Stale build caches and untagged images of earlier runs (ours only, by label).
-  timeout 120 docker image prune -f --filter label=io.weightinit.stage=builder >/dev/null 2>&1 || true
+  # The image id printed just before the second FROM (the runtime stage).
+  cache_id=$(awk '/^Step [0-9]+\/[0-9]+ : FROM / && ++n == 2 { print prev; exit } /^ ---> [0-9a-f]+$/ { prev = $2 }' \
+    "$TMP/docker-build.log")
+  if [[ -n $cache_id ]] && docker tag "$cache_id" "$BUILD_CACHE_TAG" 2>/dev/null; then
+    timeout 120 docker image prune -f --filter label=io.weightinit.stage=builder >/dev/null 2>&1 || true
+  fi
+  # Untagged images of earlier runs (ours only, by label).
   timeout 120 docker image prune -f --filter label=io.weightinit.ci >/dev/null 2>&1 || true
 }
 

@@ -149,12 +149,8 @@ impl Selection {
         let output_shape: Vec<u64> = ranges.iter().map(|r| r.stop - r.start).collect();
         // Element counts fit u64 (checked by the caller), so these products do too.
         let len = output_shape.iter().product();
-        let mut strides = vec![1u64; shape.len()];
-        for d in (0..shape.len().saturating_sub(1)).rev() {
-            strides[d] = strides[d + 1] * shape[d + 1];
-        }
-        let base = ranges.iter().zip(&strides).map(|(r, s)| r.start * s).sum();
         if len == 0 {
+            // Before the strides: with a zero dimension the others' product may overflow.
             return Self {
                 output_shape,
                 len,
@@ -163,6 +159,12 @@ impl Selection {
                 outer: Vec::new(),
             };
         }
+        // Every dimension is non-zero here, so each stride is at most the element count.
+        let mut strides = vec![1u64; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * shape[d + 1];
+        }
+        let base = ranges.iter().zip(&strides).map(|(r, s)| r.start * s).sum();
         // The innermost dimension that is not taken whole ends the run.
         let split = (0..shape.len())
             .rev()
