@@ -3,24 +3,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::{TestServer, hex, vectors};
+use common::{TestServer, grpcurl, hex, vectors};
 use serde_json::Value;
-
-/// grpcurl from $GRPCURL, the project's .venv (scripts/test installs it there), or PATH.
-fn grpcurl() -> PathBuf {
-    if let Some(path) = std::env::var_os("GRPCURL") {
-        return path.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
-    if venv.exists() {
-        venv
-    } else {
-        "grpcurl".into()
-    }
-}
 
 /// Runs `grpcurl -plaintext FLAGS ADDRESS REST` and returns its stdout; panics with its
 /// stderr on failure.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, grpcurl};
 use harness::{Pki, TempDir, expected_digests, request};
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -231,19 +231,6 @@ async fn the_bearer_token_guards_every_rpc_but_health() {
         .into_inner();
     assert_eq!(digests.digests.len(), 2);
     assert_eq!(metrics.requests(Rpc::Generate, Code::Ok), 1);
-}
-
-/// grpcurl from $GRPCURL, the project's .venv, or PATH.
-fn grpcurl() -> PathBuf {
-    if let Some(path) = std::env::var_os("GRPCURL") {
-        return path.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
-    if venv.exists() {
-        venv
-    } else {
-        "grpcurl".into()
-    }
 }
 
 /// Runs grpcurl; (success, stdout, stderr).

@@ -203,3 +203,16 @@ pub async fn wait_until(mut condition: impl FnMut() -> bool) {
     }
     panic!("condition not reached within 10 s");
 }
+
+/// grpcurl from $GRPCURL, the project's .venv (scripts/test installs it there), or PATH.
+pub fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPCURL") {
+        return path.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
+    if venv.exists() {
+        venv
+    } else {
+        "grpcurl".into()
+    }
+}
