@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Chunk payloads are handed to tonic as `Bytes` without copying.
         .bytes(".weightinit.v1.Chunk.data")
+        // Counts a request's tensors before decoding them (src/service/codec.rs).
+        .codec_path("crate::service::codec::RequestCodec")
         .compile_fds(descriptors)?;
 
     pbjson_build::Builder::new()

@@ -3,13 +3,15 @@
 //! concurrent clients, and the chunk size / flow-control window sweep.
 //!
 //! Run by `scripts/bench` (or `cargo bench --bench service`, after `cargo build --release`);
-//! the server binary is `$WEIGHTINIT_BIN` or target/release/weightinit. Prints one JSON
+//! the server binary is `$WEIGHTINIT_BIN` or the release build. Prints one JSON
 //! object per line for the report, and a readable line on stderr.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
 use std::time::{Duration, Instant};
 
+use harness::Served;
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 use weightinit::proto::weight_init_client::WeightInitClient;
@@ -81,43 +83,18 @@ async fn digests(server: &Server) {
     }
 }
 
-/// A release server in a child process, stopped on drop.
-struct Server {
-    child: Child,
-    url: String,
-}
+/// A release server in a child process (the tests' harness), stopped on drop.
+struct Server(Served);
 
 impl Server {
     fn start(flags: &[&str]) -> Self {
-        let binary = std::env::var("WEIGHTINIT_BIN").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/weightinit").to_owned()
-        });
-        let mut child = Command::new(&binary)
-            .args(["serve", "--addr", "127.0.0.1:0"])
-            .args(flags)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("weightinit listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Self {
-            url: format!("http://{addr}"),
-            child,
-        }
+        Self(Served::start(flags, false))
     }
 
     /// A client on its own connection; `window` sets its HTTP/2 receive windows
     /// (stream, connection), else tonic's defaults.
     async fn client(&self, window: Option<(u32, u32)>) -> WeightInitClient<Channel> {
-        let mut endpoint = Endpoint::from_shared(self.url.clone()).unwrap();
+        let mut endpoint = Endpoint::from_shared(self.0.url()).unwrap();
         if let Some((stream, connection)) = window {
             endpoint = endpoint
                 .initial_stream_window_size(stream)
@@ -128,7 +105,7 @@ impl Server {
 
     /// CPU time the server process has used (all threads; 10 ms ticks), in seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.child.id())).unwrap();
         // Fields after the parenthesized name: utime and stime are the 12th and 13th.
         let after = &stat[stat.rfind(')').unwrap() + 2..];
         let fields: Vec<&str> = after.split_whitespace().collect();
@@ -138,17 +115,7 @@ impl Server {
 
     /// Peak resident memory of the server process, in bytes.
     fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib * 1024
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.peak_rss()
     }
 }
 

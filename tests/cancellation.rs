@@ -38,10 +38,11 @@ async fn dropping_a_huge_stream_frees_its_workers() {
     .await;
     let mut client = server.client().await;
     let mut stream = client.generate(huge()).await.unwrap().into_inner();
-    for _ in 0..4 {
+    // Read until a worker is seen generating: a stream that is not read soon has its
+    // producer parked on backpressure, with every worker idle.
+    while server.shared.busy_workers() == 0 {
         stream.message().await.unwrap().unwrap();
     }
-    wait_until(|| server.shared.busy_workers() > 0).await;
     assert_eq!(server.shared.active_streams(), 1);
     drop(stream);
     wait_until(|| server.shared.active_streams() == 0 && server.shared.busy_workers() == 0).await;

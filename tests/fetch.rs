@@ -4,14 +4,16 @@
 //! server being killed and restarted twice.
 
 mod common;
+mod harness;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Case, TestServer, hex, vectors};
+use harness::Served;
 use serde_json::{Value, json};
 use weightinit::proto::{TensorHeader, weight_init_client::WeightInitClient};
 
@@ -413,45 +415,6 @@ async fn describe_prints_the_table() {
     );
 }
 
-/// A `weightinit serve` process, killed when dropped.
-struct ServerProcess(Child);
-
-impl ServerProcess {
-    /// Starts a server on `addr` (port 0 for any); returns it once it listens, with the
-    /// address it listens on.
-    fn start(addr: &str) -> (Self, String) {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--addr", addr])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("weightinit listening on ")
-            .expect("the first stdout line names the address")
-            .to_owned();
-        (Self(child), addr)
-    }
-
-    /// Kills the server as a crash would, without a goodbye to its clients.
-    fn kill(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn survives_its_server_killed_and_restarted_mid_download() {
     let dir = Scratch::new("restart");
@@ -466,10 +429,11 @@ fn survives_its_server_killed_and_restarted_mid_download() {
             {"name": "proj.bias", "shape": [8192], "init": {"zeros": {}}}
         ]}),
     );
-    let (mut server, addr) = ServerProcess::start("127.0.0.1:0");
+    let mut server = Served::start(&[], false);
+    let addr = server.addr.to_string();
     let out = dir.path("model.safetensors");
     let partial = dir.path(".model.safetensors.partial");
-    let url = format!("http://{addr}");
+    let url = server.url();
     let mut fetch = Command::new(BIN)
         .args([
             "fetch",
@@ -497,7 +461,7 @@ fn survives_its_server_killed_and_restarted_mid_download() {
             std::thread::sleep(Duration::from_millis(2));
         }
         server.kill();
-        server = ServerProcess::start(&addr).0;
+        server = Served::start_at(&addr, &[], false);
     }
     let output = fetch.wait_with_output().unwrap();
     succeeded(&output);

@@ -5,7 +5,8 @@
 //! insertions, deletions, splices, huge varints); and hand-made claims (length prefixes of
 //! 2^32, packed shapes that claim more than they hold, a megabyte of empty tensors). Each
 //! goes through prost decode -> service::convert::request -> engine plan (and, when valid,
-//! headers and the first bytes of every tensor). Properties: no panic; each input done in
+//! headers and the first bytes of every tensor). Properties: no panic; the server's count of
+//! tensors before decoding equals what prost decodes; each input done in
 //! well under a second (a watchdog aborts on a hang); and the memory allocated on the way
 //! (measured by a counting allocator) stays within a small multiple of the input's own size,
 //! whatever sizes the input claims. A second test sends such inputs as raw gRPC messages to
@@ -30,7 +31,7 @@ use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
 use weightinit::engine::Limits;
 use weightinit::proto::{self, GenerateRequest, init, slice};
-use weightinit::service::convert;
+use weightinit::service::{codec, convert};
 
 // ---------------------------------------------------------------- allocation counting ---
 
@@ -502,6 +503,8 @@ fn process(bytes: &[u8], limits: &Limits) -> Outcome {
         return outcome;
     };
     outcome.decoded = true;
+    // The server refuses too many tensors by this count, before decoding: it must agree.
+    assert_eq!(codec::count_tensors(bytes), request.tensors.len());
     let Ok(request) = convert::request(&request) else {
         return outcome;
     };

@@ -52,6 +52,17 @@ async fn tls_channel(
         .await
 }
 
+/// A server that wants both a client certificate signed by `pki`'s CA and the token.
+async fn locked_down(pki: &Pki, token_file: &Path) -> TestServer {
+    TestServer::start_with(|c| {
+        c.tls_cert = Some(pki.server_cert.clone());
+        c.tls_key = Some(pki.server_key.clone());
+        c.tls_client_ca = Some(pki.ca.clone());
+        c.auth_token_file = Some(token_file.to_owned());
+    })
+    .await
+}
+
 fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(token) = token {
@@ -252,13 +263,7 @@ async fn grpcurl_with_cacert_cert_key_and_a_token() {
     let pki = Pki::new();
     let dir = TempDir::new("grpcurl-token");
     let token_file = dir.write("token", TOKEN);
-    let server = TestServer::start_with(|c| {
-        c.tls_cert = Some(pki.server_cert.clone());
-        c.tls_key = Some(pki.server_key.clone());
-        c.tls_client_ca = Some(pki.ca.clone());
-        c.auth_token_file = Some(token_file.clone());
-    })
-    .await;
+    let server = locked_down(&pki, &token_file).await;
     let addr = server.addr.to_string();
     let (ca, cert, key) = (
         pki.ca.to_str().unwrap(),
@@ -345,13 +350,7 @@ async fn healthcheck_speaks_tls_mutual_tls_and_sends_the_token() {
     let pki = Pki::new();
     let dir = TempDir::new("healthcheck");
     let token_file = dir.write("token", TOKEN);
-    let server = TestServer::start_with(|c| {
-        c.tls_cert = Some(pki.server_cert.clone());
-        c.tls_key = Some(pki.server_key.clone());
-        c.tls_client_ca = Some(pki.ca.clone());
-        c.auth_token_file = Some(token_file.clone());
-    })
-    .await;
+    let server = locked_down(&pki, &token_file).await;
     let https = format!("https://{}", server.addr);
     let all = vec![
         pki.ca.clone(),

@@ -2,11 +2,12 @@
 //! stream still completes with the right bytes, and the process exits 0 well within grace.
 
 mod common;
+mod harness;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use harness::Served;
 use serde_json::json;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -16,46 +17,6 @@ use weightinit::proto::{
     GenerateRequest, generate_response::Item, weight_init_client::WeightInitClient,
 };
 use weightinit::service::convert;
-
-/// Starts `weightinit serve` on an ephemeral port; returns the child and its URL.
-fn spawn_server(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weightinit"))
-        .args(["serve", "--addr", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("weightinit listening on ")
-        .expect("first stdout line names the address");
-    (child, format!("http://{addr}"))
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits up to `limit` for the child to exit and returns its exit code.
-fn exit_code(child: &mut Child, limit: Duration) -> i32 {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().expect("exited, not killed by a signal");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    panic!("the server did not exit within {limit:?}");
-}
 
 fn big_request() -> GenerateRequest {
     // 64 MiB: several seconds of streaming through a client that reads slowly.
@@ -67,8 +28,8 @@ fn big_request() -> GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_in_flight_stream_and_exits_zero() {
     let grace = Duration::from_secs(20);
-    let (mut child, url) = spawn_server(&["--shutdown-grace", "20s", "--workers", "1"]);
-    let channel = tonic::transport::Endpoint::from_shared(url)
+    let mut server = Served::start(&["--shutdown-grace", "20s", "--workers", "1"], false);
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
         .unwrap()
         .connect()
         .await
@@ -97,7 +58,7 @@ async fn sigterm_drains_the_in_flight_stream_and_exits_zero() {
         }
     }
 
-    signal(&child, "TERM");
+    server.signal("TERM");
     let signalled = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await
@@ -132,7 +93,7 @@ async fn sigterm_drains_the_in_flight_stream_and_exits_zero() {
     assert_eq!(hasher.finalize(), digest);
     assert_eq!(end.expect("TensorEnd arrives").blake3, digest.as_bytes());
 
-    let code = tokio::task::spawn_blocking(move || exit_code(&mut child, grace))
+    let code = tokio::task::spawn_blocking(move || server.wait(grace))
         .await
         .unwrap();
     assert_eq!(code, 0);
@@ -144,7 +105,8 @@ async fn sigterm_drains_the_in_flight_stream_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_on_an_idle_server_exits_zero_at_once_and_healthcheck_follows() {
-    let (mut child, url) = spawn_server(&[]);
+    let mut server = Served::start(&[], false);
+    let url = server.url();
     let healthcheck = |url: &str| {
         Command::new(env!("CARGO_BIN_EXE_weightinit"))
             .args(["healthcheck", "--addr", url])
@@ -155,8 +117,8 @@ async fn sigint_on_an_idle_server_exits_zero_at_once_and_healthcheck_follows() {
         healthcheck(&url).success(),
         "healthcheck exits 0 while SERVING"
     );
-    signal(&child, "INT");
-    let code = tokio::task::spawn_blocking(move || exit_code(&mut child, Duration::from_secs(5)))
+    server.signal("INT");
+    let code = tokio::task::spawn_blocking(move || server.wait(Duration::from_secs(5)))
         .await
         .unwrap();
     assert_eq!(code, 0);

@@ -66,6 +66,22 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Refuses more tensors than the limit; the transport asks this before decoding them.
+    pub fn check_tensor_count(&self, count: usize) -> Result<(), RequestError> {
+        if count > self.max_tensors as usize {
+            return Err(RequestError::over_limit(
+                "tensors",
+                format!(
+                    "{count} tensors exceed this server's limit of {}",
+                    self.max_tensors
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a request is refused, naming the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestError {
@@ -139,16 +155,7 @@ impl Request {
                 "at least one tensor is required",
             ));
         }
-        if self.tensors.len() > limits.max_tensors as usize {
-            return Err(RequestError::over_limit(
-                "tensors",
-                format!(
-                    "{} tensors exceed this server's limit of {}",
-                    self.tensors.len(),
-                    limits.max_tensors
-                ),
-            ));
-        }
+        limits.check_tensor_count(self.tensors.len())?;
         let chunk_bytes = match self.chunk_bytes {
             0 => limits.default_chunk_bytes,
             n if n > limits.max_chunk_bytes => {

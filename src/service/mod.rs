@@ -1,6 +1,7 @@
 //! The gRPC transport: a thin layer between protobuf and the engine.
 //!
 //! - [`convert`]: proto <-> engine types, and engine errors -> gRPC statuses.
+//! - [`codec`]: prost decoding that counts a request's tensors first.
 //! - [`pool`]: the worker threads that do the CPU work.
 //! - [`pipeline`]: a validated request streamed as headers, chunks and ends.
 //! - [`watchdog`]: the response stream, and the idle limit for clients that stop reading.
@@ -12,6 +13,7 @@
 //! - [`server`]: configuration, health, reflection and graceful shutdown.
 
 pub mod auth;
+pub mod codec;
 pub mod convert;
 pub mod handler;
 pub mod listener;

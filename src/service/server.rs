@@ -14,6 +14,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::auth::{RequireToken, Token};
+use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
 use super::metrics;
@@ -250,10 +251,12 @@ impl Server {
         let reflection_v1 = self.guard(reflection().build_v1().expect("valid descriptors"));
         let reflection_v1alpha =
             self.guard(reflection().build_v1alpha().expect("valid descriptors"));
-        let weightinit = self.guard(
+        let weightinit = self.guard(DecodeLimits::new(
             WeightInitServer::new(Handler::new(Arc::clone(&self.shared)))
                 .max_decoding_message_size(config.max_message_bytes),
-        );
+            self.shared.limits,
+            Arc::clone(&metrics),
+        ));
         let keepalive = (!config.keepalive.is_zero()).then_some(config.keepalive);
         let mut builder = tonic::transport::Server::builder()
             .initial_stream_window_size(config.stream_window_bytes)

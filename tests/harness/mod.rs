@@ -160,9 +160,14 @@ impl Served {
     /// Starts the server with `args` (after `serve --addr 127.0.0.1:0`); with `metrics`,
     /// also `--metrics-addr 127.0.0.1:0`.
     pub fn start(args: &[&str], metrics: bool) -> Self {
+        Self::start_at("127.0.0.1:0", args, metrics)
+    }
+
+    /// [`Served::start`] on `addr`, e.g. the port of a server that was just killed.
+    pub fn start_at(addr: &str, args: &[&str], metrics: bool) -> Self {
         let binary = server_binary();
         let mut command = Command::new(&binary);
-        command.args(["serve", "--addr", "127.0.0.1:0"]);
+        command.args(["serve", "--addr", addr]);
         if metrics {
             command.args(["--metrics-addr", "127.0.0.1:0"]);
         }
@@ -253,6 +258,14 @@ impl Served {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("the server did not exit within {limit:?}");
+    }
+}
+
+impl Served {
+    /// Kills the server as a crash would, without a goodbye to its clients.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 }
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real weightinit server, started once for the whole session.
+"""Shared fixtures: the real weightinit server, started once for the whole session, and serve()
+to start more of them with other flags (TLS, tokens).
 
 The binary is $WEIGHTINIT_BIN, else target/release/weightinit, else target/debug/weightinit.
 """
@@ -8,6 +9,7 @@ import re
 import select
 import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,16 +28,16 @@ def _server_binary():
     return REPO / "target" / "release" / "weightinit"
 
 
-@pytest.fixture(scope="session")
-def target(tmp_path_factory):
-    """The address, 127.0.0.1:PORT, of a server started with `serve --addr 127.0.0.1:0`."""
+@contextmanager
+def serve(log, *flags):
+    """Runs `serve --addr 127.0.0.1:0 FLAGS...` with stderr going to `log`, and yields its
+    address, 127.0.0.1:PORT, read from the first line it prints."""
     binary = _server_binary()
     if not binary.exists():
         pytest.fail(f"no server binary at {binary}: cargo build --release, or set WEIGHTINIT_BIN")
-    log = tmp_path_factory.mktemp("server") / "stderr.log"
     with open(log, "wb") as stderr:
         server = subprocess.Popen(
-            [str(binary), "serve", "--addr", "127.0.0.1:0"],
+            [str(binary), "serve", "--addr", "127.0.0.1:0", *map(str, flags)],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -56,3 +58,10 @@ def target(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture(scope="session")
+def target(tmp_path_factory):
+    """The address of a plaintext server started with `serve --addr 127.0.0.1:0`."""
+    with serve(tmp_path_factory.mktemp("server") / "stderr.log") as address:
+        yield address

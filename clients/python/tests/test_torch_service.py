@@ -53,9 +53,9 @@ def test_cpu_parameters_receive_the_chunks_in_place(target, monkeypatch):
     """Every chunk goes straight into the parameter's memory: fetch gets views of them all."""
     buffers = {}
 
-    def recording_fetch(request, target, out=None, timeout=None):
+    def recording_fetch(request, target, out=None, timeout=None, security=None):
         buffers.update(out)
-        return weightinit.fetch(request, target, out=out, timeout=timeout)
+        return weightinit.fetch(request, target, out=out, timeout=timeout, security=security)
 
     monkeypatch.setattr(wt, "fetch", recording_fetch)
     model = mlp().to(torch.bfloat16)

@@ -3,6 +3,7 @@
     import weightinit
     arrays = weightinit.fetch(request, "127.0.0.1:50051")    # {name: numpy.ndarray}
 
+`security=weightinit.Security(...)` adds TLS, mutual TLS or a bearer token to any call.
 `weightinit.torch` (imported on first use) initializes torch modules in place.
 
 The generated gRPC stubs live in `weightinit/_proto/weightinit/v1/` exactly as grpc_tools.protoc
@@ -17,8 +18,9 @@ __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
 from .client import IntegrityError, describe, digest, fetch, read_stream  # noqa: E402
 from .request import to_message  # noqa: E402
+from .security import Security  # noqa: E402
 
-__all__ = ["IntegrityError", "describe", "digest", "fetch", "read_stream", "to_message"]
+__all__ = ["IntegrityError", "Security", "describe", "digest", "fetch", "read_stream", "to_message"]
 
 
 def __getattr__(name):

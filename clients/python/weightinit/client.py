@@ -1,6 +1,7 @@
 """Calls to a weightinit server: tensors (Generate), digests (Digest), descriptions (Describe).
 
-Each call opens its own channel to `target` ("host:port", plaintext) and closes it when done.
+Each call opens its own channel to `target` ("host:port") and closes it when done: plaintext,
+or TLS, mutual TLS and a bearer token as a `Security` passed as `security=` says.
 """
 
 import importlib.util
@@ -8,13 +9,13 @@ import math
 from contextlib import contextmanager
 
 import blake3
-import grpc
 import numpy as np
 
 from weightinit.v1 import weightinit_pb2 as pb
 from weightinit.v1 import weightinit_pb2_grpc as pb_grpc
 
 from .request import to_dict, to_message
+from .security import open_channel
 
 # Largest response message accepted; well above any chunk the server may send (grpc's own
 # default, 4 MiB, is below what a client may ask for with chunk_bytes).
@@ -35,13 +36,15 @@ class IntegrityError(Exception):
 
 
 @contextmanager
-def _stub(target):
+def _stub(target, security):
+    """A WeightInit stub on a new channel, and the metadata each of its calls must carry."""
     options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-    with grpc.insecure_channel(target, options=options) as channel:
-        yield pb_grpc.WeightInitStub(channel)
+    channel, metadata = open_channel(target, security, options)
+    with channel:
+        yield pb_grpc.WeightInitStub(channel), metadata
 
 
-def fetch(request, target, out=None, timeout=None):
+def fetch(request, target, out=None, timeout=None, *, security=None):
     """Generates every tensor of `request` on the server at `target` and returns them.
 
     request: a GenerateRequest, or a dict in its proto3 JSON form.
@@ -50,6 +53,7 @@ def fetch(request, target, out=None, timeout=None):
         copied straight into it. Its element type is not checked: the bytes are the tensor's
         little-endian elements.
     timeout: seconds for the whole call, None for no deadline.
+    security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
 
     Returns {name: array} in request order. A tensor fetched into `out` is returned as that
     destination object. Any other tensor is a new numpy.ndarray of the output shape and dtype
@@ -57,11 +61,13 @@ def fetch(request, target, out=None, timeout=None):
     importable, otherwise a numpy uint16 array of the raw bfloat16 bit patterns.
 
     Raises grpc.RpcError when the server rejects the request (INVALID_ARGUMENT for a bad one),
-    IntegrityError when what arrives is not what the server promised.
+    IntegrityError when what arrives is not what the server promised, ValueError for security
+    options that cannot work (before anything is dialed).
     """
     message = to_message(request)
-    with _stub(target) as stub:
-        return read_stream(stub.Generate(message, timeout=timeout), message, out)
+    with _stub(target, security) as (stub, metadata):
+        responses = stub.Generate(message, timeout=timeout, metadata=metadata)
+        return read_stream(responses, message, out)
 
 
 def read_stream(responses, request, out=None):
@@ -184,18 +190,18 @@ def _as_bfloat16(bits):
     return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
 
 
-def digest(request, target, timeout=None):
+def digest(request, target, timeout=None, *, security=None):
     """Returns {name: hex BLAKE3 digest} of every tensor's output, computed by the server."""
     message = to_message(request)
-    with _stub(target) as stub:
-        response = stub.Digest(message, timeout=timeout)
+    with _stub(target, security) as (stub, metadata):
+        response = stub.Digest(message, timeout=timeout, metadata=metadata)
     return {message.tensors[d.tensor_index].name: d.blake3.hex() for d in response.digests}
 
 
-def describe(request, target, timeout=None):
+def describe(request, target, timeout=None, *, security=None):
     """Returns {name: TensorHeader in proto3 JSON form}: shapes, dtype, byte length, and what the
     scheme resolved to (fans, distribution, parameters), without generating anything."""
     message = to_message(request)
-    with _stub(target) as stub:
-        response = stub.Describe(message, timeout=timeout)
+    with _stub(target, security) as (stub, metadata):
+        response = stub.Describe(message, timeout=timeout, metadata=metadata)
     return {header.name: to_dict(header) for header in response.tensors}

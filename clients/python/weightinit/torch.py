@@ -77,6 +77,8 @@ def init_module(
     dtype=None,
     plan=None,
     timeout=None,
+    *,
+    security=None,
 ):
     """Initializes every parameter of `module` from the server at `target`.
 
@@ -85,6 +87,7 @@ def init_module(
     dtype: a torch dtype to generate every tensor in (default: each parameter's own dtype);
         the values are then cast into the parameter.
     timeout: seconds for the Generate call, None for no deadline.
+    security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
 
     Without rank, world_size or plan: copies the values into the parameters in place (straight
     into CPU parameters' memory when the dtypes agree) and returns {name: parameter}.
@@ -108,7 +111,7 @@ def init_module(
     specs = dict(zip(params, request["tensors"]))
 
     if plan is not None:
-        fetched = fetch(request, target, timeout=timeout)
+        fetched = fetch(request, target, timeout=timeout, security=security)
         return {name: _as_tensor(fetched[spec["name"]]) for name, spec in specs.items()}
 
     with torch.no_grad():
@@ -117,7 +120,7 @@ def init_module(
             view = _writable_view(params[name], spec["dtype"])
             if view is not None:
                 out[spec["name"]] = view
-        fetched = fetch(request, target, out=out, timeout=timeout)
+        fetched = fetch(request, target, out=out, timeout=timeout, security=security)
         for name, spec in specs.items():
             if spec["name"] not in out:
                 params[name].copy_(_as_tensor(fetched[spec["name"]]))

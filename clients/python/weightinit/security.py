@@ -1,0 +1,161 @@
+"""How to reach a server that uses TLS, mutual TLS or a bearer token: `Security`.
+
+The options mirror the Rust CLI's (--tls-ca, --tls-cert, --tls-key, --tls-server-name,
+--auth-token-file) and `Security.from_env()` reads the same environment variables.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+# Environment variable of each field, as the Rust CLI names them. WEIGHTINIT_TLS_CERT is the
+# server's own certificate, hence the CLIENT_ in the client's.
+_ENV = {
+    "tls_ca": "WEIGHTINIT_TLS_CA",
+    "tls_cert": "WEIGHTINIT_CLIENT_TLS_CERT",
+    "tls_key": "WEIGHTINIT_CLIENT_TLS_KEY",
+    "tls_server_name": "WEIGHTINIT_TLS_SERVER_NAME",
+    "token_file": "WEIGHTINIT_AUTH_TOKEN_FILE",
+}
+
+# What each field but the token may be: a path, PEM bytes, a name.
+_KINDS = {
+    "tls_ca": (str, os.PathLike, bytes),
+    "tls_cert": (str, os.PathLike, bytes),
+    "tls_key": (str, os.PathLike, bytes),
+    "tls_server_name": (str,),
+    "token_file": (str, os.PathLike),
+}
+_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----")
+_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+# The server's limits on a token: 1 to 4096 visible ASCII characters (it travels in a header).
+_TOKEN = re.compile(r"[!-~]{1,4096}")
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS, mutual TLS and bearer-token options of a connection; the default is plaintext.
+
+    tls_ca: the CA certificate(s) the server's certificate must chain to; turns TLS on.
+    tls_cert, tls_key: this client's certificate and private key, for a server that requires
+        one (mutual TLS); both or neither, and only with tls_ca.
+    tls_server_name: the name the server's certificate must have, instead of the target's host.
+    token, token_file: the bearer token, or a file holding it (surrounding whitespace is
+        dropped), sent as `authorization: Bearer <token>` with every call. Without TLS it
+        travels in the clear.
+
+    tls_ca, tls_cert and tls_key are paths (str or os.PathLike), or bytes holding the PEM itself.
+    Files are read when a call opens its channel, so a renewed certificate or token is picked
+    up by the next call; a file that is missing or holds no PEM raises ValueError then, before
+    anything is dialed. Combinations that cannot work raise ValueError here.
+    """
+
+    tls_ca: str | os.PathLike | bytes | None = None
+    tls_cert: str | os.PathLike | bytes | None = None
+    tls_key: str | os.PathLike | bytes | None = None
+    tls_server_name: str | None = None
+    token: str | None = field(default=None, repr=False)
+    token_file: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        for name, kinds in _KINDS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kinds):
+                raise TypeError(f"{name} cannot be a {type(value).__name__}")
+            if value is not None and not os.fspath(value):
+                raise ValueError(f"{name} is empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: the client's certificate and key")
+        if self.tls_ca is None and (self.tls_cert is not None or self.tls_server_name is not None):
+            raise ValueError("TLS options need tls_ca, the CA that signed the server's certificate")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("token and token_file are two ways to give one token: pass one")
+        if self.token is not None:
+            _check_token(self.token, "token")
+
+    @classmethod
+    def from_env(cls):
+        """The options from the variables the Rust CLI reads: WEIGHTINIT_TLS_CA,
+        WEIGHTINIT_CLIENT_TLS_CERT, WEIGHTINIT_CLIENT_TLS_KEY, WEIGHTINIT_TLS_SERVER_NAME and
+        WEIGHTINIT_AUTH_TOKEN_FILE. One set but empty is a ValueError, as in the CLI: read as
+        unset, an empty WEIGHTINIT_TLS_CA would quietly mean plaintext."""
+        values = {name: os.environ.get(var) for name, var in _ENV.items()}
+        empty = [_ENV[name] for name, value in values.items() if value == ""]
+        if empty:
+            raise ValueError(f"{', '.join(empty)} set but empty: give a value or unset it")
+        return cls(**values)
+
+
+def open_channel(target, security=None, options=()):
+    """Opens a channel to `target` as `security` (a Security, None for plaintext) says.
+
+    Returns (channel, metadata): the metadata to send with every call, the bearer token if any.
+    Every file is read and checked first, so a bad one fails here, not in a TLS handshake.
+    """
+    security = security or Security()
+    # Per-call metadata rather than grpc.access_token_call_credentials: grpc refuses call
+    # credentials on a plaintext channel (calls fail UNAUTHENTICATED in the client), while the
+    # server accepts a token over plaintext too. One way then serves both.
+    metadata = ()
+    token = _token(security)
+    if token is not None:
+        metadata = (("authorization", f"Bearer {token}"),)
+
+    options = list(options)
+    if security.tls_ca is None:
+        return grpc.insecure_channel(target, options=options), metadata
+    identity = {}
+    if security.tls_cert is not None:
+        identity = {
+            "certificate_chain": _pem(security.tls_cert, "tls_cert", _CERTIFICATE, "certificate"),
+            "private_key": _pem(security.tls_key, "tls_key", _PRIVATE_KEY, "private key"),
+        }
+    root = _pem(security.tls_ca, "tls_ca", _CERTIFICATE, "certificate")
+    credentials = grpc.ssl_channel_credentials(root_certificates=root, **identity)
+    if security.tls_server_name is not None:
+        options.append(("grpc.ssl_target_name_override", security.tls_server_name))
+    return grpc.secure_channel(target, credentials, options=options), metadata
+
+
+def _token(security):
+    """The bearer token, read from token_file when that is how it is given."""
+    if security.token_file is None:
+        return None if security.token is None else _check_token(security.token, "token")
+    content = _read(security.token_file, "token_file").decode("ascii", "replace")
+    return _check_token(content, f"the token in {os.fspath(security.token_file)}")
+
+
+def _check_token(token, where):
+    """Returns the token without surrounding whitespace; ValueError unless the server could
+    accept it."""
+    if not isinstance(token, str):
+        raise TypeError(f"{where} is a str, not {type(token).__name__}")
+    stripped = token.strip()
+    if not stripped:
+        raise ValueError(f"{where} is empty")
+    if not _TOKEN.fullmatch(stripped):
+        raise ValueError(
+            f"{where} must be 1 to 4096 visible ASCII characters without spaces "
+            "(it travels in a header)"
+        )
+    return stripped
+
+
+def _pem(source, name, marker, what):
+    """The PEM bytes of `source` (bytes as given, else the file's content); ValueError unless
+    they hold a PEM `what`, which grpc would otherwise only report as a failed handshake."""
+    data = source if isinstance(source, bytes) else _read(source, name)
+    if not marker.search(data):
+        where = "the bytes given" if isinstance(source, bytes) else os.fspath(source)
+        raise ValueError(f"{name}: no PEM {what} in {where}")
+    return data
+
+
+def _read(path, name):
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{name}: cannot read {os.fspath(path)}: {error.strerror}") from error

@@ -1,0 +1,217 @@
+//! The protobuf codec of the WeightInit service: prost's, except that a server counts a
+//! GenerateRequest's tensors in its wire bytes before decoding it.
+//!
+//! Decoding turns an empty TensorSpec, 2 bytes on the wire, into a struct of about 180 bytes:
+//! a 4 MiB message could cost ~370 MB before validation saw it. Counting first bounds what a
+//! decode may allocate by the server's tensor limit instead of by the message size.
+//!
+//! Generated code builds codecs with `Default`, so the limit reaches the decoder through a
+//! task-local that [`DecodeLimits`] sets around each call of the service it wraps. Outside such
+//! a call (the client side) messages are decoded as prost does.
+
+use std::any::TypeId;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Buf as _;
+use prost::Message;
+use prost::encoding::{DecodeContext, WireType, decode_key, skip_field};
+use tokio::task::futures::TaskLocalFuture;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+use tonic::{Code, Status};
+use tonic_prost::{ProstDecoder, ProstEncoder};
+
+use super::metrics::{Metrics, Rpc};
+use crate::engine::Limits;
+use crate::proto::GenerateRequest;
+
+/// Field number of `GenerateRequest.tensors`.
+const TENSORS_FIELD: u32 = 2;
+
+tokio::task_local! {
+    static SCOPE: Scope;
+}
+
+/// What the decoders of one call need to know.
+#[derive(Clone)]
+pub struct Scope {
+    limits: Limits,
+    rpc: Rpc,
+    metrics: Arc<Metrics>,
+}
+
+/// The codec named in build.rs for the generated client and server.
+pub struct RequestCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for RequestCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for RequestCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = RequestDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(ProstDecoder::default())
+    }
+}
+
+/// prost's decoder behind the tensor count.
+pub struct RequestDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default + 'static> Decoder for RequestDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        // Only GenerateRequest has a repeated message field; tonic hands the decoder the
+        // whole message as one contiguous chunk.
+        if TypeId::of::<U>() == TypeId::of::<GenerateRequest>() {
+            admit(buf.chunk())?;
+        }
+        self.0.decode(buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// Refuses a GenerateRequest with more tensors than the current call's server allows.
+fn admit(message: &[u8]) -> Result<(), Status> {
+    let Ok(scope) = SCOPE.try_with(Scope::clone) else {
+        return Ok(());
+    };
+    scope
+        .limits
+        .check_tensor_count(count_tensors(message))
+        .map_err(|error| {
+            scope
+                .metrics
+                .rpc_refused(scope.rpc, Code::ResourceExhausted);
+            tracing::info!(rpc = scope.rpc.name(), %error, "rpc refused before decoding");
+            Status::from(error)
+        })
+}
+
+/// Top-level `tensors` fields in a GenerateRequest's wire bytes, up to the first malformed
+/// field (prost then refuses the message there, having decoded no more tensors than counted).
+/// Uses prost's own key and skip functions, which its generated code calls, so that both walk
+/// the bytes alike; allocates nothing.
+pub fn count_tensors(mut bytes: &[u8]) -> usize {
+    let mut count = 0;
+    while !bytes.is_empty() {
+        let Ok((field, wire_type)) = decode_key(&mut bytes) else {
+            break;
+        };
+        if field == TENSORS_FIELD && wire_type == WireType::LengthDelimited {
+            count += 1;
+        }
+        if skip_field(wire_type, field, &mut bytes, DecodeContext::default()).is_err() {
+            break;
+        }
+    }
+    count
+}
+
+/// A gRPC service whose calls decode their requests within `limits`.
+#[derive(Clone)]
+pub struct DecodeLimits<S> {
+    inner: S,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> DecodeLimits<S> {
+    pub fn new(inner: S, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner,
+            limits,
+            metrics,
+        }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for DecodeLimits<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TaskLocalFuture<Scope, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let scope = Scope {
+            limits: self.limits,
+            rpc: Rpc::from_path(request.uri().path()),
+            metrics: Arc::clone(&self.metrics),
+        };
+        SCOPE.scope(scope, self.inner.call(request))
+    }
+}
+
+impl<S: NamedService> NamedService for DecodeLimits<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::TensorSpec;
+
+    fn encoded(tensors: usize) -> Vec<u8> {
+        GenerateRequest {
+            seed: 3,
+            tensors: vec![TensorSpec::default(); tensors],
+            chunk_bytes: 64,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn counts_the_tensors_prost_would_decode() {
+        for n in [0, 1, 2, 1000] {
+            assert_eq!(count_tensors(&encoded(n)), n);
+        }
+        // Unknown fields of every wire type, a group among them, are skipped as prost does.
+        let mut bytes = vec![
+            0x58, 0x96, 0x01, // field 11, varint
+            0x61, 1, 2, 3, 4, 5, 6, 7, 8, // field 12, fixed64
+            0x6b, 0x08, 0x01, 0x6c, // field 13, group holding a varint
+            0x75, 1, 2, 3, 4, // field 14, fixed32
+        ];
+        bytes.extend(encoded(5));
+        let decoded = GenerateRequest::decode(&bytes[..]).unwrap();
+        assert_eq!(count_tensors(&bytes), decoded.tensors.len());
+        // A tensor field nested in a group or a string is not a tensor of the request.
+        assert_eq!(count_tensors(&[0x6b, 0x12, 0x00, 0x6c, 0x12, 0x00]), 1);
+    }
+
+    #[test]
+    fn stops_at_the_first_malformed_field() {
+        let mut bytes = encoded(3);
+        bytes.extend([0x12, 0x05, 0x00]); // a last tensor claiming 5 bytes, holding 1
+        assert_eq!(count_tensors(&bytes), 3 + 1);
+        assert!(GenerateRequest::decode(&bytes[..]).is_err());
+    }
+}
