@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use weightinit::client::describe::{self, DescribeArgs};
 use weightinit::client::fetch::{self, FetchArgs};
 use weightinit::client::health;
+use weightinit::service::server::Reloader;
 use weightinit::service::{ServeConfig, Server};
 
 #[derive(Parser)]
@@ -148,7 +149,9 @@ async fn serve(config: ServeConfig) -> ExitCode {
     });
     print!("{banner}");
     tracing::info!(%addr, "serving");
+    let reload_task = tokio::spawn(reload_on_sighup(server.reloader()));
     let result = server.run(listener, shutdown_signal()).await;
+    reload_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
@@ -160,6 +163,20 @@ async fn serve(config: ServeConfig) -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "server failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the TLS and token files again on every SIGHUP (certificate or token rotation).
+async fn reload_on_sighup(reloader: Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hangup.recv().await.is_some() {
+        match reloader.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS and token files reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: reload failed; the previous files stay in use")
+            }
         }
     }
 }

@@ -6,12 +6,13 @@
 mod common;
 mod harness;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::{TestServer, grpcurl};
-use harness::{Pki, TempDir, expected_digests, request};
+use harness::{Pki, Served, TempDir, expected_digests, request};
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
@@ -29,9 +30,9 @@ fn small() -> GenerateRequest {
         {"name": "b", "shape": [64], "init": {"zeros": {}}}]}))
 }
 
-/// A channel to `server` over TLS trusting `ca`, presenting `identity` if given.
+/// A channel to `addr` over TLS trusting `ca`, presenting `identity` if given.
 async fn tls_channel(
-    server: &TestServer,
+    addr: SocketAddr,
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Channel, tonic::transport::Error> {
@@ -43,7 +44,7 @@ async fn tls_channel(
             std::fs::read(key).unwrap(),
         ));
     }
-    Endpoint::from_shared(format!("https://{}", server.addr))
+    Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
@@ -138,7 +139,7 @@ async fn tls_serves_identical_bytes_and_refuses_plaintext_and_strangers() {
         c.tls_key = Some(pki.server_key.clone());
     })
     .await;
-    let channel = tls_channel(&server, &pki.ca, None).await.unwrap();
+    let channel = tls_channel(server.addr, &pki.ca, None).await.unwrap();
     assert_eq!(health(channel.clone()).await.unwrap(), 1, "SERVING");
     let tensors = generate(channel.clone(), small(), None).await.unwrap();
     assert_identical(&tensors, &small());
@@ -156,7 +157,7 @@ async fn tls_serves_identical_bytes_and_refuses_plaintext_and_strangers() {
         .await;
     refused(plaintext, "plaintext client").await;
     refused(
-        tls_channel(&server, &pki.rogue_ca, None).await,
+        tls_channel(server.addr, &pki.rogue_ca, None).await,
         "client trusting another CA",
     )
     .await;
@@ -172,18 +173,27 @@ async fn mutual_tls_refuses_clients_without_a_certificate_from_the_ca() {
     })
     .await;
     refused(
-        tls_channel(&server, &pki.ca, None).await,
+        tls_channel(server.addr, &pki.ca, None).await,
         "client without a certificate",
     )
     .await;
     refused(
-        tls_channel(&server, &pki.ca, Some((&pki.rogue_cert, &pki.rogue_key))).await,
+        tls_channel(
+            server.addr,
+            &pki.ca,
+            Some((&pki.rogue_cert, &pki.rogue_key)),
+        )
+        .await,
         "client with a certificate from another CA",
     )
     .await;
-    let good = tls_channel(&server, &pki.ca, Some((&pki.client_cert, &pki.client_key)))
-        .await
-        .unwrap();
+    let good = tls_channel(
+        server.addr,
+        &pki.ca,
+        Some((&pki.client_cert, &pki.client_key)),
+    )
+    .await
+    .unwrap();
     assert_eq!(health(good.clone()).await.unwrap(), 1);
     let tensors = generate(good, small(), None).await.unwrap();
     assert_identical(&tensors, &small());
@@ -473,4 +483,159 @@ fn bad_tls_and_token_configurations_stop_the_server_with_a_clear_message() {
         &["--auth-token-file", "/nonexistent/token"],
         "--auth-token-file: cannot read /nonexistent/token",
     );
+}
+
+/// Files a server is started with, rewritten in place to rotate them.
+struct Rotating {
+    dir: TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    token: PathBuf,
+}
+
+impl Rotating {
+    fn new(pki: &Pki, token: &str) -> Self {
+        let dir = TempDir::new("rotating");
+        let copy = |name: &str, from: &Path| dir.write(name, std::fs::read(from).unwrap());
+        Self {
+            cert: copy("server.pem", &pki.server_cert),
+            key: copy("server.key", &pki.server_key),
+            client_ca: copy("clients.pem", &pki.ca),
+            token: dir.write("token", token),
+            dir,
+        }
+    }
+
+    /// Replaces every file: `pki`'s certificates, and `token`.
+    fn rotate(&self, pki: &Pki, token: &str) {
+        for (to, from) in [
+            (&self.cert, &pki.server_cert),
+            (&self.key, &pki.server_key),
+            (&self.client_ca, &pki.ca),
+        ] {
+            std::fs::write(to, std::fs::read(from).unwrap()).unwrap();
+        }
+        std::fs::write(&self.token, token).unwrap();
+    }
+}
+
+/// Whether a new mutual-TLS connection as `pki`'s client, with `token`, gets identical bytes.
+async fn served_to(addr: SocketAddr, pki: &Pki, token: &str) -> Result<(), String> {
+    let channel = tls_channel(addr, &pki.ca, Some((&pki.client_cert, &pki.client_key)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let tensors = generate(channel, small(), Some(token))
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    assert_identical(&tensors, &small());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_token_rotate_without_a_restart() {
+    const NEXT_TOKEN: &str = "a-rotated-token-of-thirty-two-ch";
+    let (old, new) = (Pki::new(), Pki::new());
+    let files = Rotating::new(&old, TOKEN);
+    let server = TestServer::start_with(|c| {
+        c.tls_cert = Some(files.cert.clone());
+        c.tls_key = Some(files.key.clone());
+        c.tls_client_ca = Some(files.client_ca.clone());
+        c.auth_token_file = Some(files.token.clone());
+    })
+    .await;
+    served_to(server.addr, &old, TOKEN).await.unwrap();
+    let before = tls_channel(
+        server.addr,
+        &old.ca,
+        Some((&old.client_cert, &old.client_key)),
+    )
+    .await
+    .unwrap();
+    health(before.clone()).await.unwrap();
+
+    files.rotate(&new, NEXT_TOKEN);
+    // Rewritten files change nothing until reloaded.
+    served_to(server.addr, &old, TOKEN).await.unwrap();
+    server.reloader.reload().unwrap();
+    served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
+    let status = served_to(server.addr, &new, TOKEN).await.unwrap_err();
+    assert!(status.starts_with("Unauthenticated"), "{status}");
+    // The old CA no longer vouches for the server, nor for clients.
+    refused(
+        tls_channel(server.addr, &old.ca, None).await,
+        "old server CA",
+    )
+    .await;
+    refused(
+        tls_channel(
+            server.addr,
+            &new.ca,
+            Some((&old.client_cert, &old.client_key)),
+        )
+        .await,
+        "old client certificate",
+    )
+    .await;
+    // A connection made before the reload keeps its session; calls need the new token.
+    let tensors = generate(before, small(), Some(NEXT_TOKEN)).await.unwrap();
+    assert_identical(&tensors, &small());
+
+    // Files that do not load are refused by name, and what was loaded stays in use.
+    std::fs::write(&files.cert, "not a certificate\n").unwrap();
+    std::fs::write(&files.token, "\n").unwrap();
+    let error = server.reloader.reload().unwrap_err();
+    assert!(
+        error.contains("--tls-cert") && error.contains("--auth-token-file"),
+        "{error}"
+    );
+    served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
+    std::fs::write(&files.cert, std::fs::read(&old.client_cert).unwrap()).unwrap();
+    let error = server.reloader.reload().unwrap_err();
+    assert!(
+        error.contains("does not belong to the certificate"),
+        "{error}"
+    );
+    served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
+    drop(files.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_binary_and_keeps_it_serving() {
+    const NEXT_TOKEN: &str = "sighup-rotated-token-0123456789";
+    let (old, new) = (Pki::new(), Pki::new());
+    let files = Rotating::new(&old, TOKEN);
+    let p = |path: &Path| path.to_str().unwrap().to_owned();
+    let server = Served::start(
+        &[
+            "--tls-cert",
+            &p(&files.cert),
+            "--tls-key",
+            &p(&files.key),
+            "--tls-client-ca",
+            &p(&files.client_ca),
+            "--auth-token-file",
+            &p(&files.token),
+        ],
+        false,
+    );
+    served_to(server.addr, &old, TOKEN).await.unwrap();
+    files.rotate(&new, NEXT_TOKEN);
+    server.signal("HUP");
+    // The reload happens in the server's own time: wait for the new files to be in use.
+    let started = std::time::Instant::now();
+    while served_to(server.addr, &new, NEXT_TOKEN).await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "not reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    refused(
+        tls_channel(server.addr, &old.ca, None).await,
+        "old server CA",
+    )
+    .await;
+    // A reload that fails leaves the server as it was.
+    std::fs::write(&files.key, "garbage\n").unwrap();
+    server.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
 }

@@ -3,12 +3,13 @@
 //! request is read. Health is never wrapped, so probes need no token.
 //!
 //! The presented token is hashed and the digests compared in constant time, so neither the
-//! token's content nor its length can be learnt from response times.
+//! token's content nor its length can be learnt from response times. [`TokenFile::reload`]
+//! reads the file again while serving (on SIGHUP), so that a token can be rotated.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use sha2::{Digest as _, Sha256};
@@ -84,6 +85,36 @@ impl Token {
     }
 }
 
+/// The token file of `--auth-token-file` and the token last read from it.
+pub struct TokenFile {
+    path: PathBuf,
+    token: RwLock<Token>,
+}
+
+impl TokenFile {
+    pub fn open(path: &Path) -> Result<Self, TokenError> {
+        Ok(Self {
+            path: path.to_owned(),
+            token: RwLock::new(Token::from_file(path)?),
+        })
+    }
+
+    /// Reads the file again; on failure the current token stays.
+    pub fn reload(&self) -> Result<(), TokenError> {
+        let token = Token::from_file(&self.path)?;
+        *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        Ok(())
+    }
+
+    /// [`Token::check`] against the current token.
+    pub fn check(&self, header: Option<&http::HeaderValue>) -> Result<(), &'static str> {
+        self.token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(header)
+    }
+}
+
 /// Equality whose time does not depend on where the inputs differ.
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let difference = a
@@ -98,12 +129,12 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[derive(Clone)]
 pub struct RequireToken<S> {
     inner: S,
-    token: Option<Arc<Token>>,
+    token: Option<Arc<TokenFile>>,
     metrics: Arc<Metrics>,
 }
 
 impl<S> RequireToken<S> {
-    pub fn new(inner: S, token: Option<Arc<Token>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(inner: S, token: Option<Arc<TokenFile>>, metrics: Arc<Metrics>) -> Self {
         Self {
             inner,
             token,

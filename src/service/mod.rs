@@ -7,10 +7,10 @@
 //! - [`watchdog`]: the response stream, and the idle limit for clients that stop reading.
 //! - [`handler`]: the `weightinit.v1.WeightInit` RPCs.
 //! - [`auth`]: the optional bearer token.
-//! - [`tls`]: TLS and mutual TLS from PEM files.
+//! - [`tls`]: TLS and mutual TLS from PEM files, reloadable.
 //! - [`listener`]: accepting connections up to a limit.
 //! - [`metrics`]: counters and the Prometheus text endpoint.
-//! - [`server`]: configuration, health, reflection and graceful shutdown.
+//! - [`server`]: configuration, health, reflection, reload and graceful shutdown.
 
 pub mod auth;
 pub mod codec;

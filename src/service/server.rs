@@ -5,21 +5,21 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use super::auth::{RequireToken, Token};
+use super::auth::{RequireToken, TokenError, TokenFile};
 use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
 use super::metrics;
 use super::pool::WorkerPool;
-use super::tls::{self, TlsSummary};
+use super::tls::Tls;
 use crate::engine::Limits;
 use crate::proto::{self, weight_init_server::WeightInitServer};
 
@@ -174,22 +174,23 @@ impl ServeConfig {
         Ok(limits)
     }
 
-    fn tls(&self) -> Result<Option<(ServerTlsConfig, TlsSummary)>, ConfigError> {
-        tls::server_config(
+    fn tls(&self) -> Result<Option<Arc<Tls>>, ConfigError> {
+        Tls::from_flags(
             self.tls_cert.as_deref(),
             self.tls_key.as_deref(),
             self.tls_client_ca.as_deref(),
         )
+        .map(|tls| tls.map(Arc::new))
         .map_err(ConfigError)
     }
 
-    fn token(&self) -> Result<Option<Arc<Token>>, ConfigError> {
+    fn token(&self) -> Result<Option<Arc<TokenFile>>, ConfigError> {
         self.auth_token_file
             .as_deref()
             .map(|path| {
-                Token::from_file(path)
+                TokenFile::open(path)
                     .map(Arc::new)
-                    .map_err(|e| ConfigError(format!("--auth-token-file: {}", e.0)))
+                    .map_err(|e| ConfigError(token_error(&e)))
             })
             .transpose()
     }
@@ -204,8 +205,8 @@ impl ServeConfig {
 pub struct Server {
     config: ServeConfig,
     shared: Arc<Shared>,
-    tls: Option<(ServerTlsConfig, TlsSummary)>,
-    token: Option<Arc<Token>>,
+    tls: Option<Arc<Tls>>,
+    token: Option<Arc<TokenFile>>,
 }
 
 impl Server {
@@ -224,6 +225,14 @@ impl Server {
             tls,
             token,
         })
+    }
+
+    /// A handle that reads the TLS and token files again, e.g. on SIGHUP.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            tls: self.tls.clone(),
+            token: self.token.clone(),
+        }
     }
 
     /// Live counters of this server (active streams, busy workers, metrics).
@@ -264,22 +273,25 @@ impl Server {
             .max_concurrent_streams(config.max_connection_streams)
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(keepalive.map(|_| KEEPALIVE_TIMEOUT));
-        if let Some((tls, _)) = &self.tls {
-            builder = builder.tls_config(tls.clone())?;
-        }
         let connection_limit = listener::connection_limit(config.max_connections);
         self.log_security(connection_limit);
         let incoming = Incoming::new(listener, connection_limit, Arc::clone(&metrics));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = builder
+        let router = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(weightinit)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            });
-        tokio::pin!(serving);
+            .add_service(weightinit);
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        // Boxed: the TLS and plaintext futures differ in type.
+        let mut serving: Pin<Box<dyn Future<Output = _> + Send>> = match &self.tls {
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(tls.handshakes(incoming), stopped))
+            }
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming, stopped)),
+        };
         tokio::select! {
             result = &mut serving => return result,
             () = shutdown => {}
@@ -311,9 +323,7 @@ impl Server {
     fn log_security(&self, connection_limit: usize) {
         let tls = match &self.tls {
             None => "off",
-            Some((_, summary)) if summary.client_ca.is_some() => {
-                "mutual (client certificates required)"
-            }
+            Some(tls) if tls.mutual() => "mutual (client certificates required)",
             Some(_) => "on",
         };
         let auth = if self.token.is_some() {
@@ -336,6 +346,39 @@ impl Server {
             );
         }
     }
+}
+
+/// Reads a server's TLS and token files again while it serves.
+#[derive(Clone)]
+pub struct Reloader {
+    tls: Option<Arc<Tls>>,
+    token: Option<Arc<TokenFile>>,
+}
+
+impl Reloader {
+    /// Reloads every file; each part that fails keeps what it had, and the error names
+    /// its flag. New connections and calls see the new files, open connections keep theirs.
+    pub fn reload(&self) -> Result<(), String> {
+        let tls = self.tls.as_ref().map(|tls| tls.reload());
+        let token = self
+            .token
+            .as_ref()
+            .map(|token| token.reload().map_err(|e| token_error(&e)));
+        let errors: Vec<String> = [tls, token]
+            .into_iter()
+            .flatten()
+            .filter_map(Result::err)
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+fn token_error(error: &TokenError) -> String {
+    format!("--auth-token-file: {}", error.0)
 }
 
 /// Health of the whole server ("") and of the WeightInit service.

@@ -14,12 +14,15 @@ use weightinit::proto::{
     GenerateRequest, generate_response::Item, weight_init_client::WeightInitClient,
 };
 use weightinit::service::handler::Shared;
+use weightinit::service::server::Reloader;
 use weightinit::service::{ServeConfig, Server};
 
 /// A server running in this process on an ephemeral loopback port.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
+    /// Reads the server's TLS and token files again, as SIGHUP does for the binary.
+    pub reloader: Reloader,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -38,6 +41,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let server = Server::new(config).unwrap();
         let shared = server.shared();
+        let reloader = server.reloader();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
@@ -45,6 +49,7 @@ impl TestServer {
         Self {
             addr,
             shared,
+            reloader,
             stop: Some(stop),
         }
     }
