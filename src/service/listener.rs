@@ -104,6 +104,7 @@ impl Stream for Incoming {
                             stream,
                             _slot: slot,
                             metrics: Arc::clone(&self.metrics),
+                            linger: None,
                         })));
                     }
                     Err(_) => {
@@ -134,11 +135,17 @@ impl Stream for Incoming {
     }
 }
 
+/// How long a closing connection waits for its client to close too (see
+/// [`Connection::poll_shutdown`]).
+const LINGER: Duration = Duration::from_secs(2);
+
 /// An accepted connection; holds its slot until it is dropped.
 pub struct Connection {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
+    /// Set once the write side is shut: until when the read side is drained.
+    linger: Option<Pin<Box<Sleep>>>,
 }
 
 impl Drop for Connection {
@@ -191,7 +198,31 @@ impl AsyncWrite for Connection {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
+    /// Sends FIN, then reads and discards until the client closes too, for up to [`LINGER`]
+    /// (a lingering close). Closing the socket at once would leave the client's last frames
+    /// (window updates, pings) unread, and the kernel answers those with a reset, which can
+    /// make the client drop the end of a stream it has not read yet, e.g. while draining
+    /// after SIGTERM.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut discard = [0u8; 4096];
+        loop {
+            if let Some(deadline) = this.linger.as_mut()
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut discard);
+            match ready!(Pin::new(&mut this.stream).poll_read(cx, &mut buf)) {
+                Ok(()) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Ok(()) => continue,
+                // The client is gone: nothing left to protect.
+                Err(_) => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }
