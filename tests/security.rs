@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{TestServer, grpcurl};
-use harness::{Pki, Served, TempDir, expected_digests, request};
+use harness::{Metrics, Pki, Served, TempDir, expected_digests, request};
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
@@ -597,6 +597,15 @@ async fn certificates_and_token_rotate_without_a_restart() {
         "{error}"
     );
     served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
+
+    let metrics = Metrics::parse(server.shared.metrics.render(&server.shared));
+    assert_eq!(metrics.get("weightinit_reloads_total{result=\"ok\"}"), 1.0);
+    assert_eq!(
+        metrics.get("weightinit_reloads_total{result=\"error\"}"),
+        2.0
+    );
+    // The old CA's and the old client certificate's handshakes, at least.
+    assert!(metrics.get("weightinit_tls_handshake_failures_total") >= 2.0);
     drop(files.dir);
 }
 
@@ -617,7 +626,7 @@ async fn sighup_reloads_the_binary_and_keeps_it_serving() {
             "--auth-token-file",
             &p(&files.token),
         ],
-        false,
+        true,
     );
     served_to(server.addr, &old, TOKEN).await.unwrap();
     files.rotate(&new, NEXT_TOKEN);
@@ -636,6 +645,22 @@ async fn sighup_reloads_the_binary_and_keeps_it_serving() {
     // A reload that fails leaves the server as it was.
     std::fs::write(&files.key, "garbage\n").unwrap();
     server.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let failed = "weightinit_reloads_total{result=\"error\"}";
+    while scrape(&server).get(failed) < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no failed reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
+    assert_eq!(
+        scrape(&server).get("weightinit_reloads_total{result=\"ok\"}"),
+        1.0
+    );
+}
+
+/// The binary's metrics, scraped off the async runtime's threads.
+fn scrape(server: &Served) -> Metrics {
+    tokio::task::block_in_place(|| server.scrape())
 }

@@ -141,6 +141,9 @@ pub struct Metrics {
     connections_rejected: AtomicU64,
     connections_open: AtomicU64,
     connection_limit: AtomicU64,
+    tls_handshake_failures: AtomicU64,
+    /// Reloads of the TLS and token files: succeeded, failed.
+    reloads: [AtomicU64; 2],
     draining: AtomicU64,
 }
 
@@ -158,6 +161,8 @@ impl Default for Metrics {
             connections_rejected: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
             connection_limit: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
+            reloads: Default::default(),
             draining: AtomicU64::new(0),
         }
     }
@@ -207,6 +212,16 @@ impl Metrics {
         self.connections_rejected.fetch_add(1, Relaxed);
     }
 
+    /// A TLS handshake failed or timed out (wrong CA, no client certificate, plaintext, ...).
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.fetch_add(1, Relaxed);
+    }
+
+    /// The TLS and token files were read again (SIGHUP), successfully or not.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].fetch_add(1, Relaxed);
+    }
+
     pub fn set_connection_limit(&self, limit: usize) {
         self.connection_limit.store(limit as u64, Relaxed);
     }
@@ -241,24 +256,20 @@ impl Metrics {
             "weightinit_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         );
-        header(
+        sample(
             &mut out,
             "weightinit_uptime_seconds",
             "gauge",
             "Seconds since the server started.",
+            format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
-        let _ = writeln!(
-            out,
-            "weightinit_uptime_seconds {:.3}",
-            self.started.elapsed().as_secs_f64()
-        );
-        header(
+        sample(
             &mut out,
             "weightinit_draining",
             "gauge",
             "1 once shutdown began (no new connections; streams finishing), else 0.",
+            self.draining.load(Relaxed),
         );
-        let _ = writeln!(out, "weightinit_draining {}", self.draining.load(Relaxed));
 
         header(
             &mut out,
@@ -351,140 +362,125 @@ impl Metrics {
                 self.generated_bytes[rpc.index()].load(Relaxed)
             );
         }
-        header(
+        sample(
             &mut out,
             "weightinit_sent_bytes_total",
             "counter",
             "Tensor bytes handed to the transport in Generate chunks.",
-        );
-        let _ = writeln!(
-            out,
-            "weightinit_sent_bytes_total {}",
-            self.sent_bytes.load(Relaxed)
+            self.sent_bytes.load(Relaxed),
         );
 
-        header(
+        sample(
             &mut out,
             "weightinit_inflight_streams",
             "gauge",
             "Generate and Digest streams running now (each holds a stream slot).",
+            shared.active_streams(),
         );
-        let _ = writeln!(
-            out,
-            "weightinit_inflight_streams {}",
-            shared.active_streams()
-        );
-        header(
+        sample(
             &mut out,
             "weightinit_max_concurrent_streams",
             "gauge",
             "The stream slots (--max-concurrent-streams).",
+            shared.max_concurrent_streams,
         );
-        let _ = writeln!(
-            out,
-            "weightinit_max_concurrent_streams {}",
-            shared.max_concurrent_streams
-        );
-        header(
+        sample(
             &mut out,
             "weightinit_streams_rejected_total",
             "counter",
             "Generate and Digest refused with RESOURCE_EXHAUSTED because every stream slot was taken.",
+            self.streams_rejected.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "weightinit_streams_rejected_total {}",
-            self.streams_rejected.load(Relaxed)
-        );
-        header(
+        sample(
             &mut out,
             "weightinit_stream_idle_timeouts_total",
             "counter",
             "Generate streams closed because the client read nothing for --stream-idle-timeout.",
-        );
-        let _ = writeln!(
-            out,
-            "weightinit_stream_idle_timeouts_total {}",
-            self.stream_idle_timeouts.load(Relaxed)
+            self.stream_idle_timeouts.load(Relaxed),
         );
 
-        header(
+        sample(
             &mut out,
             "weightinit_busy_workers",
             "gauge",
             "Generation workers running a job now.",
+            shared.busy_workers(),
         );
-        let _ = writeln!(out, "weightinit_busy_workers {}", shared.busy_workers());
-        header(
+        sample(
             &mut out,
             "weightinit_workers",
             "gauge",
             "Generation worker threads (--workers).",
+            shared.pipeline.pool.workers(),
         );
-        let _ = writeln!(out, "weightinit_workers {}", shared.pipeline.pool.workers());
 
-        header(
+        sample(
             &mut out,
             "weightinit_connections_open",
             "gauge",
             "gRPC connections open now.",
+            self.connections_open.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "weightinit_connections_open {}",
-            self.connections_open.load(Relaxed)
-        );
-        header(
+        sample(
             &mut out,
             "weightinit_connection_limit",
             "gauge",
             "Most gRPC connections at once (--max-connections, lowered to fit the open-files limit).",
+            self.connection_limit.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "weightinit_connection_limit {}",
-            self.connection_limit.load(Relaxed)
-        );
-        header(
+        sample(
             &mut out,
             "weightinit_connections_accepted_total",
             "counter",
             "gRPC connections accepted.",
+            self.connections_accepted.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "weightinit_connections_accepted_total {}",
-            self.connections_accepted.load(Relaxed)
-        );
-        header(
+        sample(
             &mut out,
             "weightinit_connections_rejected_total",
             "counter",
             "Connections closed at once because the connection limit was reached.",
-        );
-        let _ = writeln!(
-            out,
-            "weightinit_connections_rejected_total {}",
-            self.connections_rejected.load(Relaxed)
+            self.connections_rejected.load(Relaxed),
         );
 
+        sample(
+            &mut out,
+            "weightinit_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed or timed out (untrusted or missing client certificates, plaintext clients).",
+            self.tls_handshake_failures.load(Relaxed),
+        );
+        header(
+            &mut out,
+            "weightinit_reloads_total",
+            "counter",
+            "Reloads of the TLS and token files (SIGHUP), by result; a failed one changes nothing.",
+        );
+        for (result, count) in ["ok", "error"].iter().zip(&self.reloads) {
+            let count = count.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "weightinit_reloads_total{{result=\"{result}\"}} {count}"
+            );
+        }
+
         if let Some(rss) = resident_bytes() {
-            header(
+            sample(
                 &mut out,
                 "process_resident_memory_bytes",
                 "gauge",
                 "Resident memory size in bytes.",
+                rss,
             );
-            let _ = writeln!(out, "process_resident_memory_bytes {rss}");
         }
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-            header(
+            sample(
                 &mut out,
                 "process_open_fds",
                 "gauge",
                 "Number of open file descriptors.",
+                fds.count(),
             );
-            let _ = writeln!(out, "process_open_fds {}", fds.count());
         }
         out
     }
@@ -492,6 +488,12 @@ impl Metrics {
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A family of one unlabelled sample.
+fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 /// Resident set size of this process (Linux), from /proc/self/statm.

@@ -17,7 +17,7 @@ use super::auth::{RequireToken, TokenError, TokenFile};
 use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
-use super::metrics;
+use super::metrics::{self, Metrics};
 use super::pool::WorkerPool;
 use super::tls::Tls;
 use crate::engine::Limits;
@@ -232,6 +232,7 @@ impl Server {
         Reloader {
             tls: self.tls.clone(),
             token: self.token.clone(),
+            metrics: Arc::clone(&self.shared.metrics),
         }
     }
 
@@ -288,7 +289,8 @@ impl Server {
         // Boxed: the TLS and plaintext futures differ in type.
         let mut serving: Pin<Box<dyn Future<Output = _> + Send>> = match &self.tls {
             Some(tls) => {
-                Box::pin(router.serve_with_incoming_shutdown(tls.handshakes(incoming), stopped))
+                let handshakes = tls.handshakes(incoming, Arc::clone(&metrics));
+                Box::pin(router.serve_with_incoming_shutdown(handshakes, stopped))
             }
             None => Box::pin(router.serve_with_incoming_shutdown(incoming, stopped)),
         };
@@ -353,6 +355,7 @@ impl Server {
 pub struct Reloader {
     tls: Option<Arc<Tls>>,
     token: Option<Arc<TokenFile>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Reloader {
@@ -369,6 +372,7 @@ impl Reloader {
             .flatten()
             .filter_map(Result::err)
             .collect();
+        self.metrics.reloaded(errors.is_empty());
         if errors.is_empty() {
             Ok(())
         } else {

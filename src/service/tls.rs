@@ -28,6 +28,8 @@ use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 
+use super::metrics::Metrics;
+
 /// A TLS handshake must finish within this, or its connection is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -101,12 +103,18 @@ impl Tls {
         ))
     }
 
-    /// The TLS streams of the connections that `incoming` accepts.
-    pub fn handshakes<S, C>(self: &Arc<Self>, incoming: S) -> Handshakes<S, C> {
+    /// The TLS streams of the connections that `incoming` accepts; failed handshakes are
+    /// counted in `metrics`.
+    pub fn handshakes<S, C>(
+        self: &Arc<Self>,
+        incoming: S,
+        metrics: Arc<Metrics>,
+    ) -> Handshakes<S, C> {
         Handshakes {
             incoming: Some(incoming),
             tls: Arc::clone(self),
             pending: JoinSet::new(),
+            metrics,
         }
     }
 }
@@ -197,6 +205,7 @@ pub struct Handshakes<S, C> {
     incoming: Option<S>,
     tls: Arc<Tls>,
     pending: JoinSet<io::Result<TlsStream<C>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S, C> Stream for Handshakes<S, C>
@@ -233,6 +242,7 @@ where
             match this.pending.poll_join_next(cx) {
                 Poll::Ready(Some(Ok(Ok(stream)))) => return Poll::Ready(Some(Ok(stream))),
                 Poll::Ready(Some(Ok(Err(error)))) => {
+                    this.metrics.tls_handshake_failed();
                     tracing::debug!(%error, "TLS handshake failed");
                 }
                 Poll::Ready(Some(Err(join_error))) => {

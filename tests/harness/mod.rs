@@ -298,6 +298,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Samples of a text exposition.
+    pub fn parse(text: String) -> Self {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').unwrap();
+                (series.to_owned(), value.parse::<f64>().unwrap())
+            })
+            .collect();
+        Self { text, samples }
+    }
+
     /// The value of `series` (e.g. `weightinit_requests_total{rpc="Generate",code="OK"}`);
     /// 0 when the series is absent (counters that never moved are not always listed).
     pub fn get(&self, series: &str) -> f64 {
@@ -315,18 +328,7 @@ pub fn scrape(addr: SocketAddr) -> Metrics {
             .contains("content-type: text/plain; version=0.0.4"),
         "{headers}"
     );
-    let samples = body
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            (series.to_owned(), value.parse::<f64>().unwrap())
-        })
-        .collect();
-    Metrics {
-        text: body,
-        samples,
-    }
+    Metrics::parse(body)
 }
 
 /// A raw HTTP/1.1 request; (status code, head, body).
