@@ -36,7 +36,6 @@ tokio::task_local! {
 }
 
 /// What the decoders of one call need to know.
-#[derive(Clone)]
 pub struct Scope {
     limits: Limits,
     rpc: Rpc,
@@ -94,19 +93,21 @@ impl<U: Message + Default + 'static> Decoder for RequestDecoder<U> {
 
 /// Refuses a GenerateRequest with more tensors than the current call's server allows.
 fn admit(message: &[u8]) -> Result<(), Status> {
-    let Ok(scope) = SCOPE.try_with(Scope::clone) else {
-        return Ok(());
-    };
-    scope
-        .limits
-        .check_tensor_count(count_tensors(message))
-        .map_err(|error| {
+    SCOPE
+        .try_with(|scope| {
             scope
-                .metrics
-                .rpc_refused(scope.rpc, Code::ResourceExhausted);
-            tracing::info!(rpc = scope.rpc.name(), %error, "rpc refused before decoding");
-            Status::from(error)
+                .limits
+                .check_tensor_count(count_tensors(message))
+                .map_err(|error| {
+                    scope
+                        .metrics
+                        .rpc_refused(scope.rpc, Code::ResourceExhausted);
+                    tracing::info!(rpc = scope.rpc.name(), %error, "rpc refused before decoding");
+                    Status::from(error)
+                })
         })
+        // Outside a server's call (the client side): nothing to enforce.
+        .unwrap_or(Ok(()))
 }
 
 /// Top-level `tensors` fields in a GenerateRequest's wire bytes, up to the first malformed
