@@ -87,7 +87,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., chunk_bytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ..., algorithm: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "shape", "init", "dtype", "layout", "fan_in", "fan_out", "slice")
+    __slots__ = ("name", "shape", "init", "dtype", "layout", "fan_in", "fan_out", "slice", "permute")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class TensorSpec(_message.Message):
     FAN_IN_FIELD_NUMBER: _ClassVar[int]
     FAN_OUT_FIELD_NUMBER: _ClassVar[int]
     SLICE_FIELD_NUMBER: _ClassVar[int]
+    PERMUTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     init: Init
@@ -104,7 +105,8 @@ class TensorSpec(_message.Message):
     fan_in: int
     fan_out: int
     slice: Slice
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., init: _Optional[_Union[Init, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., fan_in: _Optional[int] = ..., fan_out: _Optional[int] = ..., slice: _Optional[_Union[Slice, _Mapping]] = ...) -> None: ...
+    permute: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., init: _Optional[_Union[Init, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., fan_in: _Optional[int] = ..., fan_out: _Optional[int] = ..., slice: _Optional[_Union[Slice, _Mapping]] = ..., permute: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Slice(_message.Message):
     __slots__ = ("dims", "flat", "shard")
