@@ -35,22 +35,20 @@ impl Distribution {
         }
     }
 
-    /// The largest magnitude a value can take; a normal never goes past 8.3 std from its mean
-    /// (the quantile of the smallest p, 2^-53, is about -8.21).
-    pub fn max_magnitude(&self) -> f64 {
+    /// The values that bound the distribution (algorithm v1 section 4): the tensor is valid
+    /// only if both are finite after the dtype's rounding. A normal never goes past 8.3 std
+    /// from its mean (the extreme quantiles are about +-8.29).
+    pub fn extremes(&self) -> [f64; 2] {
         match *self {
-            Self::Constant { value } => value.abs(),
-            Self::Uniform { low, high } => low.abs().max(high.abs()),
-            Self::Normal { mean, std } => mean.abs() + 8.3 * std,
+            Self::Constant { value } => [value, value],
+            Self::Uniform { low, high } => [low, high],
+            Self::Normal { mean, std } => [mean - 8.3 * std, mean + 8.3 * std],
             Self::TruncatedNormal {
                 mean,
                 std,
                 alpha,
                 beta,
-            } => {
-                let clamped = (mean + std * alpha).abs().max((mean + std * beta).abs());
-                (mean.abs() + 8.3 * std).min(clamped)
-            }
+            } => [mean + std * alpha, mean + std * beta],
         }
     }
 
@@ -69,13 +67,21 @@ impl Distribution {
                 alpha,
                 beta,
             } => {
-                let ca = normal::cdf(alpha);
-                let cb = normal::cdf(beta);
+                // An interval above the mean is generated on its mirror image, where the
+                // lower tail of Phi keeps its resolution.
+                let (lo, hi, sign) = if alpha > 0.0 {
+                    (-beta, -alpha, -1.0)
+                } else {
+                    (alpha, beta, 1.0)
+                };
+                let ca = normal::cdf(lo);
+                let cb = normal::cdf(hi);
                 Sampler::TruncatedNormal {
                     mean,
                     std,
-                    alpha,
-                    beta,
+                    lo,
+                    hi,
+                    sign,
                     ca,
                     mass: cb - ca,
                 }
@@ -98,11 +104,13 @@ pub enum Sampler {
         mean: f64,
         std: f64,
     },
+    /// Generated on `[lo, hi]` (the interval or its mirror image) and multiplied by `sign`.
     TruncatedNormal {
         mean: f64,
         std: f64,
-        alpha: f64,
-        beta: f64,
+        lo: f64,
+        hi: f64,
+        sign: f64,
         ca: f64,
         mass: f64,
     },
@@ -125,21 +133,35 @@ impl Sampler {
             Self::Constant { value } => out.fill(value),
             Self::Uniform { low, span } => map(words, out, |w| low + span * unit::unit(w)),
             Self::Normal { mean, std } => {
-                quantiles(words, out, scratch, unit::open_unit);
-                out.iter_mut().for_each(|z| *z = mean + std * *z);
+                quantiles(words, out, scratch, unit::open_unit, |z, _| mean + std * z);
             }
             Self::TruncatedNormal {
                 mean,
                 std,
-                alpha,
-                beta,
+                lo,
+                hi,
+                sign,
                 ca,
                 mass,
             } => {
-                quantiles(words, out, scratch, |w| ca + mass * unit::open_unit(w));
-                // IEEE maxNum/minNum: a NaN z (only if the argument rounds to 1.0) yields alpha.
-                out.iter_mut()
-                    .for_each(|z| *z = mean + std * z.max(alpha).min(beta));
+                quantiles(
+                    words,
+                    out,
+                    scratch,
+                    |w| ca + mass * unit::open_unit(w),
+                    |z, p| {
+                        // p' of exactly 0 or 1 has no finite quantile: it takes the bound it
+                        // tends to.
+                        let y = if p >= 1.0 {
+                            hi
+                        } else if p <= 0.0 {
+                            lo
+                        } else {
+                            z.max(lo).min(hi)
+                        };
+                        mean + std * (sign * y)
+                    },
+                );
             }
         }
     }
@@ -167,9 +189,16 @@ impl Default for Scratch {
     }
 }
 
-/// `out[i] = N(argument(words[i]))`, a block of at most [`normal::MAX_BLOCK`] at a time.
+/// `out[i] = finish(N(p), p)` with `p = argument(words[i])`, a block of at most
+/// [`normal::MAX_BLOCK`] at a time.
 #[inline(always)]
-fn quantiles(words: &[u64], out: &mut [f64], scratch: &mut Scratch, argument: impl Fn(u64) -> f64) {
+fn quantiles(
+    words: &[u64],
+    out: &mut [f64],
+    scratch: &mut Scratch,
+    argument: impl Fn(u64) -> f64,
+    finish: impl Fn(f64, f64) -> f64,
+) {
     for (words, out) in words
         .chunks(normal::MAX_BLOCK)
         .zip(out.chunks_mut(normal::MAX_BLOCK))
@@ -177,6 +206,9 @@ fn quantiles(words: &[u64], out: &mut [f64], scratch: &mut Scratch, argument: im
         let p = &mut scratch.p[..words.len()];
         map(words, p, &argument);
         normal::quantiles(p, out, &mut scratch.tails);
+        for (z, &p) in out.iter_mut().zip(p.iter()) {
+            *z = finish(*z, p);
+        }
     }
 }
 

@@ -36,6 +36,20 @@ impl DType {
         }
     }
 
+    /// `x` as an element of this type holds it, back in f64: the rounding chain of algorithm
+    /// v1 section 4, through the same code that writes elements.
+    pub fn round(self, x: f64) -> f64 {
+        let mut bytes = [0u8; 8];
+        let bytes = &mut bytes[..self.size()];
+        self.encode(&[x], bytes);
+        match self {
+            Self::Float64 => f64::from_le_bytes(bytes.try_into().expect("8 bytes")),
+            Self::Float32 => f64::from(f32::from_le_bytes(bytes.try_into().expect("4 bytes"))),
+            Self::Float16 => f64::from(f16::from_le_bytes(bytes.try_into().expect("2 bytes"))),
+            Self::BFloat16 => f64::from(bf16::from_le_bytes(bytes.try_into().expect("2 bytes"))),
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Self::Float32 => "float32",

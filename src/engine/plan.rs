@@ -5,7 +5,7 @@ use super::dtype::DType;
 use super::keystream::Keystream;
 use super::request::TensorSpec;
 use super::scheme::Resolved;
-use super::slice::Selection;
+use super::slice::{Selection, TILE_ELEMENTS, TileSink};
 
 /// Elements produced per inner step: the words, values and bytes stay in L1 cache.
 const BLOCK: usize = super::normal::MAX_BLOCK;
@@ -46,7 +46,7 @@ impl TensorPlan {
         }
     }
 
-    /// Shape of the output: the slice's, or `[n]` for a flat range.
+    /// Shape of the output: the (permuted) view's or its slice's, or `[n]` for a flat range.
     pub fn output_shape(&self) -> &[u64] {
         self.selection.output_shape()
     }
@@ -63,24 +63,106 @@ impl TensorPlan {
             offset.is_multiple_of(size as u64) && out.len().is_multiple_of(size),
             "byte range must hold whole elements"
         );
+        let (first, count) = (offset / size as u64, (out.len() / size) as u64);
+        if let Some(columns) = self.selection.tile_columns() {
+            let lead = self.selection.row_offset(first);
+            return self.fill_tiles(first, count, 0..columns, lead, out);
+        }
         let isa = Isa::detect();
         let mut buffers = Box::new(Buffers::default());
         let mut rest = out;
-        let count = (rest.len() / size) as u64;
         // Runs of consecutive full-tensor indices, each filled by the CPU's widest copy.
-        self.selection
-            .for_each_run(offset / size as u64, count, |index, n| {
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n as usize * size);
-                match isa {
-                    // SAFETY: `Isa::detect` saw the CPU features these copies are built for.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { self.run_avx512(index, head, &mut buffers) },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { self.run_avx2(index, head, &mut buffers) },
-                    Isa::Baseline => self.run(index, head, &mut buffers),
+        self.selection.for_each_run(first, count, |index, n| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n as usize * size);
+            self.run_dispatch(isa, index, head, &mut buffers);
+            rest = tail;
+        });
+    }
+
+    /// The output's columns when it is a transposing view best made in panels of many rows
+    /// split by columns ([`Self::fill_columns`], then [`Self::assemble`]); `None` when
+    /// [`Self::fill`] of any range is as fast.
+    pub fn tile_columns(&self) -> Option<u64> {
+        self.selection.tile_columns()
+    }
+
+    /// For a tiled view: the part of output elements `[first, first + count)` that lies in
+    /// output columns `columns`, as whole rows of `columns` (from the row of `first` to the row
+    /// of the last element) written row-major into `out`; places of elements outside the range
+    /// are left as they are. [`Self::assemble`] puts such parts together.
+    pub fn fill_columns(&self, first: u64, count: u64, columns: std::ops::Range<u64>, out: &mut [u8]) {
+        self.fill_tiles(first, count, columns, 0, out);
+    }
+
+    /// Bytes of the rows [`Self::fill_columns`] writes for `columns`.
+    pub fn columns_bytes(&self, first: u64, count: u64, columns: &std::ops::Range<u64>) -> usize {
+        let n = self.selection.tile_columns().unwrap_or(1);
+        let lead = self.selection.row_offset(first);
+        let rows = if count == 0 { 0 } else { (lead + count).div_ceil(n) };
+        (rows * (columns.end - columns.start)) as usize * self.dtype.size()
+    }
+
+    /// Writes output elements `[first, first + out.len() / size)` from `parts`: what
+    /// [`Self::fill_columns`] wrote for the same range and each part's columns.
+    pub fn assemble(&self, first: u64, parts: &[(std::ops::Range<u64>, &[u8])], out: &mut [u8]) {
+        let size = self.dtype.size();
+        let n = self.selection.tile_columns().unwrap_or(1);
+        let lead = self.selection.row_offset(first);
+        let count = (out.len() / size) as u64;
+        let rows = if count == 0 { 0 } else { (lead + count).div_ceil(n) };
+        for (columns, data) in parts {
+            let width = (columns.end - columns.start) as usize * size;
+            for row in 0..rows {
+                // Output elements of this row, relative to `first`, clipped to the range.
+                let start = (row * n + columns.start).max(lead);
+                let stop = (row * n + columns.end).min(lead + count);
+                if start >= stop {
+                    continue;
                 }
-                rest = tail;
-            });
+                let from = row as usize * width + (start - row * n - columns.start) as usize * size;
+                let to = (start - lead) as usize * size;
+                let len = (stop - start) as usize * size;
+                out[to..to + len].copy_from_slice(&data[from..from + len]);
+            }
+        }
+    }
+
+    /// Tiles of a transposing view: columns generated as runs, rows copied out of cache.
+    /// `lead`: elements of the first row before `first` that `out` does not hold.
+    fn fill_tiles(
+        &self,
+        first: u64,
+        count: u64,
+        columns: std::ops::Range<u64>,
+        lead: u64,
+        out: &mut [u8],
+    ) {
+        let size = self.dtype.size();
+        let mut writer = TileWriter {
+            plan: self,
+            isa: Isa::detect(),
+            buffers: Box::default(),
+            tile: vec![0; TILE_ELEMENTS as usize * size],
+            out,
+            width: columns.end - columns.start,
+            column0: columns.start,
+            lead,
+            size,
+        };
+        self.selection
+            .for_each_tile(first, count, columns, &mut writer);
+    }
+
+    fn run_dispatch(&self, isa: Isa, index: u64, out: &mut [u8], buffers: &mut Buffers) {
+        match isa {
+            // SAFETY: `Isa::detect` saw the CPU features these copies are built for.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.run_avx512(index, out, buffers) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.run_avx2(index, out, buffers) },
+            Isa::Baseline => self.run(index, out, buffers),
+        }
     }
 
     /// [`Self::run`] compiled for AVX-512: the same operations, 8 lanes wide.
@@ -117,6 +199,49 @@ impl TensorPlan {
             self.dtype.encode(&values[..n], out);
             index += n as u64;
         }
+    }
+}
+
+/// Generates a tile's columns into its buffer and copies its rows to the output.
+struct TileWriter<'a> {
+    plan: &'a TensorPlan,
+    isa: Isa,
+    buffers: Box<Buffers>,
+    tile: Vec<u8>,
+    out: &'a mut [u8],
+    /// Elements per output row in `out`, and the output column of its first.
+    width: u64,
+    column0: u64,
+    /// Elements of `out`'s first row that precede it.
+    lead: u64,
+    size: usize,
+}
+
+impl TileSink for TileWriter<'_> {
+    fn generate(&mut self, full_index: u64, run: u64, at: usize) {
+        let bytes = &mut self.tile[at * self.size..(at + run as usize) * self.size];
+        self.plan
+            .run_dispatch(self.isa, full_index, bytes, &mut self.buffers);
+    }
+
+    fn place(&mut self, row: u64, column: u64, n: u64, at: usize, step: usize) {
+        let to = (row * self.width + column - self.column0 - self.lead) as usize;
+        let n = n as usize;
+        match self.size {
+            2 => gather::<2>(&self.tile, self.out, to, n, at, step),
+            4 => gather::<4>(&self.tile, self.out, to, n, at, step),
+            _ => gather::<8>(&self.tile, self.out, to, n, at, step),
+        }
+    }
+}
+
+/// `out` elements `to..to + n` = `tile` elements `at, at + step, ...` of N bytes each.
+#[inline(always)]
+fn gather<const N: usize>(tile: &[u8], out: &mut [u8], to: usize, n: usize, at: usize, step: usize) {
+    let (tile, _) = tile.as_chunks::<N>();
+    let (out, _) = out.as_chunks_mut::<N>();
+    for (i, slot) in out[to..to + n].iter_mut().enumerate() {
+        *slot = tile[at + i * step];
     }
 }
 

@@ -39,6 +39,9 @@ pub struct TensorSpec {
     pub fan_in: Option<u64>,
     pub fan_out: Option<u64>,
     pub slice: Option<SliceSpec>,
+    /// Empty = none; else a permutation of `0..rank`: the output is the view
+    /// numpy.transpose(full, permute), which `slice` then addresses.
+    pub permute: Vec<u32>,
 }
 
 /// Server limits that validation enforces.
@@ -274,12 +277,19 @@ impl Request {
             };
             RequestError::invalid(field, e.reason)
         })?;
-        let reach = resolved.distribution.max_magnitude();
-        if !reach.is_finite() || reach > dtype.max_finite() {
+        // Checked on the distribution's extremes after the dtype's rounding chain, as an
+        // element would be: what rounds to the largest finite value is still valid.
+        if let Some(extreme) = resolved
+            .distribution
+            .extremes()
+            .into_iter()
+            .find(|&x| !dtype.round(x).is_finite())
+        {
             return Err(RequestError::invalid(
                 "dtype",
                 format!(
-                    "{} values of {:?} can reach {reach:e}, beyond the largest finite {} ({:e})",
+                    "{} values of {:?} can reach {extreme:e}, which is not finite in {} (largest \
+                     finite {:e})",
                     scheme.name(),
                     resolved.distribution,
                     dtype.name(),
@@ -287,7 +297,9 @@ impl Request {
                 ),
             ));
         }
-        let selection = Selection::new(&spec.shape, numel, spec.slice.as_ref())
+        check_permutation(&spec.permute, spec.shape.len())
+            .map_err(|reason| RequestError::invalid("permute", reason))?;
+        let selection = Selection::new(&spec.shape, numel, &spec.permute, spec.slice.as_ref())
             .map_err(|e| RequestError::invalid(format!("slice.{}", e.field), e.reason))?;
         selection
             .len()
@@ -302,4 +314,30 @@ impl Request {
             selection,
         ))
     }
+}
+
+/// Whether `permute` is empty or a permutation of `0..rank`; why not if it is neither.
+fn check_permutation(permute: &[u32], rank: usize) -> Result<(), String> {
+    if permute.is_empty() {
+        return Ok(());
+    }
+    if permute.len() != rank {
+        return Err(format!(
+            "must be empty or list each of the {rank} dimensions once, got {} entries",
+            permute.len()
+        ));
+    }
+    let mut seen = vec![false; rank];
+    for &d in permute {
+        match seen.get_mut(d as usize) {
+            Some(seen) if !*seen => *seen = true,
+            _ => {
+                return Err(format!(
+                    "{permute:?} is not a permutation of 0..{rank}: {d} is {}",
+                    if (d as usize) < rank { "repeated" } else { "not a dimension" }
+                ));
+            }
+        }
+    }
+    Ok(())
 }

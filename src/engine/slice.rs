@@ -1,9 +1,13 @@
-//! Slices: which elements of the full tensor are sent, as runs of consecutive flat indices.
+//! Views and slices: which elements of the full tensor are sent, and in what order.
 //!
-//! Any slice (a block of per-dimension ranges, a flat range, or a torch.chunk shard) is a
-//! set of equally long runs of consecutive row-major indices, so output element `j` maps
-//! to its full-tensor index with a few divisions, and any part of the output can be made
-//! on its own.
+//! The output is a view of the full tensor: optionally permuted (numpy.transpose), then sliced
+//! (a block of per-dimension ranges, a flat range, or a torch.chunk shard, all in the view's
+//! coordinates). Any such view is a strided block of the full tensor's flat indices. When the
+//! view's innermost dimension is contiguous in the full tensor, the output is a sequence of
+//! equally long runs of consecutive indices ([`Access::Runs`]); otherwise, for a transposing
+//! permutation, the output is made in tiles that are generated along the full tensor's
+//! contiguous dimensions and transposed in cache ([`Tiles`]), so that no element costs a
+//! keystream seek of its own.
 
 /// A half-open range `[start, stop)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,31 +41,85 @@ fn slice_error(field: impl Into<String>, reason: impl Into<String>) -> SliceErro
     }
 }
 
-/// One dimension outside the contiguous run: `count` steps of `stride` elements.
+/// One dimension of a strided block: `count` steps of `stride` full-tensor elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Axis {
     count: u64,
     stride: u64,
 }
 
-/// A validated slice of a tensor of known shape.
+/// A validated view (permutation and slice) of a tensor of known shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selection {
     output_shape: Vec<u64>,
     len: u64,
-    /// Flat index of the first selected element.
-    base: u64,
-    /// Elements per run of consecutive flat indices.
-    run_len: u64,
-    /// Dimensions that step between runs, outermost first.
-    outer: Vec<Axis>,
+    access: Access,
 }
 
+/// How output elements map to full-tensor indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Access {
+    /// Output element `j` is element `skip + j` of a block whose innermost `run_len` elements
+    /// are consecutive full indices.
+    Runs {
+        /// Block position of output element 0 (a flat range's start).
+        skip: u64,
+        /// Flat index of the block's first element.
+        base: u64,
+        /// Elements per run of consecutive flat indices.
+        run_len: u64,
+        /// Dimensions that step between runs, outermost first.
+        outer: Vec<Axis>,
+    },
+    Tiles(Tiles),
+}
+
+/// A block whose innermost output dimension is not contiguous in the full tensor.
+///
+/// Its dimensions split into the innermost output dimension `x`, a group `g` of dimensions
+/// that together are contiguous in the full tensor (the full tensor's innermost dimension and
+/// the ones that continue it), and the `outer` rest. A tile is a range of `g`'s flat index
+/// (consecutive full indices: one keystream run per column) times a range of `x` (contiguous
+/// output: one copy per row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Tiles {
+    skip: u64,
+    base: u64,
+    /// The innermost output dimension: its length and full-tensor stride (output stride 1).
+    x: Axis,
+    /// The contiguous group, in full-tensor order (first = stride 1): each dimension's length
+    /// and output stride.
+    g: Vec<Axis>,
+    /// Elements of the group: a column's run length.
+    g_len: u64,
+    /// The other dimensions in output order: length, full stride and output stride.
+    outer: Vec<(Axis, u64)>,
+}
+
+/// The largest number of elements a tile holds, so that a tile stays in L2 cache.
+pub const TILE_ELEMENTS: u64 = 1 << 14;
+
+/// Longest run of a tile's column: long enough for whole keystream blocks, short enough to
+/// leave room for several columns.
+const TILE_RUN: u64 = 512;
+
 impl Selection {
-    /// The whole tensor (`numel` elements) or the part `slice` asks for.
-    pub fn new(shape: &[u64], numel: u64, slice: Option<&SliceSpec>) -> Result<Self, SliceError> {
-        match slice {
-            None => Ok(Self::contiguous(numel, 0, shape.to_vec())),
+    /// The view `permute` (a permutation of `0..shape.len()`, empty for none) of the tensor of
+    /// `shape` (`numel` elements), or the part of it that `slice` asks for.
+    pub fn new(
+        shape: &[u64],
+        numel: u64,
+        permute: &[u32],
+        slice: Option<&SliceSpec>,
+    ) -> Result<Self, SliceError> {
+        let rank = shape.len();
+        let axis = |k: usize| if permute.is_empty() { k } else { permute[k] as usize };
+        let view: Vec<u64> = (0..rank).map(|k| shape[axis(k)]).collect();
+        let whole = |shape: &[u64]| -> Vec<Range> {
+            shape.iter().map(|&stop| Range { start: 0, stop }).collect()
+        };
+        let (ranges, skip, len, output_shape) = match slice {
+            None => (whole(&view), 0, numel, view.clone()),
             Some(SliceSpec::Flat(range)) => {
                 if range.start > range.stop || range.stop > numel {
                     return Err(slice_error(
@@ -73,20 +131,19 @@ impl Selection {
                     ));
                 }
                 let len = range.stop - range.start;
-                Ok(Self::contiguous(len, range.start, vec![len]))
+                (whole(&view), range.start, len, vec![len])
             }
             Some(SliceSpec::Dims(ranges)) => {
-                if ranges.len() != shape.len() {
+                if ranges.len() != rank {
                     return Err(slice_error(
                         "dims.ranges",
                         format!(
-                            "need one range per dimension ({}), got {}",
-                            shape.len(),
+                            "need one range per dimension ({rank}), got {}",
                             ranges.len()
                         ),
                     ));
                 }
-                for (d, (range, &n)) in ranges.iter().zip(shape).enumerate() {
+                for (d, (range, &n)) in ranges.iter().zip(&view).enumerate() {
                     if range.start > range.stop || range.stop > n {
                         return Err(slice_error(
                             format!("dims.ranges[{d}]"),
@@ -97,98 +154,93 @@ impl Selection {
                         ));
                     }
                 }
-                Ok(Self::block(shape, ranges))
+                block_of(ranges.clone())
             }
             Some(&SliceSpec::Shard { dim, index, count }) => {
                 if count == 0 {
                     return Err(slice_error("shard.count", "must be >= 1"));
                 }
                 let d = dim as usize;
-                if d >= shape.len() {
+                if d >= rank {
                     return Err(slice_error(
                         "shard.dim",
-                        format!("must be < the rank ({}), got {dim}", shape.len()),
+                        format!("must be < the rank ({rank}), got {dim}"),
                     ));
                 }
-                let n = shape[d];
+                let n = view[d];
                 let chunk = u128::from(n.div_ceil(u64::from(count)));
                 let start = (u128::from(index) * chunk).min(u128::from(n)) as u64;
                 let stop = (u128::from(index) * chunk + chunk).min(u128::from(n)) as u64;
-                let ranges: Vec<Range> = shape
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &len)| {
-                        if k == d {
-                            Range { start, stop }
-                        } else {
-                            Range {
-                                start: 0,
-                                stop: len,
-                            }
-                        }
-                    })
-                    .collect();
-                Ok(Self::block(shape, &ranges))
+                let mut ranges = whole(&view);
+                ranges[d] = Range { start, stop };
+                block_of(ranges)
             }
-        }
-    }
-
-    fn contiguous(len: u64, base: u64, output_shape: Vec<u64>) -> Self {
-        Self {
-            output_shape,
-            len,
-            base,
-            run_len: len,
-            outer: Vec::new(),
-        }
-    }
-
-    /// A block of valid ranges: runs span the innermost partial dimension and every full one
-    /// inside it; the dimensions outside step between runs.
-    fn block(shape: &[u64], ranges: &[Range]) -> Self {
-        let output_shape: Vec<u64> = ranges.iter().map(|r| r.stop - r.start).collect();
-        // Element counts fit u64 (checked by the caller), so these products do too.
-        let len = output_shape.iter().product();
+        };
         if len == 0 {
             // Before the strides: with a zero dimension the others' product may overflow.
-            return Self {
+            return Ok(Self {
                 output_shape,
                 len,
-                base: 0,
-                run_len: 0,
-                outer: Vec::new(),
-            };
+                access: Access::Runs {
+                    skip: 0,
+                    base: 0,
+                    run_len: 0,
+                    outer: Vec::new(),
+                },
+            });
         }
         // Every dimension is non-zero here, so each stride is at most the element count.
-        let mut strides = vec![1u64; shape.len()];
-        for d in (0..shape.len().saturating_sub(1)).rev() {
+        let mut strides = vec![1u64; rank];
+        for d in (0..rank.saturating_sub(1)).rev() {
             strides[d] = strides[d + 1] * shape[d + 1];
         }
-        let base = ranges.iter().zip(&strides).map(|(r, s)| r.start * s).sum();
-        // The innermost dimension that is not taken whole ends the run.
-        let split = (0..shape.len())
-            .rev()
-            .find(|&d| ranges[d].start != 0 || ranges[d].stop != shape[d]);
-        let Some(split) = split else {
-            return Self::contiguous(len, 0, output_shape);
+        let base = (0..rank).map(|k| ranges[k].start * strides[axis(k)]).sum();
+        // The block's dimensions in output order, without those of length 1 (they never
+        // step) and with neighbours merged where the outer one continues the inner one in the
+        // full tensor too: what is left is the block's true shape as a strided walk.
+        let mut dims: Vec<Axis> = Vec::with_capacity(rank);
+        for k in 0..rank {
+            let count = ranges[k].stop - ranges[k].start;
+            if count == 1 {
+                continue;
+            }
+            let stride = strides[axis(k)];
+            match dims.last_mut() {
+                Some(last) if last.stride == count * stride => {
+                    last.count *= count;
+                    last.stride = stride;
+                }
+                _ => dims.push(Axis { count, stride }),
+            }
+        }
+        let innermost_runs = dims.last().is_none_or(|x| x.stride == 1);
+        let contiguous = dims[..dims.len().saturating_sub(1)]
+            .iter()
+            .any(|a| a.stride == 1);
+        let access = if innermost_runs || !contiguous {
+            // Runs of consecutive indices (of length 1 when nothing in the block is
+            // contiguous, as for a single column).
+            let run_len = match dims.last() {
+                Some(x) if x.stride == 1 => dims.pop().map_or(1, |x| x.count),
+                _ => 1,
+            };
+            Access::Runs {
+                skip,
+                base,
+                run_len,
+                outer: dims,
+            }
+        } else {
+            Access::Tiles(Tiles::new(skip, base, dims))
         };
-        let run_len = output_shape[split] * strides[split];
-        let outer = (0..split)
-            .map(|d| Axis {
-                count: output_shape[d],
-                stride: strides[d],
-            })
-            .collect();
-        Self {
+        Ok(Self {
             output_shape,
             len,
-            base,
-            run_len,
-            outer,
-        }
+            access,
+        })
     }
 
-    /// Shape of what is sent: the slice's block, or `[n]` for a flat range.
+    /// Shape of what is sent: the view's or its slice's block, or `[n]` for a flat range.
     pub fn output_shape(&self) -> &[u64] {
         &self.output_shape
     }
@@ -202,33 +254,217 @@ impl Selection {
         self.len == 0
     }
 
+    /// The number of output columns (the innermost output dimension's length, whose elements
+    /// lie apart in the full tensor) when the output is made in tiles, which is best done for
+    /// many rows at a time and split across threads by columns ([`Self::for_each_tile`]).
+    /// `None` when the output is made of runs ([`Self::for_each_run`]).
+    pub fn tile_columns(&self) -> Option<u64> {
+        match &self.access {
+            Access::Runs { .. } => None,
+            Access::Tiles(tiles) => Some(tiles.x.count),
+        }
+    }
+
+    /// Where output element `first` lies within its output row, for a tiled selection.
+    pub fn row_offset(&self, first: u64) -> u64 {
+        match &self.access {
+            Access::Runs { .. } => 0,
+            Access::Tiles(tiles) => (tiles.skip + first) % tiles.x.count,
+        }
+    }
+
     /// Calls `f(full_index, count)` for consecutive full-tensor runs covering output
-    /// elements `[first, first + count)`, in order.
+    /// elements `[first, first + count)`, in order. Only for a selection made of runs.
     pub fn for_each_run(&self, first: u64, count: u64, mut f: impl FnMut(u64, u64)) {
         debug_assert!(first + count <= self.len);
+        let Access::Runs {
+            skip,
+            base,
+            run_len,
+            outer,
+        } = &self.access
+        else {
+            panic!("for_each_run on a tiled selection");
+        };
         if count == 0 {
             return;
         }
-        let mut run = first / self.run_len;
-        let mut offset = first % self.run_len;
+        let position = skip + first;
+        let mut run = position / run_len;
+        let mut offset = position % run_len;
         let mut left = count;
         while left > 0 {
-            let take = (self.run_len - offset).min(left);
-            f(self.run_start(run) + offset, take);
+            let take = (run_len - offset).min(left);
+            f(run_start(*base, outer, run) + offset, take);
             left -= take;
             offset = 0;
             run += 1;
         }
     }
 
-    /// Flat index where run `run` starts (runs are numbered in row-major order).
-    fn run_start(&self, mut run: u64) -> u64 {
-        let mut start = self.base;
-        for axis in self.outer.iter().rev() {
-            start += (run % axis.count) * axis.stride;
-            run /= axis.count;
+    /// Visits the tiles that cover output elements `[first, first + count)` restricted to the
+    /// output columns `columns`: for each, the sink generates the tile's columns (runs of
+    /// consecutive full-tensor elements, at most [`TILE_ELEMENTS`] in all) and then places
+    /// its rows. Elements outside `[first, first + count)` are never placed. Only for a tiled
+    /// selection.
+    pub fn for_each_tile(
+        &self,
+        first: u64,
+        count: u64,
+        columns: std::ops::Range<u64>,
+        tile: &mut impl TileSink,
+    ) {
+        let Access::Tiles(tiles) = &self.access else {
+            panic!("for_each_tile on a selection made of runs");
+        };
+        tiles.visit(first, count, columns, tile);
+    }
+}
+
+/// What [`Selection::for_each_tile`] drives: generating a tile's columns, then placing them.
+pub trait TileSink {
+    /// Generates `run` consecutive full-tensor elements from `full_index` into the tile,
+    /// from its element `at` on.
+    fn generate(&mut self, full_index: u64, run: u64, at: usize);
+    /// Copies the tile's elements `at, at + step, ...` (`n` of them) to output row `row`
+    /// (counted from the row of the first output element asked for), columns
+    /// `column..column + n`.
+    fn place(&mut self, row: u64, column: u64, n: u64, at: usize, step: usize);
+}
+
+/// Flat index where run `run` starts (runs are numbered in row-major order).
+fn run_start(base: u64, outer: &[Axis], mut run: u64) -> u64 {
+    let mut start = base;
+    for axis in outer.iter().rev() {
+        start += (run % axis.count) * axis.stride;
+        run /= axis.count;
+    }
+    start
+}
+
+/// A block of valid ranges: its ranges, no skip, its element count and shape.
+fn block_of(ranges: Vec<Range>) -> (Vec<Range>, u64, u64, Vec<u64>) {
+    let shape: Vec<u64> = ranges.iter().map(|r| r.stop - r.start).collect();
+    // Element counts fit u64 (checked by the caller), so any sub-block's does too.
+    let len = shape.iter().product();
+    (ranges, 0, len, shape)
+}
+
+impl Tiles {
+    /// `dims`: the merged block dimensions in output order; the last one is not contiguous in
+    /// the full tensor and an earlier one is.
+    fn new(skip: u64, base: u64, mut dims: Vec<Axis>) -> Self {
+        let x = dims.pop().expect("a tiled block has an innermost dimension");
+        // Output strides of the remaining dimensions (the innermost has output stride 1).
+        let mut output_strides = vec![x.count; dims.len()];
+        for k in (0..dims.len().saturating_sub(1)).rev() {
+            output_strides[k] = output_strides[k + 1] * dims[k + 1].count;
         }
-        start
+        let mut in_group = vec![false; dims.len()];
+        let mut g = Vec::new();
+        let mut g_len = 1u64;
+        while let Some(k) = (0..dims.len()).find(|&k| !in_group[k] && dims[k].stride == g_len) {
+            in_group[k] = true;
+            g.push(Axis {
+                count: dims[k].count,
+                stride: output_strides[k],
+            });
+            g_len *= dims[k].count;
+        }
+        let outer = (0..dims.len())
+            .filter(|&k| !in_group[k])
+            .map(|k| (dims[k], output_strides[k]))
+            .collect();
+        Self {
+            skip,
+            base,
+            x,
+            g,
+            g_len,
+            outer,
+        }
+    }
+
+    fn visit(&self, first: u64, count: u64, columns: std::ops::Range<u64>, sink: &mut impl TileSink) {
+        let lo = self.skip + first;
+        let hi = lo + count;
+        if count == 0 || columns.is_empty() {
+            return;
+        }
+        let first_row = lo / self.x.count;
+        // Where the group's elements go in the output, relative to their tile's first one.
+        let g_span: u64 = self.g.iter().map(|a| (a.count - 1) * a.stride).sum();
+        let run = self.g_len.min(TILE_RUN);
+        let width = (TILE_ELEMENTS / run).max(1);
+        let mut offsets = vec![0u64; run as usize];
+        let outer_count: u64 = self.outer.iter().map(|(a, _)| a.count).product();
+        for o in 0..outer_count {
+            // Decode the outer coordinates (row-major) into full and output offsets.
+            let (mut full, mut out, mut rest) = (self.base, 0u64, o);
+            for (axis, output_stride) in self.outer.iter().rev() {
+                let c = rest % axis.count;
+                rest /= axis.count;
+                full += c * axis.stride;
+                out += c * output_stride;
+            }
+            if out + g_span + self.x.count <= lo || out >= hi {
+                continue;
+            }
+            for g0 in (0..self.g_len).step_by(run as usize) {
+                let g1 = (g0 + run).min(self.g_len);
+                self.output_offsets(g0, &mut offsets[..(g1 - g0) as usize]);
+                for c0 in (columns.start..columns.end).step_by(width as usize) {
+                    let c1 = (c0 + width).min(columns.end);
+                    // The elements of the tile whose output row meets [lo, hi) at these
+                    // columns: a contiguous part of the run, from the first to the last.
+                    let meets = |&p: &u64| out + p + c1 > lo && out + p + c0 < hi;
+                    let taken = &offsets[..(g1 - g0) as usize];
+                    let Some(a) = taken.iter().position(meets) else {
+                        continue;
+                    };
+                    let b = taken.iter().rposition(meets).map_or(a, |b| b) + 1;
+                    for c in c0..c1 {
+                        let index = full + c * self.x.stride + g0 + a as u64;
+                        sink.generate(index, (b - a) as u64, (c - c0) as usize * run as usize);
+                    }
+                    for (e, &p) in taken[a..b].iter().enumerate() {
+                        let start = out + p;
+                        // Clip the row to [lo, hi).
+                        let from = c0.max(lo.saturating_sub(start));
+                        let to = c1.min(hi - start.min(hi));
+                        if from < to {
+                            let row = start / self.x.count - first_row;
+                            let at = (from - c0) as usize * run as usize + e;
+                            sink.place(row, from, to - from, at, run as usize);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out[i]` = output offset of group element `g0 + i` relative to group element 0.
+    fn output_offsets(&self, g0: u64, out: &mut [u64]) {
+        // Mixed-radix counter over the group, first dimension fastest.
+        let mut coords: Vec<u64> = Vec::with_capacity(self.g.len());
+        let mut rest = g0;
+        for a in &self.g {
+            coords.push(rest % a.count);
+            rest /= a.count;
+        }
+        let mut offset: u64 = coords.iter().zip(&self.g).map(|(c, a)| c * a.stride).sum();
+        for slot in out.iter_mut() {
+            *slot = offset;
+            for (c, a) in coords.iter_mut().zip(&self.g) {
+                *c += 1;
+                offset += a.stride;
+                if *c < a.count {
+                    break;
+                }
+                offset -= a.count * a.stride;
+                *c = 0;
+            }
+        }
     }
 }
 

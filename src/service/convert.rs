@@ -192,6 +192,7 @@ fn tensor(spec: &proto::TensorSpec, index: usize) -> Result<engine::TensorSpec, 
         fan_in: spec.fan_in,
         fan_out: spec.fan_out,
         slice: spec.slice.as_ref().and_then(slice_spec),
+        permute: spec.permute.clone(),
     })
 }
 
