@@ -340,6 +340,30 @@ fn tensor(rng: &mut Rng, index: usize) -> proto::TensorSpec {
         fan_in: if rng.chance(3) { Some(dim(rng)) } else { None },
         fan_out: if rng.chance(3) { Some(dim(rng)) } else { None },
         slice,
+        permute: permute(rng, rank),
+    }
+}
+
+/// Mostly a permutation of the rank (identity or shuffled), sometimes none, sometimes invalid.
+fn permute(rng: &mut Rng, rank: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..rank as u32).collect();
+    match rng.below(8) {
+        0..=2 => Vec::new(),
+        3 => order,
+        4 if !rng.sane => {
+            order.push(rank as u32 + rng.below(3) as u32);
+            order
+        }
+        5 if !rng.sane && rank > 1 => {
+            order[0] = order[1];
+            order
+        }
+        _ => {
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            order
+        }
     }
 }
 

@@ -103,24 +103,33 @@ impl TensorPlan {
     }
 
     /// Writes output elements `[first, first + out.len() / size)` from `parts`: what
-    /// [`Self::fill_columns`] wrote for the same range and each part's columns.
-    pub fn assemble(&self, first: u64, parts: &[(std::ops::Range<u64>, &[u8])], out: &mut [u8]) {
+    /// [`Self::fill_columns`] wrote, from element `origin` on, for each part's columns (a
+    /// range that covers this one).
+    pub fn assemble(
+        &self,
+        origin: u64,
+        first: u64,
+        parts: &[(std::ops::Range<u64>, &[u8])],
+        out: &mut [u8],
+    ) {
         let size = self.dtype.size();
         let n = self.selection.tile_columns().unwrap_or(1);
-        let lead = self.selection.row_offset(first);
-        let count = (out.len() / size) as u64;
-        let rows = if count == 0 { 0 } else { (lead + count).div_ceil(n) };
+        // Positions counted from the start of the parts' first row.
+        let lo = first - origin + self.selection.row_offset(origin);
+        let hi = lo + (out.len() / size) as u64;
+        if lo == hi {
+            return;
+        }
         for (columns, data) in parts {
-            let width = (columns.end - columns.start) as usize * size;
-            for row in 0..rows {
-                // Output elements of this row, relative to `first`, clipped to the range.
-                let start = (row * n + columns.start).max(lead);
-                let stop = (row * n + columns.end).min(lead + count);
+            let width = columns.end - columns.start;
+            for row in lo / n..=(hi - 1) / n {
+                let start = (row * n + columns.start).max(lo);
+                let stop = (row * n + columns.end).min(hi);
                 if start >= stop {
                     continue;
                 }
-                let from = row as usize * width + (start - row * n - columns.start) as usize * size;
-                let to = (start - lead) as usize * size;
+                let from = (row * width + start - row * n - columns.start) as usize * size;
+                let to = (start - lo) as usize * size;
                 let len = (stop - start) as usize * size;
                 out[to..to + len].copy_from_slice(&data[from..from + len]);
             }

@@ -31,6 +31,12 @@ use crate::proto::{Chunk, GenerateResponse, TensorEnd, generate_response::Item};
 /// output in the L2 cache between generating and hashing it, and the stream's memory small.
 pub const BLOCK_BYTES: usize = 1 << 20;
 
+/// Output made at once for a transposing view (a whole number of blocks): its tiles then span
+/// many rows, so its columns are generated as long keystream runs rather than scattered
+/// elements (a Keras conv kernel's first 1 MiB block alone would need every 9th element of
+/// the torch-layout tensor). Split across the workers by columns, then put together.
+const PANEL_BYTES: u64 = 32 << 20;
+
 /// How the production of a stream ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -112,15 +118,25 @@ impl Pipeline {
         let mut offsets = (0..total).step_by(BLOCK_BYTES);
         let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
         let mut in_flight: VecDeque<(u64, oneshot::Receiver<Block>)> = VecDeque::new();
+        let mut panel: Option<Arc<Panel>> = None;
         loop {
             while in_flight.len() < self.depth.max(1) {
                 let Some(offset) = offsets.next() else {
                     break;
                 };
-                let tensor = Arc::clone(&tensor);
                 let len = (total - offset).min(BLOCK_BYTES as u64) as usize;
-                let job = move || generate(&tensor, offset, len, emit);
-                in_flight.push_back((offset, self.pool.run(job)));
+                let pending = if tensor.tile_columns().is_some() {
+                    if panel.as_ref().is_none_or(|p| !p.holds(offset)) {
+                        panel = Some(self.panel(&tensor, offset).await?);
+                    }
+                    let panel = Arc::clone(panel.as_ref().expect("made above"));
+                    self.pool.run(move || panel.block(offset, len, emit))
+                } else {
+                    let tensor = Arc::clone(&tensor);
+                    self.pool
+                        .run(move || generate(&tensor, offset, len, emit))
+                };
+                in_flight.push_back((offset, pending));
             }
             let Some((offset, pending)) = in_flight.pop_front() else {
                 break;
@@ -159,6 +175,18 @@ impl Pipeline {
 /// `tensor.byte_length()`-byte output. Digest needs no bytes afterwards, so it generates
 /// into the worker's reusable buffer instead of a fresh one.
 fn generate(tensor: &TensorPlan, offset: u64, len: usize, emit: Emit) -> Block {
+    block(tensor, offset, len, emit, |data| tensor.fill(offset, data))
+}
+
+/// A block of `len` bytes at `offset` that `make` writes: kept when it is to be sent, always
+/// hashed (as the whole tensor's root when it is the only block, else as a subtree).
+fn block(
+    tensor: &TensorPlan,
+    offset: u64,
+    len: usize,
+    emit: Emit,
+    make: impl FnOnce(&mut [u8]),
+) -> Block {
     let only_block = tensor.byte_length() <= BLOCK_BYTES as u64;
     let hash = |data: &[u8]| {
         if only_block {
@@ -172,7 +200,7 @@ fn generate(tensor: &TensorPlan, offset: u64, len: usize, emit: Emit) -> Block {
     match emit {
         Emit::Chunks => {
             let mut data = vec![0u8; len];
-            tensor.fill(offset, &mut data);
+            make(&mut data);
             Block {
                 hash: hash(&data),
                 data: Some(Bytes::from(data)),
@@ -185,7 +213,7 @@ fn generate(tensor: &TensorPlan, offset: u64, len: usize, emit: Emit) -> Block {
             BUFFER.with_borrow_mut(|buffer| {
                 buffer.resize(len, 0);
                 let data = &mut buffer[..len];
-                tensor.fill(offset, data);
+                make(data);
                 Block {
                     hash: hash(data),
                     data: None,
@@ -195,12 +223,68 @@ fn generate(tensor: &TensorPlan, offset: u64, len: usize, emit: Emit) -> Block {
     }
 }
 
-/// BLAKE3's tree over the blocks of one tensor, built from their hashes in order.
-///
-/// With `n` blocks the root's left subtree is the largest power of two of blocks below `n`,
-/// and so on down the right side; so two equal neighbours merge into a (non-root) parent as
-/// soon as both are in, unless together they are the whole tensor. The stack then holds
-/// subtrees of decreasing power-of-two sizes, folded from the right at the end.
+/// Up to [`PANEL_BYTES`] of a transposing view's output, made by column ranges.
+struct Panel {
+    tensor: Arc<TensorPlan>,
+    /// Output bytes `[start, stop)`.
+    start: u64,
+    stop: u64,
+    /// Each column range and its rows, from [`TensorPlan::fill_columns`].
+    parts: Vec<(std::ops::Range<u64>, Vec<u8>)>,
+}
+
+impl Panel {
+    fn holds(&self, offset: u64) -> bool {
+        (self.start..self.stop).contains(&offset)
+    }
+
+    /// The block at `offset`, put together from the panel's column ranges.
+    fn block(&self, offset: u64, len: usize, emit: Emit) -> Block {
+        let size = self.tensor.dtype.size() as u64;
+        let parts: Vec<_> = self
+            .parts
+            .iter()
+            .map(|(columns, data)| (columns.clone(), data.as_slice()))
+            .collect();
+        block(&self.tensor, offset, len, emit, |data| {
+            self.tensor
+                .assemble(self.start / size, offset / size, &parts, data)
+        })
+    }
+}
+
+impl Pipeline {
+    /// Makes the panel that starts at `offset`, its column ranges on all workers at once.
+    async fn panel(&self, tensor: &Arc<TensorPlan>, offset: u64) -> Result<Arc<Panel>, Stop> {
+        let size = tensor.dtype.size() as u64;
+        let stop = (offset + PANEL_BYTES).min(tensor.byte_length());
+        let (first, count) = (offset / size, (stop - offset) / size);
+        let columns = tensor.tile_columns().unwrap_or(1);
+        let jobs = (2 * self.pool.workers() as u64).clamp(1, columns);
+        let pending: Vec<_> = (0..jobs)
+            .map(|j| {
+                let range = columns * j / jobs..columns * (j + 1) / jobs;
+                let tensor = Arc::clone(tensor);
+                self.pool.run(move || {
+                    let mut data = vec![0u8; tensor.columns_bytes(first, count, &range)];
+                    tensor.fill_columns(first, count, range.clone(), &mut data);
+                    (range, data)
+                })
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(pending.len());
+        for part in pending {
+            parts.push(part.await.map_err(|_| Stop::WorkerFailed)?);
+        }
+        Ok(Arc::new(Panel {
+            tensor: Arc::clone(tensor),
+            start: offset,
+            stop,
+            parts,
+        }))
+    }
+}
+
 struct Tree {
     blocks: u64,
     stack: Vec<(ChainingValue, u64)>,
