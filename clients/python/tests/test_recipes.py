@@ -75,6 +75,24 @@ def _bert_with_a_head():
     )
 
 
+class LayerZoo(transformers.PreTrainedModel):
+    """A model keeping transformers' default _init_weights, with the layers its branches name
+    (LSTM, MultiheadAttention with separate q/k/v, Conv2d, GroupNorm, BatchNorm) and one they do
+    not (ConvTranspose3d: its PyTorch default)."""
+
+    config_class = transformers.PretrainedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lstm = nn.LSTM(32, 48)
+        self.attention = nn.MultiheadAttention(64, 4, kdim=32, vdim=32)
+        self.conv = nn.Conv2d(16, 32, 3)
+        self.deconv = nn.ConvTranspose3d(8, 8, 3)
+        self.norm = nn.GroupNorm(4, 32)
+        self.batchnorm = nn.BatchNorm1d(32)
+        self.post_init()
+
+
 CASES = {
     "gpt2": (
         "hf",
@@ -95,6 +113,10 @@ CASES = {
         ),
     ),
     "bert": ("hf", lambda: transformers.BertForMaskedLM(_bert_config())),
+    "hf_default_layers": (
+        "hf",
+        lambda: LayerZoo(transformers.PretrainedConfig(initializer_range=0.05)),
+    ),
     "bert_with_a_head": ("hf", _bert_with_a_head),
     "t5": ("hf", _tiny_t5),
     "t5_gated_untied": (

@@ -2,7 +2,7 @@
 
     spec_for = weightinit.recipes.resolve("hf", model)
     spec_for(model.transformer.h[0].attn.c_proj, "weight", "transformer.h.0.attn.c_proj.weight")
-    # {"init": {"normal": {"std": 0.01}}}      (GPT-2: initializer_range / sqrt(2 * n_layer))
+    # {"init": {"normal": {"mean": 0.0, "std": 0.01}}}: initializer_range / sqrt(2 * n_layer)
 
 A recipe is a table transcribed from the library's own init code, branch by branch:
 - "hf": transformers' `PreTrainedModel._init_weights` and the overrides of GPT-2, BERT and T5
@@ -104,7 +104,7 @@ def _constant(value: float) -> Spec:
 
 
 def _fixed(spec: Spec) -> SpecFn:
-    return lambda context: copy.deepcopy(spec)
+    return lambda context: spec  # shared: spec_for() hands out copies
 
 
 _ZEROS = _fixed(_constant(0.0))
