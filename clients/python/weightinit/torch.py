@@ -25,6 +25,7 @@ from torch import nn
 from weightinit.v1 import weightinit_pb2 as pb
 
 from .client import fetch
+from .recipes import resolve
 
 _DTYPES = {
     torch.float32: "DTYPE_FLOAT32",
@@ -79,6 +80,7 @@ def init_module(
     timeout=None,
     *,
     security=None,
+    recipe="torch",
 ):
     """Initializes every parameter of `module` from the server at `target`.
 
@@ -88,6 +90,7 @@ def init_module(
         the values are then cast into the parameter.
     timeout: seconds for the Generate call, None for no deadline.
     security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
+    recipe: see build_request().
 
     Without rank, world_size or plan: copies the values into the parameters in place (straight
     into CPU parameters' memory when the dtypes agree) and returns {name: parameter}.
@@ -106,7 +109,7 @@ def init_module(
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if plan is None:
             plan = shard_plan(rank, world_size)
-    request = build_request(module, seed, rules, dtype, plan)
+    request = build_request(module, seed, rules, dtype, plan, recipe=recipe)
     params = dict(module.named_parameters())
     specs = dict(zip(params, request["tensors"]))
 
@@ -138,7 +141,7 @@ def shard_plan(rank, world_size):
     return plan
 
 
-def build_request(module, seed, rules=None, dtype=None, plan=None):
+def build_request(module, seed, rules=None, dtype=None, plan=None, *, recipe="torch"):
     """Returns the GenerateRequest, in proto3 JSON form, that initializes `module`.
 
     Its tensors follow module.named_parameters(), one per parameter.
@@ -149,7 +152,11 @@ def build_request(module, seed, rules=None, dtype=None, plan=None):
         tensor's spec ({"init": {"normal": {"std": 0.02}}, "fanIn": "64"}), keeping the default
         init when it sets none.
     dtype, plan: see init_module().
+    recipe: "torch" (PyTorch's layer defaults), "hf" or "torchvision": the model family's own
+        init (weightinit.recipes); rules still override it, and parameters it leaves alone get
+        their layer defaults.
     """
+    spec_for = resolve(recipe, module)
     owners = {}
     for owner in module.modules():
         for local, param in owner.named_parameters(recurse=False):
@@ -163,7 +170,7 @@ def build_request(module, seed, rules=None, dtype=None, plan=None):
             "shape": list(param.shape),
             "dtype": _dtype_name(name, dtype or param.dtype),
         }
-        spec.update(_default_spec(owner, local))
+        spec.update(spec_for(owner, local, name) or _default_spec(owner, local))
         piece = None if plan is None else plan(name, param)
         if piece is not None:
             spec["slice"] = piece
