@@ -1,10 +1,16 @@
 """weightinit.keras against the real server (Keras 3 on the JAX backend, see conftest.py)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import weightinit
@@ -122,3 +128,38 @@ def test_sharded_variables_stay_sharded(target):
     assert kernel.sharding.spec == P(None, "model")
     expected = fetch_one(target, "d/fc/kernel", (6, 8), {"glorotUniform": {}})
     np.testing.assert_array_equal(np.asarray(kernel), expected)
+
+
+TORCH_BACKEND_SCRIPT = """
+import json, sys
+import keras
+import weightinit.keras as wk
+
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc", dtype="bfloat16")],
+                         name="m")
+wk.init_model(model, int(sys.argv[2]), sys.argv[1])
+kernel = keras.ops.convert_to_numpy(model.get_layer("fc").kernel.value)
+print(json.dumps({"backend": keras.backend.backend(), "dtype": str(kernel.dtype),
+                  "kernel": kernel.astype("float32").tolist()}))
+"""
+
+
+def test_other_backends_get_whole_tensors(target):
+    """Keras on the torch backend (its own process: the backend is chosen at import)."""
+    pytest.importorskip("torch")
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    done = subprocess.run(
+        [sys.executable, "-c", TORCH_BACKEND_SCRIPT, target, str(SEED)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["backend"] == "torch" and result["dtype"] == "bfloat16"
+    # bfloat16 is the rounding of the float32 tensor, which is exactly representable in float32.
+    expected = fetch_one(target, "m/fc/kernel", (4, 3), {"glorotUniform": {}})
+    rounded = expected.astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.array(result["kernel"], np.float32), rounded)

@@ -4,7 +4,8 @@ the TensorSpec fields that give a [*kernel, in, out] kernel the values of a PyTo
 import fnmatch
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,11 @@ INIT_KEYS = {key for f in pb.Init.DESCRIPTOR.fields for key in (f.name, f.json_n
 SPEC_KEYS = {
     key: f.json_name for f in pb.TensorSpec.DESCRIPTOR.fields for key in (f.name, f.json_name)
 }
+
+# A rule: (glob or compiled regex on the path, scheme or TensorSpec fields), as in weightinit.torch.
+Rules = Sequence[tuple[str | re.Pattern[str], Mapping[str, Any]]]
+# Framework paths to tensor names: a mapping (paths left out keep their own) or a function.
+Names = Mapping[str, str] | Callable[[str], str]
 
 _DTYPE_NAMES = {
     "float32": "DTYPE_FLOAT32",

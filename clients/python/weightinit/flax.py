@@ -17,6 +17,9 @@ usable inside jax.jit(model.init). It never learns which parameter it initialize
 that parameter's name; init_params() names every leaf by its path instead.
 """
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,19 +27,20 @@ from flax.core import meta
 
 from . import _blocks, _rules
 from .jax import _dtype_name, make_arrays
+from .security import Security
 
 
 def init_params(
-    abstract_params,
-    seed,
-    target,
+    abstract_params: Any,
+    seed: int,
+    target: str,
     *,
-    rules=None,
-    like=None,
-    names=None,
-    timeout=None,
-    security=None,
-):
+    rules: _rules.Rules | None = None,
+    like: str | None = None,
+    names: _rules.Names | None = None,
+    timeout: float | None = None,
+    security: Security | None = None,
+) -> Any:
     """Returns `abstract_params` with every leaf replaced by its initial value.
 
     abstract_params: a pytree whose leaves have shape and dtype: what
@@ -89,7 +93,15 @@ def init_params(
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def initializer(init, *, seed, target, name, timeout=None, security=None):
+def initializer(
+    init: Mapping[str, Any],
+    *,
+    seed: int,
+    target: str,
+    name: str,
+    timeout: float | None = None,
+    security: Security | None = None,
+) -> Callable[..., jax.Array]:
     """A Flax initializer `(key, shape, dtype) -> array` of the tensor `name`, for one parameter.
 
     init: the scheme ({"lecunNormal": {}}) or TensorSpec fields ({"init":

@@ -11,27 +11,32 @@ Each process fetches only the blocks its own devices hold, and each distinct blo
 copies of a replicated block are fetched once and placed on every device that holds them.
 """
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from . import _blocks, _rules
+from .security import Security
 
 
 def make_array(
-    name,
-    shape,
-    init,
-    sharding,
+    name: str,
+    shape: Sequence[int],
+    init: Mapping[str, Any],
+    sharding: jax.sharding.Sharding,
     *,
-    seed,
-    target,
-    dtype=None,
-    layout=None,
-    permute=None,
-    fan_in=None,
-    fan_out=None,
-    timeout=None,
-    security=None,
+    seed: int,
+    target: str,
+    dtype: DTypeLike | None = None,
+    layout: str | None = None,
+    permute: Sequence[int] | None = None,
+    fan_in: int | None = None,
+    fan_out: int | None = None,
+    timeout: float | None = None,
+    security: Security | None = None,
 ) -> jax.Array:
     """Returns the tensor `name` as a global jax.Array laid out by `sharding`.
 
@@ -69,7 +74,14 @@ def make_array(
     return make_arrays(seed, [(spec, sharding)], target, timeout=timeout, security=security)[0]
 
 
-def make_arrays(seed, tensors, target, *, timeout=None, security=None):
+def make_arrays(
+    seed: int,
+    tensors: Sequence[tuple[Mapping[str, Any], jax.sharding.Sharding]],
+    target: str,
+    *,
+    timeout: float | None = None,
+    security: Security | None = None,
+) -> list[jax.Array]:
     """Returns one jax.Array per (spec, sharding) of `tensors`, fetched together: the distinct
     blocks of all tensors in as few Generate calls as possible.
 

@@ -16,10 +16,13 @@ this process's devices, each distinct block once); on the others it is fetched w
 """
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import keras
 
 from . import _blocks, _rules
+from .security import Security
 
 # Keras VarianceScaling's mode and distribution names as weightinit enum values.
 _FAN_MODES = {
@@ -59,16 +62,16 @@ _NORM_DEFAULTS = {
 
 
 def init_model(
-    model,
-    seed,
-    target,
+    model: keras.Model,
+    seed: int,
+    target: str,
     *,
-    rules=None,
-    like=None,
-    names=None,
-    timeout=None,
-    security=None,
-):
+    rules: _rules.Rules | None = None,
+    like: str | None = None,
+    names: _rules.Names | None = None,
+    timeout: float | None = None,
+    security: Security | None = None,
+) -> dict[str, keras.Variable]:
     """Assigns every weight of the built Keras model `model` in place; returns {path: variable}.
 
     seed: the experiment's seed (u64). target: the server, "host:port".
@@ -159,7 +162,15 @@ class Initializer(keras.initializers.Initializer):
     saved with it loads again where weightinit is imported.
     """
 
-    def __init__(self, init, *, seed, target, name, timeout=None):
+    def __init__(
+        self,
+        init: Mapping[str, Any],
+        *,
+        seed: int,
+        target: str,
+        name: str,
+        timeout: float | None = None,
+    ):
         _rules.check_seed(seed)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: must be a non-empty str, got {name!r}")
@@ -170,7 +181,7 @@ class Initializer(keras.initializers.Initializer):
         self.name = name
         self.timeout = timeout
 
-    def __call__(self, shape, dtype=None):
+    def __call__(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         """Fetches the whole tensor of this `shape`, in `dtype` (default: keras floatx)."""
         dtype = keras.backend.standardize_dtype(dtype)
         spec = {
@@ -186,7 +197,7 @@ class Initializer(keras.initializers.Initializer):
         )
         return keras.ops.convert_to_tensor(fetched[0][whole], dtype=dtype)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "init": self.init,
             "seed": self.seed,
