@@ -70,6 +70,9 @@ def init_params(
     paths = [_path_name(path) for path, _ in entries]
     _rules.check_names(names, paths)
     values = [_unboxed(leaf) for _, leaf in entries]
+    for path, value in zip(paths, values):
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise ValueError(f"abstract_params: {path} has no shape and dtype: {value!r}")
     shapes = {path: tuple(value.shape) for path, value in zip(paths, values)}
 
     tensors, missing = [], []

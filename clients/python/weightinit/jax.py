@@ -96,6 +96,8 @@ def make_arrays(
                 f"sharding of {spec['name']!r}: must be a jax.sharding.Sharding, "
                 f"got {type(sharding).__name__}"
             )
+        if "dtype" not in spec or "slice" in spec:
+            raise ValueError(f"tensors: {spec.get('name')!r} needs a dtype and no slice")
         shape = _rules.view_shape(spec)
         indices = sharding.addressable_devices_indices_map(shape)
         planned.append(

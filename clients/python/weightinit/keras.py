@@ -87,6 +87,8 @@ def init_model(
         those weightinit.torch.init_module gives that model with the same seed. Weights of other
         layers need rules.
     names: {path: tensor name} or a callable path -> name; paths it leaves out keep their own.
+        Without like, a weight whose layer was given a weightinit.keras.Initializer keeps that
+        initializer's name (and its init unless a rule matches): the values it was built with.
     timeout: seconds per Generate call. security: a weightinit.Security, None for plaintext.
 
     Raises ValueError, before anything is fetched, for an unbuilt model, a weight without an
