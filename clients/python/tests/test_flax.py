@@ -109,6 +109,9 @@ def test_leaves_without_an_init_are_named_before_anything_is_fetched():
         wf.init_params(abstract, SEED, NOWHERE)
     with pytest.raises(ValueError, match=r"names: no parameter has the paths \['atn/kernel'\]"):
         wf.init_params(abstract, SEED, NOWHERE, rules=[("*", {"zeros": {}})], names={"atn/kernel": "x"})  # fmt: skip
+    twice = {"attn/kernel": "x", "gate": "x"}
+    with pytest.raises(ValueError, match=r"these are used twice: \['x'\]"):
+        wf.init_params(abstract, SEED, NOWHERE, rules=[("*", {"zeros": {}})], names=twice)
     with pytest.raises(ValueError, match='like: must be None or "torch"'):
         wf.init_params(abstract, SEED, NOWHERE, like="keras")
 

@@ -9,6 +9,8 @@ pieces go out in rounds, one Generate per round: round r holds every tensor's r-
 """
 
 import math
+from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,39 +26,47 @@ def fetch_blocks(seed, tensors, target, *, timeout=None, security=None):
     The arrays are views of the fetched pieces, in the spec's dtype (bfloat16 as
     ml_dtypes.bfloat16).
     """
-    names = [spec["name"] for spec, _ in tensors]
-    twice = sorted({name for name in names if names.count(name) > 1})
+    counts = Counter(spec["name"] for spec, _ in tensors)
+    twice = sorted(name for name, count in counts.items() if count > 1)
     if twice:
         raise ValueError(f"tensor names must be unique, these are used twice: {twice}")
     plans = []
     for spec, blocks in tensors:
         shape = _rules.view_shape(spec)
         distinct = list(dict.fromkeys(_check_block(block, shape, spec["name"]) for block in blocks))
-        plans.append((spec, shape, distinct, _pieces(distinct)))
+        plans.append(_Plan(spec, shape, distinct, _pieces(distinct)))
 
-    fetched = [{} for _ in tensors]
-    for round_ in range(max((len(plan[3]) for plan in plans), default=0)):
-        wanted = [
-            (i, plan, plan[3][round_]) for i, plan in enumerate(plans) if round_ < len(plan[3])
-        ]
+    fetched = [{} for _ in plans]
+    for round_ in range(max((len(plan.pieces) for plan in plans), default=0)):
+        wanted = [(i, plan) for i, plan in enumerate(plans) if round_ < len(plan.pieces)]
         request = {
             "seed": seed,
-            "tensors": [_sliced(spec, shape, piece) for _, (spec, shape, _, _), piece in wanted],
+            "tensors": [_sliced(plan.spec, plan.shape, plan.pieces[round_]) for _, plan in wanted],
         }
         arrays = fetch(request, target, timeout=timeout, security=security)
-        for i, (spec, _, _, _), piece in wanted:
-            fetched[i][piece] = _as_numpy(arrays[spec["name"]], spec, piece)
+        for i, plan in wanted:
+            piece = plan.pieces[round_]
+            fetched[i][piece] = _as_numpy(arrays[plan.spec["name"]], plan.spec, piece)
 
     results = []
-    for (_, _, distinct, pieces), arrays in zip(plans, fetched):
+    for plan, arrays in zip(plans, fetched):
         out = {}
-        for block in distinct:
-            piece = next(p for p in pieces if _contains(p, block))
+        for block in plan.blocks:
+            piece = next(p for p in plan.pieces if _contains(p, block))
             out[block] = arrays[piece][
                 tuple(slice(b0 - p0, b1 - p0) for (b0, b1), (p0, _) in zip(block, piece))
             ]
         results.append(out)
     return results
+
+
+class _Plan(NamedTuple):
+    """One tensor: its spec, view shape, distinct blocks and the pieces that hold them."""
+
+    spec: dict
+    shape: tuple
+    blocks: list
+    pieces: list
 
 
 def _check_block(block, shape, name):
