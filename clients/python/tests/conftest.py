@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 
+# Before anything imports jax or keras: 8 fake CPU devices for the sharding tests, and JAX as
+# Keras's backend (all test modules share one process).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 REPO = Path(__file__).resolve().parents[3]
 _LISTENING = re.compile(r"weightinit listening on (127\.0\.0\.1:\d+)")
 

@@ -4,7 +4,9 @@
     arrays = weightinit.fetch(request, "127.0.0.1:50051")    # {name: numpy.ndarray}
 
 `security=weightinit.Security(...)` adds TLS, mutual TLS or a bearer token to any call.
-`weightinit.torch` (imported on first use) initializes torch modules in place.
+`weightinit.torch` (imported on first use) initializes torch modules in place; `weightinit.jax`,
+`weightinit.flax` and `weightinit.keras` do the same for sharded jax.Arrays, Flax parameters and
+Keras 3 models.
 
 The generated gRPC stubs live in `weightinit/_proto/weightinit/v1/` exactly as grpc_tools.protoc
 writes them; they import each other as `weightinit.v1`, the proto package, so that directory is
@@ -24,7 +26,8 @@ __all__ = ["IntegrityError", "Security", "describe", "digest", "fetch", "read_st
 
 
 def __getattr__(name):
-    """Imports `weightinit.torch` on first access, so that torch stays optional."""
-    if name == "torch":
-        return importlib.import_module(".torch", __name__)
+    """Imports `weightinit.torch`, `.jax`, `.flax` or `.keras` on first access, so that the
+    frameworks stay optional."""
+    if name in ("torch", "jax", "flax", "keras"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,156 @@
+"""Framework-neutral pieces of weightinit.jax, .flax and .keras (numpy only): rules, dtypes, and
+the TensorSpec fields that give a [*kernel, in, out] kernel the values of a PyTorch layer."""
+
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from weightinit.v1 import weightinit_pb2 as pb
+
+# Keys that make a rule's value an Init (a scheme) rather than TensorSpec overrides, and the
+# proto3 JSON name of every TensorSpec field under either of its spellings.
+INIT_KEYS = {key for f in pb.Init.DESCRIPTOR.fields for key in (f.name, f.json_name)}
+SPEC_KEYS = {
+    key: f.json_name for f in pb.TensorSpec.DESCRIPTOR.fields for key in (f.name, f.json_name)
+}
+
+# A rule: (glob or compiled regex on the path, scheme or TensorSpec fields), as in weightinit.torch.
+Rules = Sequence[tuple[str | re.Pattern[str], Mapping[str, Any]]]
+# Framework paths to tensor names: a mapping (paths left out keep their own) or a function.
+Names = Mapping[str, str] | Callable[[str], str]
+
+_DTYPE_NAMES = {
+    "float32": "DTYPE_FLOAT32",
+    "float64": "DTYPE_FLOAT64",
+    "float16": "DTYPE_FLOAT16",
+    "bfloat16": "DTYPE_BFLOAT16",
+}
+_LAYOUTS = {"torch": "LAYOUT_TORCH", "keras": "LAYOUT_KERAS"}
+
+
+def check_seed(seed):
+    """Raises ValueError unless seed is an int in the u64 range."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: must be an int in 0..2**64-1, got {seed!r}")
+
+
+def check_like(like):
+    """Raises ValueError unless like is None or "torch"."""
+    if like not in (None, "torch"):
+        raise ValueError(f'like: must be None or "torch", got {like!r}')
+
+
+def as_spec(value, what):
+    """A rule's value as TensorSpec fields: a value whose keys are all scheme names is the Init
+    ({"heNormal": {}}); any other dict overrides fields ({"init": ..., "fanIn": "64"})."""
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{what}: must be a scheme or TensorSpec fields (a dict), got {value!r}")
+    if set(value) <= INIT_KEYS:
+        return {"init": dict(value)}
+    unknown = sorted(set(value) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{what}: {unknown} are neither schemes nor TensorSpec fields")
+    return {SPEC_KEYS[key]: field for key, field in value.items()}
+
+
+def rule_for(name, rules):
+    """The TensorSpec overrides of the first rule matching `name`, {} if none does. A str pattern
+    is a glob on the whole name, a compiled re.Pattern is searched in it."""
+    for pattern, value in rules:
+        if isinstance(pattern, re.Pattern):
+            matched = pattern.search(name) is not None
+        else:
+            matched = fnmatch.fnmatchcase(name, pattern)
+        if matched:
+            return as_spec(value, f"rules[{pattern!r}]")
+    return {}
+
+
+def request_name(path, names):
+    """The tensor name of the parameter at `path`: names[path] or names(path), else the path."""
+    if names is None:
+        return path
+    if isinstance(names, Mapping):
+        return names.get(path, path)
+    return names(path)
+
+
+def check_names(names, paths):
+    """Raises ValueError if `names` is neither None, a Mapping nor a callable, or maps a path that
+    is not one of `paths` (a misspelt path would otherwise be silently ignored)."""
+    if names is None or isinstance(names, Callable) and not isinstance(names, Mapping):
+        return
+    if not isinstance(names, Mapping):
+        raise TypeError(f"names: must be a mapping or a callable, got {type(names).__name__}")
+    unknown = sorted(set(names) - set(paths))
+    if unknown:
+        raise ValueError(f"names: no parameter has the paths {unknown}; paths are {list(paths)}")
+
+
+def dtype_name(dtype, what):
+    """The DType name of a numpy-compatible dtype (jnp.bfloat16, "float32", np.float16, ...)."""
+    try:
+        key = np.dtype(dtype).name
+    except TypeError:
+        key = str(dtype)
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"{what}: weightinit serves {sorted(_DTYPE_NAMES)}, not {dtype}")
+    return _DTYPE_NAMES[key]
+
+
+def numpy_dtype(name):
+    """The numpy dtype of a DType name; bfloat16 is ml_dtypes.bfloat16 (what jnp.bfloat16 is)."""
+    if name == "DTYPE_BFLOAT16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({v: k for k, v in _DTYPE_NAMES.items()}[name])
+
+
+def layout_name(layout):
+    """The Layout name of "torch" or "keras"; None stays None (the server's default, TORCH)."""
+    if layout is None:
+        return None
+    if layout not in _LAYOUTS:
+        raise ValueError(f'layout: must be "torch", "keras" or None, got {layout!r}')
+    return _LAYOUTS[layout]
+
+
+def view_shape(spec):
+    """The shape of what the server sends for `spec` without a slice: shape, permuted."""
+    shape = [int(n) for n in spec["shape"]]
+    permute = spec.get("permute")
+    return tuple(shape[p] for p in permute) if permute else tuple(shape)
+
+
+def torch_kernel(shape):
+    """TensorSpec fields giving a [*kernel, in, out] kernel the values of the PyTorch weight
+    [out, in, *kernel] of the same name (Linear, ConvNd): that tensor with torch's default init,
+    served through the permute that maps it back (Dense [1, 0], 2-D conv [2, 3, 1, 0])."""
+    rank = len(shape)
+    return {
+        "shape": [shape[-1], shape[-2], *shape[:-2]],
+        "permute": [*range(2, rank), 1, 0],
+        "layout": "LAYOUT_TORCH",
+        "init": {"torchDefault": {}},
+    }
+
+
+def torch_bias(kernel_shape):
+    """TensorSpec fields of the bias of a layer with a [*kernel, in, out] kernel, as PyTorch
+    initializes it: torchDefaultBias with fanIn = in * prod(kernel)."""
+    return {
+        "init": {"torchDefaultBias": {}},
+        "fanIn": str(kernel_shape[-2] * math.prod(kernel_shape[:-2])),
+    }
+
+
+def missing_init_error(missing, example):
+    """The ValueError for parameters that got no init."""
+    return ValueError(
+        "no initializer for " + ", ".join(missing) + f": add rules, e.g. rules=[{example}]"
+    )

@@ -1,0 +1,161 @@
+"""Global, sharded jax.Arrays from a weightinit server.
+
+    import weightinit.jax
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    w = weightinit.jax.make_array(
+        "fc.kernel", (1024, 512), {"glorotUniform": {}}, NamedSharding(mesh, P(None, "model")),
+        seed=42, target="127.0.0.1:50051", layout="keras",
+    )
+
+Each process fetches only the blocks its own devices hold, and each distinct block once: the
+copies of a replicated block are fetched once and placed on every device that holds them.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from . import _blocks, _rules
+from .security import Security
+
+
+def make_array(
+    name: str,
+    shape: Sequence[int],
+    init: Mapping[str, Any],
+    sharding: jax.sharding.Sharding,
+    *,
+    seed: int,
+    target: str,
+    dtype: DTypeLike | None = None,
+    layout: str | None = None,
+    permute: Sequence[int] | None = None,
+    fan_in: int | None = None,
+    fan_out: int | None = None,
+    timeout: float | None = None,
+    security: Security | None = None,
+) -> jax.Array:
+    """Returns the tensor `name` as a global jax.Array laid out by `sharding`.
+
+    name: the tensor's name; with the seed it keys the tensor's values.
+    shape: the tensor's shape, from which (with the layout) its fans come.
+    init: the scheme in proto3 JSON form, e.g. {"heNormal": {}} or {"normal": {"std": 0.02}}.
+    sharding: any jax.sharding.Sharding of the array (NamedSharding on any mesh, replicated or
+        partially specified, SingleDeviceSharding, ...).
+    seed: the experiment's seed (u64). target: the server, "host:port".
+    dtype: float32 (default), bfloat16, float16 or float64 (needs jax_enable_x64).
+    layout: "torch" ([out, in, *kernel]), "keras" ([*kernel, in, out]) or None for the
+        server's default (torch); only the fans depend on it.
+    permute: the array is numpy.transpose(tensor, permute), of shape [shape[p] for p in permute]:
+        a torch weight [out, in] as a [in, out] kernel is shape (out, in), permute (1, 0).
+    fan_in, fan_out: replace the fans computed from shape and layout (a bias's fan_in).
+    timeout: seconds per Generate call. security: a weightinit.Security, None for plaintext.
+
+    Raises ValueError for bad arguments before anything is fetched.
+    """
+    spec = {
+        "name": name,
+        "shape": _check_shape(shape),
+        "init": init,
+        "dtype": _dtype_name(dtype or jnp.float32, "dtype"),
+    }
+    if layout is not None:
+        spec["layout"] = _rules.layout_name(layout)
+    if permute is not None:
+        spec["permute"] = _check_permute(permute, len(spec["shape"]))
+    for key, fan in (("fanIn", fan_in), ("fanOut", fan_out)):
+        if fan is not None:
+            if isinstance(fan, bool) or not isinstance(fan, int) or fan < 0:
+                raise ValueError(f"{key}: must be an int >= 0, got {fan!r}")
+            spec[key] = str(fan)
+    return make_arrays(seed, [(spec, sharding)], target, timeout=timeout, security=security)[0]
+
+
+def make_arrays(
+    seed: int,
+    tensors: Sequence[tuple[Mapping[str, Any], jax.sharding.Sharding]],
+    target: str,
+    *,
+    timeout: float | None = None,
+    security: Security | None = None,
+) -> list[jax.Array]:
+    """Returns one jax.Array per (spec, sharding) of `tensors`, fetched together: the distinct
+    blocks of all tensors in as few Generate calls as possible.
+
+    spec: a TensorSpec in proto3 JSON form with name, shape, init and dtype (a DType name) set,
+        and no slice; the array is its view (the shape, permuted).
+    """
+    _rules.check_seed(seed)
+    planned = []
+    for spec, sharding in tensors:
+        if not isinstance(sharding, jax.sharding.Sharding):
+            raise TypeError(
+                f"sharding of {spec['name']!r}: must be a jax.sharding.Sharding, "
+                f"got {type(sharding).__name__}"
+            )
+        if "dtype" not in spec or "slice" in spec:
+            raise ValueError(f"tensors: {spec.get('name')!r} needs a dtype and no slice")
+        shape = _rules.view_shape(spec)
+        indices = sharding.addressable_devices_indices_map(shape)
+        planned.append(
+            (spec, sharding, shape, [_block(index, shape) for index in indices.values()])
+        )
+
+    fetched = _blocks.fetch_blocks(
+        seed,
+        [(spec, blocks) for spec, _, _, blocks in planned],
+        target,
+        timeout=timeout,
+        security=security,
+    )
+    return [
+        jax.make_array_from_callback(
+            shape,
+            sharding,
+            lambda index, shape=shape, blocks=blocks: blocks[_block(index, shape)],
+            dtype=_rules.numpy_dtype(spec["dtype"]),
+        )
+        for (spec, sharding, shape, _), blocks in zip(planned, fetched)
+    ]
+
+
+def _dtype_name(dtype, what):
+    """The DType name of a jax dtype; float64 only where jax keeps it (jax_enable_x64)."""
+    name = _rules.dtype_name(dtype, what)
+    if name == "DTYPE_FLOAT64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"{what}: float64 arrays need jax.config.update('jax_enable_x64', True); "
+            "without it JAX would silently store float32"
+        )
+    return name
+
+
+def _block(index, shape):
+    """A device's index (a tuple of slices) as a block: ((start, stop), ...) per dimension."""
+    block = []
+    for piece, n in zip(index, shape):
+        start, stop, step = piece.indices(n)
+        if step != 1:
+            raise ValueError(f"a sharding index with step {step} is not a block")
+        block.append((start, max(start, stop)))
+    return tuple(block)
+
+
+def _check_shape(shape):
+    try:
+        dims = [int(n) for n in shape]
+    except (TypeError, ValueError):
+        raise ValueError(f"shape: must be a sequence of ints >= 0, got {shape!r}") from None
+    if any(n < 0 or n != d for n, d in zip(dims, shape)):
+        raise ValueError(f"shape: must be a sequence of ints >= 0, got {shape!r}")
+    return dims
+
+
+def _check_permute(permute, rank):
+    axes = [int(p) for p in permute]
+    if sorted(axes) != list(range(rank)):
+        raise ValueError(f"permute: must be a permutation of 0..{rank - 1}, got {permute!r}")
+    return axes
