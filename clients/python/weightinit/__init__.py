@@ -19,9 +19,9 @@ import os
 
 __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
-from .client import Client, IntegrityError, describe, digest, fetch, read_stream  # noqa: E402
-from .request import to_message  # noqa: E402
-from .security import Security  # noqa: E402
+from .client import Client, IntegrityError, describe, digest, fetch, read_stream
+from .request import to_message
+from .security import Security
 
 __all__ = [
     "Client",
