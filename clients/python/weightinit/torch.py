@@ -17,7 +17,6 @@ are filled in place from their placements: each process fetches only the block i
 """
 
 import fnmatch
-import itertools
 import math
 import re
 import sys
@@ -492,7 +491,7 @@ def _dtensor_block(name, param):
             pieces = _chunk(indices[placement.dim], placement.split_factor)
             indices[placement.dim] = _concat([_chunk(p, count)[index] for p in pieces])
         elif placement.is_shard():
-            indices[placement.dim] = _chunk(indices[placement.dim], count)[index]
+            indices[placement.dim] = _concat([_chunk(indices[placement.dim], count)[index]])
         else:
             raise ValueError(
                 f"{name}: placement {placement} on mesh dim {mesh_dim} is not supported: "
@@ -522,16 +521,12 @@ def _chunk(indices, count):
 
 
 def _concat(pieces):
-    """The pieces joined: a range when they are contiguous, else a list."""
-    pieces = [piece for piece in pieces if len(piece)]
-    if not pieces:
-        return range(0)
-    contiguous = all(isinstance(piece, range) for piece in pieces) and all(
-        a.stop == b.start for a, b in itertools.pairwise(pieces)
-    )
-    if contiguous:
-        return range(pieces[0].start, pieces[-1].stop)
-    return [i for piece in pieces for i in piece]
+    """The pieces of indices joined, as a range when they are contiguous."""
+    joined = [i for piece in pieces for i in piece]
+    start = joined[0] if joined else 0
+    if joined == list(range(start, start + len(joined))):
+        return range(start, start + len(joined))
+    return joined
 
 
 def _padding_rows(module):
