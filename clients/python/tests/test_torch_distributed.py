@@ -5,7 +5,9 @@ equal a single-process init bit for bit, and every rank must have fetched only i
 import os
 import socket
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
+from typing import NamedTuple
 
 import pytest
 
@@ -16,6 +18,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import torch.multiprocessing as mp
+from test_torch_models import LLAMA_RULES, llama
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -74,9 +77,13 @@ def tensor_parallel(mesh_shape):
     return parallelize_module(model, mesh, plan)
 
 
+def uneven():
+    return nn.Sequential(nn.Linear(9, 5), nn.Embedding(7, 3, padding_idx=5), nn.Linear(3, 2))
+
+
 def distributed_tensors(mesh_shape):
     """Parameters distributed by hand: Shard(0), Shard(1), Replicate, with uneven sizes."""
-    model = nn.Sequential(nn.Linear(9, 5), nn.Embedding(7, 3, padding_idx=5), nn.Linear(3, 2))
+    model = uneven()
     mesh = init_device_mesh("cpu", mesh_shape)
     placements = {
         "0.weight": Shard(1),
@@ -109,16 +116,36 @@ def ddp(mesh_shape):
     return nn.parallel.DistributedDataParallel(mlp())
 
 
+def llama_fsdp2_from_meta(mesh_shape):
+    """A transformers Llama (tied embeddings), FSDP2 per decoder layer and at the root."""
+    with torch.device("meta"):
+        model = llama()
+    mesh = init_device_mesh("cpu", mesh_shape)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    return model
+
+
+class Scenario(NamedTuple):
+    build: Callable  # (mesh shape) -> the model of one rank
+    mesh_shape: tuple
+    plain: Callable  # () -> the same model, plain, for the single-process init
+    rules: list | None = None
+
+
 # Scenarios by world size: the ranks of one world run them all, one after the other.
 SCENARIOS = {
     2: {
-        "fsdp2_from_meta": (fsdp2_from_meta, (2,)),
-        "tensor_parallel": (tensor_parallel, (2,)),
-        "ddp": (ddp, (2,)),
+        "fsdp2_from_meta": Scenario(fsdp2_from_meta, (2,), mlp),
+        "tensor_parallel": Scenario(tensor_parallel, (2,), mlp),
+        "ddp": Scenario(ddp, (2,), mlp),
+        "llama_fsdp2_from_meta": Scenario(llama_fsdp2_from_meta, (2,), llama, LLAMA_RULES),
     },
     4: {
-        "distribute_tensor": (distributed_tensors, (4,)),
-        "fsdp2_over_tp_from_meta": (fsdp2_over_tp_from_meta, (2, 2)),
+        "distribute_tensor": Scenario(distributed_tensors, (4,), uneven),
+        "fsdp2_over_tp_from_meta": Scenario(fsdp2_over_tp_from_meta, (2, 2), mlp),
     },
 }
 
@@ -132,11 +159,11 @@ def _rank(rank, world_size, port, target, directory):
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=TIMEOUT)
         )
         try:
-            for scenario, (build, mesh_shape) in SCENARIOS[world_size].items():
+            for scenario, case in SCENARIOS[world_size].items():
                 torch.manual_seed(100 + rank)  # every rank starts from different values
-                model = build(mesh_shape)
+                model = case.build(case.mesh_shape)
                 with RecordingClient(target) as client:
-                    wt.init_module(model, SEED, client)
+                    wt.init_module(model, SEED, client, rules=case.rules)
                 params = [p for _, p in model.named_parameters()]
                 names = [name for name, _, _ in client.fetched]
                 full = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
@@ -208,19 +235,15 @@ def worlds(target, tmp_path_factory):
     return get
 
 
-def _single_process(build, target):
-    model = build()
-    wt.init_module(model, SEED, target, timeout=TIMEOUT)
-    return {name: p.detach() for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize(
     "world_size, scenario", [(size, name) for size, names in SCENARIOS.items() for name in names]
 )
 def test_full_tensors_equal_the_single_process_init(world_size, scenario, worlds, target):
     ranks = worlds(world_size)[scenario]
-    single = distributed_tensors if scenario == "distribute_tensor" else mlp
-    expected = _single_process(lambda: _plain(single), target)
+    case = SCENARIOS[world_size][scenario]
+    plain = case.plain()
+    wt.init_module(plain, SEED, target, rules=case.rules, timeout=TIMEOUT)
+    expected = {name: param.detach() for name, param in plain.named_parameters()}
     for rank, saved in enumerate(ranks):
         assert list(saved["full"]) == list(expected), rank
         for name, value in saved["full"].items():
@@ -229,13 +252,6 @@ def test_full_tensors_equal_the_single_process_init(world_size, scenario, worlds
     if scenario != "ddp":
         assert ranks[0]["dtensors"], "the scenario has no DTensor parameters"
     _check_each_rank_fetched_only_its_block(ranks)
-
-
-def _plain(build):
-    """The scenario's model as plain parameters, on one process: the same layers."""
-    if build is distributed_tensors:
-        return nn.Sequential(nn.Linear(9, 5), nn.Embedding(7, 3, padding_idx=5), nn.Linear(3, 2))
-    return build()
 
 
 def _check_each_rank_fetched_only_its_block(ranks):

@@ -6,8 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import weightinit  # noqa: E402
-import weightinit.torch as wt  # noqa: E402
+import weightinit
+import weightinit.torch as wt
 
 SEED = 4242
 TIMEOUT = 60
