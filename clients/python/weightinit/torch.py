@@ -121,7 +121,8 @@ def init_module(
     security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
 
     The module must be materialized: parameters on the meta device are an error (call
-    `module.to_empty(device=...)` first). Before building the request, models that declare tied
+    `module.to_empty(device=...)` first), except when sharding with a plan, which reads shapes
+    only. Before building the request, models that declare tied
     weights the way transformers does (`tie_weights()`, `_tied_weights_keys`) are tied again, as
     `to_empty` unties them; a tied parameter is fetched once.
 
@@ -133,11 +134,13 @@ def init_module(
     UserWarning names every other buffer, which init_module leaves as it is.
 
     Sharded, with rank and world_size and/or plan (plain tensors only): leaves the module
-    untouched and returns {name: local shard}, plain tensors (requires_grad False). The default
+    untouched and returns {name: local shard} (names as module.named_parameters() gives them),
+    plain tensors (requires_grad False). The default
     plan, from rank and world_size, shards every parameter of rank >= 1 along dim 0 with
     torch.chunk semantics ({"shard": {"dim": 0, "index": rank, "count": world_size}}) and sends
-    0-d ones whole. plan(name, parameter) returns a Slice in proto3 JSON form ({"shard": ...},
-    {"dims": ...} or {"flat": ...}), or None for the whole tensor.
+    0-d ones whole. plan(name, parameter), `name` as the request names the tensor (before the
+    prefix), returns a Slice in proto3 JSON form ({"shard": ...}, {"dims": ...} or {"flat":
+    ...}), or None for the whole tensor.
     """
     if (rank is None) != (world_size is None):
         raise ValueError("rank and world_size go together")
@@ -146,14 +149,14 @@ def init_module(
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if plan is None:
             plan = shard_plan(rank, world_size)
-    client = _client(target, security)
-    _check_materialized(module)
+    _check_materialized(module, meta_ok=plan is not None)
     if plan is None:
         _tie_declared_weights(module)
     request = build_request(module, seed, rules, dtype, plan, recipe=recipe, prefix=prefix)
     params = dict(module.named_parameters())
     specs = dict(zip(params, request["tensors"]))
     padding = _padding_rows(module)
+    client = _client(target, security)
 
     if plan is not None:
         fetched = client.fetch(request, timeout=timeout)
@@ -161,7 +164,7 @@ def init_module(
         for name, spec in specs.items():
             shard = _as_tensor(fetched[spec["name"]])
             _zero_rows(padding.get(id(params[name]), ()), params[name], shard, spec.get("slice"))
-            shards[spec["name"]] = shard
+            shards[name] = shard
         return shards
 
     with torch.no_grad():
@@ -253,7 +256,7 @@ def build_request(
                 )
             piece = _dtensor_block(qualified, param)
         else:
-            piece = None if plan is None else plan(qualified, param)
+            piece = None if plan is None else plan(name, param)
         if piece is not None:
             spec["slice"] = piece
         spec.update(_rule_for(name, rules))
@@ -283,8 +286,9 @@ def _client(target, security):
     return shared_client(target, security)
 
 
-def _check_materialized(module):
-    """ValueError naming the parameters that hold no memory yet: on the meta device, or lazy."""
+def _check_materialized(module, meta_ok):
+    """ValueError naming the parameters that hold no memory yet: lazy ones (no shape either),
+    and unless `meta_ok`, those on the meta device."""
     lazy = [n for n, p in module.named_parameters() if isinstance(p, nn.UninitializedParameter)]
     if lazy:
         raise ValueError(
@@ -292,7 +296,7 @@ def _check_materialized(module):
             "to give them their shapes first"
         )
     meta = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
-    if meta:
+    if meta and not meta_ok:
         shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
         raise ValueError(
             f"{shown} are on the meta device: call module.to_empty(device=...) first, then "
