@@ -164,13 +164,17 @@ def _rank(rank, world_size, port, target, directory):
                 model = case.build(case.mesh_shape)
                 with RecordingClient(target) as client:
                     wt.init_module(model, SEED, client, rules=case.rules)
+                    # What each rank holds, proved against the server's digests of its blocks.
+                    server = client.digest(wt.build_request(model, SEED, case.rules))
                 params = [p for _, p in model.named_parameters()]
                 names = [name for name, _, _ in client.fetched]
                 full = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
                 local = [
                     tuple(p.to_local().shape if isinstance(p, DTensor) else p.shape) for p in params
                 ]
+                proved = [wt.tensor_digest(p) == server[n] for n, p in zip(names, params)]
                 saved = {
+                    "proved": dict(zip(names, proved)),
                     "full": dict(zip(names, full)),
                     "local": dict(zip(names, local)),
                     "dtensors": [n for n, p in zip(names, params) if isinstance(p, DTensor)],
@@ -251,6 +255,10 @@ def test_full_tensors_equal_the_single_process_init(world_size, scenario, worlds
             assert torch.equal(value, expected[name]), f"rank {rank}: {name} differs"
     if scenario != "ddp":
         assert ranks[0]["dtensors"], "the scenario has no DTensor parameters"
+    padded = {"1.weight"} if scenario == "distribute_tensor" else set()  # padding_idx row zeroed
+    for rank, saved in enumerate(ranks):
+        unproved = {name for name, ok in saved["proved"].items() if not ok}
+        assert unproved <= padded, f"rank {rank}: {unproved} differ from the server's digests"
     _check_each_rank_fetched_only_its_block(ranks)
 
 

@@ -154,6 +154,16 @@ def test_compiled_model_gets_the_unwrapped_weights(target):
         assert torch.equal(param, expected)
 
 
+def test_checkpoint_wrapper_leaves_the_names():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = mlp()
+    model[0] = checkpoint_wrapper(model[0])
+    assert "0._checkpoint_wrapped_module.weight" in dict(model.named_parameters())
+    names = [spec["name"] for spec in wt.build_request(model, SEED)["tensors"]]
+    assert names == [name for name, _ in mlp().named_parameters()]
+
+
 def test_a_submodule_named_module_is_not_a_wrapper():
     model = nn.Sequential()
     model.add_module("module", nn.Linear(2, 2))

@@ -157,6 +157,8 @@ def init_module(
     specs = dict(zip(params, request["tensors"]))
     padding = _padding_rows(module)
     client = _client(target, security)
+    if not params:
+        return {}
 
     if plan is not None:
         fetched = client.fetch(request, timeout=timeout)
