@@ -147,6 +147,7 @@ def test_largest_seed_and_its_string_form_are_accepted():
         (("*", {"zeros": {}, "fanIn": "3"}), r"rules\[0\] \('\*'\): mixes scheme keys \['zeros'\]"),
         (("*", {"fan_inn": "3"}), r"\['fan_inn'\] are neither schemes nor TensorSpec fields"),
         (("*", {"name": "other"}), r"\['name'\] are neither"),
+        (("*", {"permute": [1, 0]}), r"\['permute'\] are neither"),
         (("*", {}), "the value is empty"),
         (("*",), "must be a \\(pattern, value\\) pair"),
     ],

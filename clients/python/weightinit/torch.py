@@ -84,13 +84,14 @@ _WRAPPERS = (
 )
 
 # Keys that make a rule's value an Init (a scheme) rather than TensorSpec overrides, and the
-# proto3 JSON name of every TensorSpec field a rule may set under either of its spellings
-# (a tensor's name and shape are the model's).
+# proto3 JSON name of every TensorSpec field a rule may set under either of its spellings. The
+# name and shape are the parameter's; what is fetched of it (slice) is the plan's or the
+# DTensor's; a permuted view would not have the parameter's shape.
 _INIT_KEYS = {key for f in pb.Init.DESCRIPTOR.fields for key in (f.name, f.json_name)}
 _SPEC_KEYS = {
     key: f.json_name
     for f in pb.TensorSpec.DESCRIPTOR.fields
-    if f.name not in ("name", "shape")
+    if f.name not in ("name", "shape", "slice", "permute")
     for key in (f.name, f.json_name)
 }
 
