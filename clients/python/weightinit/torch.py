@@ -484,7 +484,10 @@ def _dtensor_block(name, param):
     left of dim d with torch.chunk semantics (uneven and empty chunks included, nested Shards of
     one dim too); a _StridedShard (FSDP2 over tensor parallel) splits each of its split_factor
     pieces and keeps this rank's part of each. The block must be contiguous in every dim."""
-    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.distributed.tensor import placement_types
+
+    # FSDP2's placement for a dim that tensor parallel shards too; private, so looked up softly.
+    strided = getattr(placement_types, "_StridedShard", ())
 
     coordinate = param.device_mesh.get_coordinate()
     if coordinate is None:
@@ -494,8 +497,8 @@ def _dtensor_block(name, param):
         count, index = param.device_mesh.size(mesh_dim), coordinate[mesh_dim]
         if placement.is_replicate():
             continue
-        if isinstance(placement, _StridedShard):
-            pieces = _chunk(indices[placement.dim], placement.split_factor)
+        if isinstance(placement, strided):
+            pieces = _chunk(indices[placement.dim], int(placement.split_factor))
             indices[placement.dim] = _concat([_chunk(p, count)[index] for p in pieces])
         elif placement.is_shard():
             indices[placement.dim] = _concat([_chunk(indices[placement.dim], count)[index]])
