@@ -22,12 +22,13 @@ import torch.multiprocessing as mp
 from test_torch_models import LLAMA_RULES, llama
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
     parallelize_module,
 )
+from torch.distributed.tensor.placement_types import _StridedShard
 
 import weightinit
 import weightinit.torch as wt
@@ -197,12 +198,33 @@ def _rank(rank, world_size, port, target, directory):
                     "fetched": client.fetched,
                 }
                 torch.save(saved, os.path.join(directory, f"{scenario}.rank{rank}.pt"))
+            if world_size == 2:
+                refused = _refusals(init_device_mesh("cpu", (2,)))
+                torch.save(refused, os.path.join(directory, f"refusals.rank{rank}.pt"))
         finally:
             dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(directory, f"rank{rank}.error"), "w") as file:
             file.write(traceback.format_exc())
         raise
+
+
+def _refusals(mesh):
+    """The ValueError messages of build_request for placements weightinit does not fill."""
+    placements = {
+        "partial": (DTensor.from_local, [Partial()]),
+        # Rows 0, 1, 4, 5 on rank 0: not one block.
+        "scattered": (distribute_tensor, [_StridedShard(0, split_factor=2)]),
+    }
+    messages = {}
+    for label, (make, placement) in placements.items():
+        layer = nn.Linear(2, 8, bias=False)
+        layer.weight = nn.Parameter(make(torch.zeros(8, 2), mesh, placement))
+        try:
+            wt.build_request(layer, SEED)
+        except ValueError as error:
+            messages[label] = str(error)
+    return messages
 
 
 def _free_port():
@@ -236,9 +258,10 @@ def run_world(world_size, target, directory):
     if hung:
         pytest.fail(f"ranks {hung} did not finish within {JOIN_SECONDS} s")
     assert [p.exitcode for p in processes] == [0] * world_size
+    names = [*SCENARIOS[world_size], *(["refusals"] if world_size == 2 else [])]
     return {
-        scenario: [torch.load(directory / f"{scenario}.rank{r}.pt") for r in range(world_size)]
-        for scenario in SCENARIOS[world_size]
+        name: [torch.load(directory / f"{name}.rank{r}.pt") for r in range(world_size)]
+        for name in names
     }
 
 
@@ -288,3 +311,10 @@ def _check_each_rank_fetched_only_its_block(ranks):
             assert shape == saved["local"][name], f"rank {rank} fetched {shape} of {name}"
             if shape != tuple(saved["full"][name].shape):
                 assert "dims" in piece, (rank, name, piece)
+
+
+def test_placements_that_give_no_single_block_are_refused(worlds):
+    for messages in worlds(2)["refusals"]:
+        assert "weight: placement Partial" in messages["partial"]
+        assert "is not supported: weightinit fills Shard and Replicate" in messages["partial"]
+        assert "not one contiguous range; redistribute" in messages["scattered"]

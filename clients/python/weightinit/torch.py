@@ -504,7 +504,7 @@ def _dtensor_block(name, param):
             indices[placement.dim] = _concat([_chunk(indices[placement.dim], count)[index]])
         else:
             raise ValueError(
-                f"{name}: placement {placement} on mesh dim {mesh_dim} is not supported: "
+                f"{name}: placement {placement!r} on mesh dim {mesh_dim} is not supported: "
                 "weightinit fills Shard and Replicate placements"
             )
     scattered = [dim for dim, held in enumerate(indices) if not isinstance(held, range)]
