@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""Two CPU ranks initialize the same model from a weightinit server and prove they agree.
+"""Two CPU ranks initialize an FSDP2-sharded model from a weightinit server and prove it is
+the server's model.
 
     python examples/torch_distributed_init.py --target 127.0.0.1:50051
 
 Needs the Python client with torch: pip install "./clients/python[torch]".
 
 torch.multiprocessing.spawn starts the ranks; they join a torch.distributed process group (gloo,
-over 127.0.0.1). Each rank seeds torch's own RNG differently, so without the service their
-parameters would differ, then initializes the model through weightinit.torch.init_module().
-Each rank hashes every parameter (BLAKE3) and the ranks all-reduce the digest bytes with MAX and
-with MIN: the two results are equal only if every rank holds exactly the same bytes. Rank 0 also
-checks the digests against the server's own (the Digest RPC).
+over 127.0.0.1). Each rank builds the model on the meta device (no memory, no init), shards it
+with FSDP2's fully_shard, materializes its shards with to_empty and fills them with
+weightinit.torch.init_module(): each rank fetches only the rows it holds. Each rank seeds torch's
+own RNG differently, so without the service the values would differ.
+
+Then every rank gathers each parameter (full_tensor()) and hashes it (BLAKE3), and the ranks
+all-reduce the digest bytes with MAX and with MIN: the two results are equal only if every rank
+sees exactly the same bytes. Rank 0 also checks the digests against the server's own for the
+unsharded model (the Digest RPC).
 """
 
 import argparse
@@ -21,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 import weightinit
 import weightinit.torch as wt
@@ -45,11 +51,17 @@ def run(rank, world_size, port, target, seed):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(1000 + rank)
-        model = build_model()
+        with torch.device("meta"):
+            model = build_model()
+        for layer in model:
+            if list(layer.parameters()):  # Conv2d, BatchNorm2d, the Linears
+                fully_shard(layer)
+        fully_shard(model)
+        model.to_empty(device="cpu")
         wt.init_module(model, seed, target)
 
         names = [name for name, _ in model.named_parameters()]
-        hexes = [wt.tensor_digest(param) for param in model.parameters()]
+        hexes = [wt.tensor_digest(param.full_tensor()) for param in model.parameters()]
         digests = torch.tensor([list(bytes.fromhex(h)) for h in hexes], dtype=torch.uint8)
         high, low = digests.clone(), digests.clone()
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -59,13 +71,15 @@ def run(rank, world_size, port, target, seed):
             raise RuntimeError(f"rank {rank}: the ranks' parameters differ in {differing}")
 
         if rank == 0:
-            server = weightinit.digest(wt.build_request(model, seed), target)
+            with torch.device("meta"):
+                unsharded = build_model()  # the request reads shapes only
+            server = weightinit.digest(wt.build_request(unsharded, seed), target)
             if server != dict(zip(names, hexes)):
                 raise RuntimeError("the parameters do not match the server's digests")
             values = sum(param.numel() for param in model.parameters())
             print(
-                f"{world_size} ranks agree on all {len(names)} parameters ({values} values), "
-                f"and they match the server's digests"
+                f"{world_size} ranks agree on all {len(names)} parameters ({values} values, "
+                f"FSDP2-sharded), and they match the server's digests"
             )
     finally:
         dist.destroy_process_group()

@@ -1,14 +1,15 @@
 """weightinit.torch.build_request(): names, PyTorch defaults, rules, dtypes and sharding plans."""
 
 import re
+import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import weightinit  # noqa: E402
-import weightinit.torch as wt  # noqa: E402
+import weightinit
+import weightinit.torch as wt
 
 
 def _specs(module, **kwargs):
@@ -59,7 +60,7 @@ class Custom(nn.Module):
 
 
 def test_parameters_without_a_default_are_named():
-    with pytest.raises(ValueError, match=r"scale \(Custom\)"):
+    with pytest.raises(ValueError, match=r"scale \(Custom\.scale\).*\(.scale., "):
         wt.build_request(Custom(), 1)
 
 
@@ -127,3 +128,88 @@ def test_tensor_digest_hashes_the_elements_bytes():
         wt.tensor_digest(torch.tensor([1.0, -2.0], dtype=torch.bfloat16))
         == blake3.blake3(bits).hexdigest()
     )
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "x"])
+def test_seeds_outside_u64_are_refused(seed):
+    with pytest.raises(ValueError, match=r"seed: must be in 0\.\.2\*\*64-1, got"):
+        wt.build_request(nn.Linear(2, 2), seed)
+
+
+def test_largest_seed_and_its_string_form_are_accepted():
+    assert wt.build_request(nn.Linear(2, 2), 2**64 - 1)["seed"] == 2**64 - 1
+    assert wt.build_request(nn.Linear(2, 2), "18446744073709551615")["seed"] == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (("*", {"zeros": {}, "fanIn": "3"}), r"rules\[0\] \('\*'\): mixes scheme keys \['zeros'\]"),
+        (("*", {"fan_inn": "3"}), r"\['fan_inn'\] are neither schemes nor TensorSpec fields"),
+        (("*", {"name": "other"}), r"\['name'\] are neither"),
+        (("*", {"permute": [1, 0]}), r"\['permute'\] are neither"),
+        (("*", {}), "the value is empty"),
+        (("*",), "must be a \\(pattern, value\\) pair"),
+    ],
+)
+def test_unusable_rules_are_refused(rule, message):
+    with pytest.raises(ValueError, match=message):
+        wt.build_request(Custom(), 1, rules=[rule])
+
+
+def test_rules_match_names_without_wrappers_and_plans_get_them_too():
+    inner = nn.Sequential(nn.Linear(3, 2))
+    wrapped = torch.compile(inner)
+    seen = []
+
+    def plan(name, param):
+        seen.append(name)
+
+    specs = _specs(wrapped, rules=[("0.bias", {"zeros": {}})], plan=plan)
+    assert list(specs) == ["0.weight", "0.bias"] and seen == ["0.weight", "0.bias"]
+    assert specs["0.bias"]["init"] == {"zeros": {}}
+
+
+def test_shards_are_keyed_by_parameter_name(target):
+    model = nn.Sequential(nn.Linear(4, 4))
+    shards = wt.init_module(model, 1, target, rank=0, world_size=2, prefix="p")
+    assert list(shards) == ["0.weight", "0.bias"] and shards["0.weight"].shape == (2, 4)
+
+
+def test_sharding_with_a_plan_reads_shapes_only_so_meta_is_fine(target):
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 6))
+    shards = wt.init_module(model, 1, target, rank=1, world_size=2)
+    assert shards["0.weight"].shape == (3, 4) and model[0].weight.is_meta
+
+
+def _stand_in_recipes(monkeypatch, calls):
+    """weightinit.recipes is another branch's module; a stand-in with its interface:
+    resolve(recipe, module) -> (owner, local, name) -> TensorSpec fields or None."""
+    import types
+
+    def resolve(recipe, module):
+        calls.append(("resolve", recipe))
+
+        def spec_for(owner, local, name):
+            calls.append((type(owner).__name__, local, name))
+            return {"init": {"normal": {"std": 0.02}}} if local == "weight" else None
+
+        return spec_for
+
+    module = types.ModuleType("weightinit.recipes")
+    module.resolve = resolve
+    monkeypatch.setitem(sys.modules, "weightinit.recipes", module)
+
+
+def test_a_recipe_sits_between_rules_and_pytorch_defaults(monkeypatch):
+    calls = []
+    _stand_in_recipes(monkeypatch, calls)
+    model = torch.compile(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)))
+    specs = _specs(model, recipe="family", rules=[("1.weight", {"zeros": {}})], prefix="p")
+    assert calls[0] == ("resolve", "family") and calls.count(("resolve", "family")) == 1
+    assert ("Linear", "weight", "0.weight") in calls  # unwrapped names, before the prefix
+    assert specs["p.0.weight"]["init"] == {"normal": {"std": 0.02}}  # the recipe's
+    assert specs["p.1.weight"]["init"] == {"zeros": {}}  # the rule's
+    assert specs["p.0.bias"]["init"] == {"torchDefaultBias": {}}  # PyTorch's, recipe said None
+    assert specs["p.0.bias"]["fanIn"] == "3"

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import weightinit  # noqa: E402
-import weightinit.torch as wt  # noqa: E402
+import weightinit
+import weightinit.torch as wt
 
 SEED = 20240601
 TIMEOUT = 60
@@ -49,20 +49,27 @@ def test_parameters_match_the_servers_digests(build, target):
             assert not torch.equal(param, before[name]), f"{name} was not overwritten"
 
 
-def test_cpu_parameters_receive_the_chunks_in_place(target, monkeypatch):
+class RecordingClient(weightinit.Client):
+    """A real Client that remembers the destinations each fetch was given."""
+
+    def __init__(self, target):
+        super().__init__(target, timeout=TIMEOUT)
+        self.buffers = {}
+
+    def fetch(self, request, out=None, timeout=None):
+        self.buffers.update(out or {})
+        return super().fetch(request, out, timeout)
+
+
+def test_cpu_parameters_receive_the_chunks_in_place(target):
     """Every chunk goes straight into the parameter's memory: fetch gets views of them all."""
-    buffers = {}
-
-    def recording_fetch(request, target, out=None, timeout=None, security=None):
-        buffers.update(out)
-        return weightinit.fetch(request, target, out=out, timeout=timeout, security=security)
-
-    monkeypatch.setattr(wt, "fetch", recording_fetch)
     model = mlp().to(torch.bfloat16)
-    wt.init_module(model, SEED, target, timeout=TIMEOUT)
-    assert list(buffers) == [name for name, _ in model.named_parameters()]
+    with RecordingClient(target) as client:
+        wt.init_module(model, SEED, client)
+    assert list(client.buffers) == [name for name, _ in model.named_parameters()]
     for name, param in model.named_parameters():
-        assert buffers[name].ctypes.data == param.data_ptr(), name
+        assert client.buffers[name].ctypes.data == param.data_ptr(), name
+    assert _digests(model) == weightinit.digest(wt.build_request(model, SEED), target)
 
 
 def test_values_follow_the_pytorch_defaults(target):

@@ -3,6 +3,9 @@
     import weightinit
     arrays = weightinit.fetch(request, "127.0.0.1:50051")    # {name: numpy.ndarray}
 
+    with weightinit.Client("127.0.0.1:50051", timeout=120) as client:   # one channel, reused
+        arrays = client.fetch(request)
+
 `security=weightinit.Security(...)` adds TLS, mutual TLS or a bearer token to any call.
 `weightinit.torch` (imported on first use) initializes torch modules in place; `weightinit.jax`,
 `weightinit.flax` and `weightinit.keras` do the same for sharded jax.Arrays, Flax parameters and
@@ -18,11 +21,20 @@ import os
 
 __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
-from .client import IntegrityError, describe, digest, fetch, read_stream  # noqa: E402
-from .request import to_message  # noqa: E402
-from .security import Security  # noqa: E402
+from .client import Client, IntegrityError, describe, digest, fetch, read_stream
+from .request import to_message
+from .security import Security
 
-__all__ = ["IntegrityError", "Security", "describe", "digest", "fetch", "read_stream", "to_message"]
+__all__ = [
+    "Client",
+    "IntegrityError",
+    "Security",
+    "describe",
+    "digest",
+    "fetch",
+    "read_stream",
+    "to_message",
+]
 
 
 def __getattr__(name):

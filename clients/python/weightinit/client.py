@@ -1,12 +1,15 @@
 """Calls to a weightinit server: tensors (Generate), digests (Digest), descriptions (Describe).
 
-Each call opens its own channel to `target` ("host:port") and closes it when done: plaintext,
-or TLS, mutual TLS and a bearer token as a `Security` passed as `security=` says.
+A `Client` keeps one channel to its target open across calls and gives every call a deadline.
+The module-level fetch(), digest() and describe() share one Client per target and Security, so
+repeated calls reuse their connection too. Plaintext, or TLS, mutual TLS and a bearer token as a
+`Security` passed as `security=` says.
 """
 
 import importlib.util
 import math
-from contextlib import contextmanager
+import os
+import threading
 
 import blake3
 import numpy as np
@@ -15,11 +18,15 @@ from weightinit.v1 import weightinit_pb2 as pb
 from weightinit.v1 import weightinit_pb2_grpc as pb_grpc
 
 from .request import to_dict, to_message
-from .security import open_channel
+from .security import Security, open_channel
 
 # Largest response message accepted; well above any chunk the server may send (grpc's own
 # default, 4 MiB, is below what a client may ask for with chunk_bytes).
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+
+# Seconds a call may take unless told otherwise: long enough to stream a large model's shard,
+# short enough that a call to a server that hangs fails instead of waiting forever.
+DEFAULT_TIMEOUT = 600.0
 
 # Output element types, little-endian as on the wire. bfloat16 arrives as its raw 16-bit
 # patterns, which numpy has no float type for.
@@ -35,13 +42,110 @@ class IntegrityError(Exception):
     """The Generate stream broke the protocol, or a tensor's bytes do not match its digest."""
 
 
-@contextmanager
-def _stub(target, security):
-    """A WeightInit stub on a new channel, and the metadata each of its calls must carry."""
-    options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-    channel, metadata = open_channel(target, security, options)
-    with channel:
-        yield pb_grpc.WeightInitStub(channel), metadata
+class Client:
+    """A connection to the weightinit server at `target` ("host:port"), reused by every call.
+
+    security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
+        Its files are read once, here, before anything is dialed (ValueError if unusable).
+    timeout: the default deadline of each call in seconds; None for no deadline.
+
+    A Client is thread-safe (gRPC channels are) and a context manager that closes its channel.
+    """
+
+    def __init__(self, target, *, security=None, timeout=DEFAULT_TIMEOUT):
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"target: must be a non-empty 'host:port' string, got {target!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(
+                f"timeout: must be a positive number of seconds or None, got {timeout}"
+            )
+        options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
+        self.target = target
+        self.timeout = timeout
+        self._channel, self._metadata = open_channel(target, security, options)
+        self._stub = pb_grpc.WeightInitStub(self._channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def _deadline(self, timeout):
+        return self.timeout if timeout is None else timeout
+
+    def fetch(self, request, out=None, timeout=None):
+        """Generates every tensor of `request` and returns them; see weightinit.fetch().
+        timeout: seconds for this call (default: the client's)."""
+        message = to_message(request)
+        responses = self._stub.Generate(
+            message, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return read_stream(responses, message, out)
+
+    def digest(self, request, timeout=None):
+        """Returns {name: hex BLAKE3 digest}; see weightinit.digest()."""
+        message = to_message(request)
+        response = self._stub.Digest(
+            message, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return {message.tensors[d.tensor_index].name: d.blake3.hex() for d in response.digests}
+
+    def describe(self, request, timeout=None):
+        """Returns {name: TensorHeader in proto3 JSON form}; see weightinit.describe()."""
+        message = to_message(request)
+        response = self._stub.Describe(
+            message, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return {header.name: to_dict(header) for header in response.tensors}
+
+
+_SHARED = {}
+_SHARED_LOCK = threading.Lock()
+_FILE_FIELDS = ("tls_ca", "tls_cert", "tls_key", "token_file")
+
+
+def shared_client(target, security=None):
+    """The Client the module-level calls use for `target` and `security`, made on first use.
+
+    A Client reads its certificate and token files once; this one is replaced (and the old one
+    closed) when one of those files changes, so renewed certificates and tokens are still
+    picked up by the next call.
+    """
+    security = security or Security()
+    # A forked child gets a channel of its own: gRPC channels do not survive fork.
+    key = (target, security, os.getpid())
+    stamp = _file_stamp(security)
+    with _SHARED_LOCK:
+        known = _SHARED.get(key)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        client = Client(target, security=security)
+        _SHARED[key] = (stamp, client)
+    if known is not None:
+        known[1].close()
+    return client
+
+
+def _file_stamp(security):
+    """(path, mtime, size) of every file `security` reads; None for one that cannot be stat'ed
+    (opening the channel then reports it)."""
+    stamp = []
+    for name in _FILE_FIELDS:
+        value = getattr(security, name)
+        if value is None or isinstance(value, bytes):
+            continue
+        try:
+            info = os.stat(value)
+        except OSError:
+            stamp.append((name, None))
+        else:
+            stamp.append((name, info.st_mtime_ns, info.st_size, info.st_ino))
+    return tuple(stamp)
 
 
 def fetch(request, target, out=None, timeout=None, *, security=None):
@@ -52,7 +156,7 @@ def fetch(request, target, out=None, timeout=None, *, security=None):
         (a numpy array, bytearray, ...) of exactly the tensor's byte length, and the chunks are
         copied straight into it. Its element type is not checked: the bytes are the tensor's
         little-endian elements.
-    timeout: seconds for the whole call, None for no deadline.
+    timeout: seconds for the whole call; None for the default deadline, DEFAULT_TIMEOUT.
     security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
 
     Returns {name: array} in request order. A tensor fetched into `out` is returned as that
@@ -61,13 +165,11 @@ def fetch(request, target, out=None, timeout=None, *, security=None):
     importable, otherwise a numpy uint16 array of the raw bfloat16 bit patterns.
 
     Raises grpc.RpcError when the server rejects the request (INVALID_ARGUMENT for a bad one),
-    IntegrityError when what arrives is not what the server promised, ValueError for security
-    options that cannot work (before anything is dialed).
+    IntegrityError when what arrives is not what the server promised, ValueError for a request
+    or security options that cannot work (before anything is dialed).
     """
     message = to_message(request)
-    with _stub(target, security) as (stub, metadata):
-        responses = stub.Generate(message, timeout=timeout, metadata=metadata)
-        return read_stream(responses, message, out)
+    return shared_client(target, security).fetch(message, out, timeout)
 
 
 def read_stream(responses, request, out=None):
@@ -191,17 +293,15 @@ def _as_bfloat16(bits):
 
 
 def digest(request, target, timeout=None, *, security=None):
-    """Returns {name: hex BLAKE3 digest} of every tensor's output, computed by the server."""
+    """Returns {name: hex BLAKE3 digest} of every tensor's output, computed by the server.
+    timeout and security: as for fetch()."""
     message = to_message(request)
-    with _stub(target, security) as (stub, metadata):
-        response = stub.Digest(message, timeout=timeout, metadata=metadata)
-    return {message.tensors[d.tensor_index].name: d.blake3.hex() for d in response.digests}
+    return shared_client(target, security).digest(message, timeout)
 
 
 def describe(request, target, timeout=None, *, security=None):
     """Returns {name: TensorHeader in proto3 JSON form}: shapes, dtype, byte length, and what the
-    scheme resolved to (fans, distribution, parameters), without generating anything."""
+    scheme resolved to (fans, distribution, parameters), without generating anything.
+    timeout and security: as for fetch()."""
     message = to_message(request)
-    with _stub(target, security) as (stub, metadata):
-        response = stub.Describe(message, timeout=timeout, metadata=metadata)
-    return {header.name: to_dict(header) for header in response.tensors}
+    return shared_client(target, security).describe(message, timeout)

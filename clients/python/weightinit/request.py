@@ -15,16 +15,31 @@ from google.protobuf import json_format
 
 from weightinit.v1 import weightinit_pb2 as pb
 
+SEED_MAX = 2**64 - 1
+
+
+def check_seed(seed):
+    """Returns `seed` as an int; ValueError unless it is a u64 (an int, or its decimal string as
+    proto3 JSON writes 64-bit integers)."""
+    value = seed
+    if isinstance(seed, str) and seed.isascii() and seed.isdigit():
+        value = int(seed)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"seed: must be in 0..2**64-1, got {seed!r}")
+    return value
+
 
 def to_message(request):
     """Returns `request` as a GenerateRequest (a message is returned as is).
 
-    Raises google.protobuf.json_format.ParseError for a dict that is not a valid request form,
-    TypeError for anything else.
+    Raises ValueError for a seed outside 0..2**64-1, google.protobuf.json_format.ParseError for
+    a dict that is not a valid request form in any other way, TypeError for anything else.
     """
     if isinstance(request, pb.GenerateRequest):
         return request
     if isinstance(request, Mapping):
+        if "seed" in request:
+            check_seed(request["seed"])
         return json_format.ParseDict(request, pb.GenerateRequest())
     raise TypeError(
         f"a request is a weightinit.v1.GenerateRequest or a dict in proto3 JSON form, "

@@ -1,0 +1,320 @@
+"""weightinit.torch.init_module() on DTensor parameters: real torch.distributed processes (gloo on
+CPU) against the real server. Each rank initializes its model in place, every full_tensor() must
+equal a single-process init bit for bit, and every rank must have fetched only its own block."""
+
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import NamedTuple
+
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import torch.multiprocessing as mp
+from test_torch_models import LLAMA_RULES, llama
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.placement_types import _StridedShard
+
+import weightinit
+import weightinit.torch as wt
+
+SEED = 31337
+TIMEOUT = 60
+JOIN_SECONDS = 150
+
+
+class RecordingClient(weightinit.Client):
+    """A real Client that keeps every request it sends and the shape of what came back."""
+
+    def __init__(self, target):
+        super().__init__(target, timeout=TIMEOUT)
+        self.fetched = []
+
+    def fetch(self, request, out=None, timeout=None):
+        arrays = super().fetch(request, out, timeout)
+        for spec in request["tensors"]:
+            self.fetched.append(
+                (spec["name"], spec.get("slice"), tuple(arrays[spec["name"]].shape))
+            )
+        return arrays
+
+
+def mlp():
+    # Row counts 7 and 5 do not divide by 2 or 4: uneven shards, empty ones on 4 ranks.
+    return nn.Sequential(
+        nn.Linear(10, 7), nn.LayerNorm(7), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3)
+    )
+
+
+def fsdp2_from_meta(mesh_shape):
+    with torch.device("meta"):
+        model = mlp()
+    mesh = init_device_mesh("cpu", mesh_shape)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    return model
+
+
+def tensor_parallel(mesh_shape):
+    model = mlp()
+    mesh = init_device_mesh("cpu", mesh_shape)
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel()}
+    return parallelize_module(model, mesh, plan)
+
+
+def uneven():
+    return nn.Sequential(nn.Linear(9, 5), nn.Embedding(7, 3, padding_idx=5), nn.Linear(3, 2))
+
+
+def _distribute(model, mesh, placements):
+    for name, placement in placements.items():
+        path, _, local = name.rpartition(".")
+        layer = model.get_submodule(path)
+        value = distribute_tensor(getattr(layer, local).detach(), mesh, placement)
+        setattr(layer, local, nn.Parameter(value))
+    return model
+
+
+def distributed_tensors(mesh_shape):
+    """Parameters distributed by hand: Shard(0), Shard(1), Replicate, with uneven sizes."""
+    placements = {
+        "0.weight": [Shard(1)],
+        "0.bias": [Shard(0)],
+        "1.weight": [Shard(0)],
+        "2.weight": [Replicate()],
+        "2.bias": [Shard(0)],
+    }
+    return _distribute(uneven(), init_device_mesh("cpu", mesh_shape), placements)
+
+
+def nested_shards(mesh_shape):
+    """On a 2-D mesh: both mesh dims sharding one tensor dim (left to right), or two dims."""
+    placements = {
+        "0.weight": [Shard(0), Shard(0)],  # 5 rows: 3 and 2, then 2, 1, 1 and 1
+        "0.bias": [Shard(0), Replicate()],
+        "1.weight": [Replicate(), Shard(1)],
+        "2.weight": [Shard(1), Shard(0)],
+        "2.bias": [Shard(0), Shard(0)],  # 2 values: two ranks hold none
+    }
+    return _distribute(uneven(), init_device_mesh("cpu", mesh_shape), placements)
+
+
+def fsdp2_over_tp_from_meta(mesh_shape):
+    """dp x tp: tensor parallel inside, FSDP2 over the dp dim, from the meta device."""
+    with torch.device("meta"):
+        model = mlp()
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp"))
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel()}
+    parallelize_module(model, mesh["tp"], plan)
+    fully_shard(model, mesh=mesh["dp"])
+    model.to_empty(device="cpu")
+    return model
+
+
+def ddp(mesh_shape):
+    return nn.parallel.DistributedDataParallel(mlp())
+
+
+def llama_fsdp2_from_meta(mesh_shape):
+    """A transformers Llama (tied embeddings), FSDP2 per decoder layer and at the root."""
+    with torch.device("meta"):
+        model = llama()
+    mesh = init_device_mesh("cpu", mesh_shape)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    return model
+
+
+class Scenario(NamedTuple):
+    build: Callable  # (mesh shape) -> the model of one rank
+    mesh_shape: tuple
+    plain: Callable  # () -> the same model, plain, for the single-process init
+    rules: list | None = None
+
+
+# Scenarios by world size: the ranks of one world run them all, one after the other.
+SCENARIOS = {
+    2: {
+        "fsdp2_from_meta": Scenario(fsdp2_from_meta, (2,), mlp),
+        "tensor_parallel": Scenario(tensor_parallel, (2,), mlp),
+        "ddp": Scenario(ddp, (2,), mlp),
+        "llama_fsdp2_from_meta": Scenario(llama_fsdp2_from_meta, (2,), llama, LLAMA_RULES),
+    },
+    4: {
+        "distribute_tensor": Scenario(distributed_tensors, (4,), uneven),
+        "nested_shards": Scenario(nested_shards, (2, 2), uneven),
+        "fsdp2_over_tp_from_meta": Scenario(fsdp2_over_tp_from_meta, (2, 2), mlp),
+    },
+}
+
+
+def _rank(rank, world_size, port, target, directory):
+    """One rank: for each scenario, build the model, init it, save every full tensor (by the
+    name it was fetched under) and what it fetched. A failure leaves its traceback in a file."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    try:
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=TIMEOUT)
+        )
+        try:
+            for scenario, case in SCENARIOS[world_size].items():
+                torch.manual_seed(100 + rank)  # every rank starts from different values
+                model = case.build(case.mesh_shape)
+                with RecordingClient(target) as client:
+                    wt.init_module(model, SEED, client, rules=case.rules)
+                    # What each rank holds, proved against the server's digests of its blocks.
+                    server = client.digest(wt.build_request(model, SEED, case.rules))
+                params = [p for _, p in model.named_parameters()]
+                names = [name for name, _, _ in client.fetched]
+                full = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
+                local = [
+                    tuple(p.to_local().shape if isinstance(p, DTensor) else p.shape) for p in params
+                ]
+                proved = [wt.tensor_digest(p) == server[n] for n, p in zip(names, params)]
+                saved = {
+                    "proved": dict(zip(names, proved)),
+                    "full": dict(zip(names, full)),
+                    "local": dict(zip(names, local)),
+                    "dtensors": [n for n, p in zip(names, params) if isinstance(p, DTensor)],
+                    "fetched": client.fetched,
+                }
+                torch.save(saved, os.path.join(directory, f"{scenario}.rank{rank}.pt"))
+            if world_size == 2:
+                refused = _refusals(init_device_mesh("cpu", (2,)))
+                torch.save(refused, os.path.join(directory, f"refusals.rank{rank}.pt"))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(directory, f"rank{rank}.error"), "w") as file:
+            file.write(traceback.format_exc())
+        raise
+
+
+def _refusals(mesh):
+    """The ValueError messages of build_request for placements weightinit does not fill."""
+    placements = {
+        "partial": (DTensor.from_local, [Partial()]),
+        # Rows 0, 1, 4, 5 on rank 0: not one block.
+        "scattered": (distribute_tensor, [_StridedShard(0, split_factor=2)]),
+    }
+    messages = {}
+    for label, (make, placement) in placements.items():
+        layer = nn.Linear(2, 8, bias=False)
+        layer.weight = nn.Parameter(make(torch.zeros(8, 2), mesh, placement))
+        try:
+            wt.build_request(layer, SEED)
+        except ValueError as error:
+            messages[label] = str(error)
+    return messages
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_world(world_size, target, directory):
+    """Runs the ranks of a world in processes of their own; returns {scenario: what each rank
+    saved}. A rank that fails, or does not finish within JOIN_SECONDS, fails the test."""
+    context = mp.get_context("spawn")
+    port = _free_port()
+    processes = [
+        context.Process(target=_rank, args=(r, world_size, port, target, str(directory)))
+        for r in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + JOIN_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(processes) if p.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    errors = sorted(directory.glob("rank*.error"))
+    if errors:
+        pytest.fail("\n".join(f"{e.name}:\n{e.read_text()}" for e in errors))
+    if hung:
+        pytest.fail(f"ranks {hung} did not finish within {JOIN_SECONDS} s")
+    assert [p.exitcode for p in processes] == [0] * world_size
+    names = [*SCENARIOS[world_size], *(["refusals"] if world_size == 2 else [])]
+    return {
+        name: [torch.load(directory / f"{name}.rank{r}.pt") for r in range(world_size)]
+        for name in names
+    }
+
+
+@pytest.fixture(scope="module")
+def worlds(target, tmp_path_factory):
+    """What every rank of every scenario saved, the worlds run on first use, once."""
+    runs = {}
+
+    def get(world_size):
+        if world_size not in runs:
+            directory = tmp_path_factory.mktemp(f"world{world_size}")
+            runs[world_size] = run_world(world_size, target, directory)
+        return runs[world_size]
+
+    return get
+
+
+@pytest.mark.filterwarnings("ignore:init_module leaves buffers")  # Llama's rotary frequencies
+@pytest.mark.parametrize(
+    "world_size, scenario", [(size, name) for size, names in SCENARIOS.items() for name in names]
+)
+def test_full_tensors_equal_the_single_process_init(world_size, scenario, worlds, target):
+    ranks = worlds(world_size)[scenario]
+    case = SCENARIOS[world_size][scenario]
+    plain = case.plain()
+    wt.init_module(plain, SEED, target, rules=case.rules, timeout=TIMEOUT)
+    expected = {name: param.detach() for name, param in plain.named_parameters()}
+    for rank, saved in enumerate(ranks):
+        assert list(saved["full"]) == list(expected), rank
+        for name, value in saved["full"].items():
+            assert value.dtype == expected[name].dtype
+            assert torch.equal(value, expected[name]), f"rank {rank}: {name} differs"
+    if scenario != "ddp":
+        assert ranks[0]["dtensors"], "the scenario has no DTensor parameters"
+    padded = {"1.weight"} if case.plain is uneven else set()  # padding_idx row zeroed
+    for rank, saved in enumerate(ranks):
+        unproved = {name for name, ok in saved["proved"].items() if not ok}
+        assert unproved <= padded, f"rank {rank}: {unproved} differ from the server's digests"
+    _check_each_rank_fetched_only_its_block(ranks)
+
+
+def _check_each_rank_fetched_only_its_block(ranks):
+    for rank, saved in enumerate(ranks):
+        names = [name for name, _, _ in saved["fetched"]]
+        assert names == list(saved["full"]), f"rank {rank} fetched {names}"
+        for name, piece, shape in saved["fetched"]:
+            assert shape == saved["local"][name], f"rank {rank} fetched {shape} of {name}"
+            if shape != tuple(saved["full"][name].shape):
+                assert "dims" in piece, (rank, name, piece)
+
+
+def test_placements_that_give_no_single_block_are_refused(worlds):
+    for messages in worlds(2)["refusals"]:
+        assert "weight: placement Partial" in messages["partial"]
+        assert "is not supported: weightinit fills Shard and Replicate" in messages["partial"]
+        assert "not one contiguous range; redistribute" in messages["scattered"]
