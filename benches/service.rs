@@ -24,7 +24,7 @@ const REPEATS: usize = 5;
 /// How long each latency level runs.
 const LATENCY_RUN: Duration = Duration::from_secs(3);
 
-/// Runs every section, or only those named on the command line (`digest`, `generate`,
+/// Runs every section, or only those named on the command line (`digest`, `permute`, `generate`,
 /// `latency`, `memory`, `sweep`).
 #[tokio::main]
 async fn main() {
@@ -36,6 +36,9 @@ async fn main() {
     let server = Server::start(&[]);
     if run("digest") {
         digests(&server).await;
+    }
+    if run("permute") {
+        permutes(&server).await;
     }
     if run("generate") {
         // Into a client with 8/16 MiB receive windows: tonic's default (64 KiB) throttles
@@ -79,6 +82,36 @@ async fn digests(server: &Server) {
         report(json!({
             "bench": "digest", "scheme": scheme, "shape": [8192, 8192], "bytes": 1u64 << 28,
             "best_s": times.0, "median_s": times.1, "server_cpu_s": cpu
+        }));
+    }
+}
+
+/// Digest of a tensor and of its permuted view (the Keras layouts of a Linear and a Conv2d
+/// weight), run alternately so that both see the same machine.
+async fn permutes(server: &Server) {
+    let client = server.client(None).await;
+    let cases: [(&[u64], &[u32]); 2] = [(&[8192, 8192], &[1, 0]), (&[512, 512, 3, 3], &[2, 3, 1, 0])];
+    for (shape, permute) in cases {
+        let plain = request(shape, r#"{"xavierUniform": {}}"#, 0);
+        let mut permuted = plain.clone();
+        permuted.tensors[0].permute = permute.to_vec();
+        // Small tensors take milliseconds: more runs for a stable best.
+        let runs = if shape.iter().product::<u64>() < 1 << 24 { 4 * REPEATS } else { REPEATS };
+        let (mut plain_s, mut permuted_s) = (f64::INFINITY, f64::INFINITY);
+        let (mut plain_cpu, mut permuted_cpu) = (0.0, 0.0);
+        for _ in 0..runs {
+            let cpu = server.cpu_seconds();
+            plain_s = plain_s.min(digest(client.clone(), plain.clone()).await);
+            let between = server.cpu_seconds();
+            permuted_s = permuted_s.min(digest(client.clone(), permuted.clone()).await);
+            plain_cpu += between - cpu;
+            permuted_cpu += server.cpu_seconds() - between;
+        }
+        report(json!({
+            "bench": "permute", "scheme": "xavier_uniform", "shape": shape, "permute": permute,
+            "bytes": 4 * shape.iter().product::<u64>(), "plain_best_s": plain_s,
+            "permuted_best_s": permuted_s, "ratio": plain_s / permuted_s,
+            "plain_cpu_s": plain_cpu / runs as f64, "permuted_cpu_s": permuted_cpu / runs as f64
         }));
     }
 }

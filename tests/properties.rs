@@ -1,5 +1,5 @@
 //! Properties of the output: the same bytes for any chunk size, worker count and slice;
-//! slices tile the full tensor; each scheme has the statistics of its distribution.
+//! slices tile the full tensor; permuted views equal numpy.transpose of it; each scheme has the statistics of its distribution.
 
 mod common;
 
@@ -34,7 +34,11 @@ fn mixed_model() -> serde_json::Value {
         {"name": "b", "shape": [1001], "init": {"uniform": {}}, "dtype": "DTYPE_FLOAT16"},
         {"name": "c", "shape": [13, 7, 3], "init": {"heNormal": {}}, "dtype": "DTYPE_FLOAT64"},
         {"name": "d", "shape": [300, 5], "init": {"truncatedNormal": {"std": 0.02}}, "dtype": "DTYPE_BFLOAT16"},
-        {"name": "e", "shape": [0, 5], "init": {"normal": {}}}
+        {"name": "e", "shape": [0, 5], "init": {"normal": {}}},
+        {"name": "f", "shape": [6, 5, 3, 3], "init": {"kaimingNormal": {}}, "permute": [2, 3, 1, 0],
+         "dtype": "DTYPE_BFLOAT16"},
+        {"name": "g", "shape": [40, 33], "init": {"xavierUniform": {}}, "permute": [1, 0],
+         "slice": {"flat": {"start": 7, "stop": 1000}}}
     ]})
 }
 
@@ -283,5 +287,186 @@ fn constants_are_exact() {
     ] {
         let (_, values) = sample(init, [3, 5]);
         assert!(values.iter().all(|&v| v == value));
+    }
+}
+
+/// numpy.transpose(full, permute) of a row-major tensor of `shape`, element by element: an
+/// independent reference for permuted views (index arithmetic only).
+fn transpose(full: &[u8], size: usize, shape: &[u64], permute: &[usize]) -> (Vec<u8>, Vec<u64>) {
+    let view: Vec<u64> = permute.iter().map(|&d| shape[d]).collect();
+    let mut strides = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    let numel: u64 = view.iter().product();
+    let mut out = Vec::with_capacity(full.len());
+    for position in 0..numel {
+        let (mut rest, mut index) = (position, 0u64);
+        for k in (0..view.len()).rev() {
+            index += (rest % view[k]) * strides[permute[k]];
+            rest /= view[k];
+        }
+        let at = index as usize * size;
+        out.extend_from_slice(&full[at..at + size]);
+    }
+    (out, view)
+}
+
+/// The block `ranges` of a row-major tensor of `shape`, element by element.
+fn block(data: &[u8], size: usize, shape: &[u64], ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let numel: u64 = shape.iter().product();
+    for position in 0..numel {
+        let (mut rest, mut inside) = (position, true);
+        for k in (0..shape.len()).rev() {
+            let c = rest % shape[k];
+            rest /= shape[k];
+            inside &= (ranges[k].0..ranges[k].1).contains(&c);
+        }
+        if inside {
+            let at = position as usize * size;
+            out.extend_from_slice(&data[at..at + size]);
+        }
+    }
+    out
+}
+
+#[test]
+fn permuted_views_and_their_slices_equal_numpy_transpose() {
+    use rand::rngs::SmallRng;
+    use rand::seq::SliceRandom;
+    use rand::{RngExt, SeedableRng};
+
+    let mut rng = SmallRng::seed_from_u64(0x5eed);
+    let dtypes = ["DTYPE_FLOAT32", "DTYPE_FLOAT64", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"];
+    for case in 0..400 {
+        let rank = rng.random_range(1..=5);
+        let shape: Vec<u64> = (0..rank).map(|_| rng.random_range(1..=7)).collect();
+        let mut permute: Vec<usize> = (0..rank).collect();
+        permute.shuffle(&mut rng);
+        let dtype = dtypes[rng.random_range(0..dtypes.len())];
+        let tensor = json!({"name": format!("t{case}"), "shape": shape, "dtype": dtype,
+                            "init": {"normal": {}}});
+        let full_plan = &plans(json!({"seed": case, "tensors": [tensor]}))[0];
+        let size = full_plan.dtype.size();
+        let (view, view_shape) = transpose(&bytes(full_plan), size, &shape, &permute);
+
+        // The slice, in the view's coordinates, and what numpy would give for it.
+        let d = rng.random_range(0..rank);
+        let (slice, expected) = match rng.random_range(0..4) {
+            0 => (json!(null), view.clone()),
+            1 => {
+                let ranges: Vec<(u64, u64)> = view_shape
+                    .iter()
+                    .map(|&n| {
+                        let a = rng.random_range(0..=n);
+                        (a, rng.random_range(a..=n))
+                    })
+                    .collect();
+                let json_ranges: Vec<_> =
+                    ranges.iter().map(|&(a, b)| json!({"start": a, "stop": b})).collect();
+                let expected = block(&view, size, &view_shape, &ranges);
+                (json!({"dims": {"ranges": json_ranges}}), expected)
+            }
+            2 => {
+                let n = view.len() as u64 / size as u64;
+                let a = rng.random_range(0..=n);
+                let b = rng.random_range(a..=n);
+                let expected = view[a as usize * size..b as usize * size].to_vec();
+                (json!({"flat": {"start": a, "stop": b}}), expected)
+            }
+            _ => {
+                // Every shard of one dimension, concatenated back along it, is the view.
+                let count = rng.random_range(1..=4u64);
+                let n = view_shape[d];
+                let chunk = n.div_ceil(count);
+                let mut rows = Vec::new();
+                for index in 0..count {
+                    let mut ranges: Vec<(u64, u64)> = view_shape.iter().map(|&n| (0, n)).collect();
+                    ranges[d] = ((index * chunk).min(n), (index * chunk + chunk).min(n));
+                    let slice = json!({"shard": {"dim": d, "index": index, "count": count}});
+                    let mut spec = tensor.clone();
+                    spec["permute"] = json!(permute);
+                    spec["slice"] = slice;
+                    let shard = &plans(json!({"seed": case, "tensors": [spec]}))[0];
+                    assert_eq!(bytes(shard), block(&view, size, &view_shape, &ranges), "case {case}");
+                    rows.push((ranges[d], bytes(shard)));
+                }
+                let outer: u64 = view_shape[..d].iter().product();
+                let inner = view_shape[d + 1..].iter().product::<u64>() as usize * size;
+                let mut tiled = Vec::new();
+                for o in 0..outer as usize {
+                    for ((a, b), data) in &rows {
+                        let len = (b - a) as usize * inner;
+                        tiled.extend_from_slice(&data[o * len..(o + 1) * len]);
+                    }
+                }
+                assert_eq!(tiled, view, "case {case}: shards tile the view");
+                continue;
+            }
+        };
+        let mut spec = tensor.clone();
+        spec["permute"] = json!(permute);
+        if !slice.is_null() {
+            spec["slice"] = slice.clone();
+        }
+        let plan = &plans(json!({"seed": case, "tensors": [spec]}))[0];
+        let whole = bytes(plan);
+        assert_eq!(whole, expected, "case {case}: {shape:?} permute {permute:?} slice {slice}");
+
+        // Any element-aligned byte range equals the same range of the whole.
+        let n = whole.len() / size;
+        let a = rng.random_range(0..=n);
+        let b = rng.random_range(a..=n);
+        let mut part = vec![0u8; (b - a) * size];
+        plan.fill((a * size) as u64, &mut part);
+        assert_eq!(part, whole[a * size..b * size], "case {case}: range [{a}, {b})");
+
+        // Made by column ranges and put together, as the server's panels do.
+        if let Some(columns) = plan.tile_columns() {
+            let cuts = rng.random_range(1..=3u64).min(columns);
+            let ranges: Vec<_> = (0..cuts)
+                .map(|j| columns * j / cuts..columns * (j + 1) / cuts)
+                .collect();
+            let (first, count) = (a as u64, (b - a) as u64);
+            let parts: Vec<_> = ranges
+                .iter()
+                .map(|r| {
+                    let mut data = vec![0u8; plan.columns_bytes(first, count, r)];
+                    plan.fill_columns(first, count, r.clone(), &mut data);
+                    (r.clone(), data)
+                })
+                .collect();
+            let borrowed: Vec<_> = parts.iter().map(|(r, d)| (r.clone(), d.as_slice())).collect();
+            // The parts hold [first, first + count); assemble any sub-range of it.
+            let c = rng.random_range(a..=b);
+            let mut assembled = vec![0u8; (b - c) * size];
+            plan.assemble(first, c as u64, &borrowed, &mut assembled);
+            assert_eq!(assembled, whole[c * size..b * size], "case {case}: assembled");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permuted_views_over_several_panels_match_the_engine() {
+    // 34 MiB of float32 as a transposed view: more than one of the server's panels.
+    let requests = [
+        json!({"seed": 3, "tensors": [{"name": "w", "shape": [2100, 4100],
+               "init": {"xavierUniform": {}}, "permute": [1, 0]}]}),
+        json!({"seed": 3, "tensors": [{"name": "k", "shape": [300, 70, 3, 5],
+               "init": {"kaimingNormal": {}}, "permute": [2, 3, 1, 0], "dtype": "DTYPE_BFLOAT16",
+               "slice": {"dims": {"ranges": [{"start": 1, "stop": 3}, {"start": 0, "stop": 5},
+                                             {"start": 3, "stop": 70}, {"start": 7, "stop": 300}]}}}]}),
+    ];
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for value in requests {
+        let want = bytes(&plans(value.clone())[0]);
+        let mut req = request(value);
+        req.chunk_bytes = 1 << 19;
+        let received = generate(&mut client, req.clone()).await;
+        assert!(received[0].data == want, "Generate of {:?}", req.tensors[0].shape);
+        let digests = client.digest(req).await.unwrap().into_inner().digests;
+        assert_eq!(digests[0].blake3, blake3::hash(&want).as_bytes());
     }
 }

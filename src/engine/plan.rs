@@ -5,7 +5,7 @@ use super::dtype::DType;
 use super::keystream::Keystream;
 use super::request::TensorSpec;
 use super::scheme::Resolved;
-use super::slice::{Selection, TILE_ELEMENTS, TileSink};
+use super::slice::{Placement, Selection, TILE_ELEMENTS, TileSink};
 
 /// Elements produced per inner step: the words, values and bytes stay in L1 cache.
 const BLOCK: usize = super::normal::MAX_BLOCK;
@@ -79,9 +79,9 @@ impl TensorPlan {
         });
     }
 
-    /// The output's columns when it is a transposing view best made in panels of many rows
-    /// split by columns ([`Self::fill_columns`], then [`Self::assemble`]); `None` when
-    /// [`Self::fill`] of any range is as fast.
+    /// The output's columns when it is a transposing view, best made in panels of many rows
+    /// split by columns ([`Self::fill_columns`], then [`Self::assemble`]) so that its columns
+    /// are generated as long keystream runs; `None` when [`Self::fill`] of any range is as fast.
     pub fn tile_columns(&self) -> Option<u64> {
         self.selection.tile_columns()
     }
@@ -233,24 +233,51 @@ impl TileSink for TileWriter<'_> {
             .run_dispatch(self.isa, full_index, bytes, &mut self.buffers);
     }
 
-    fn place(&mut self, row: u64, column: u64, n: u64, at: usize, step: usize) {
-        let to = (row * self.width + column - self.column0 - self.lead) as usize;
-        let n = n as usize;
+    fn place(&mut self, rows: &[Placement], step: usize) {
         match self.size {
-            2 => gather::<2>(&self.tile, self.out, to, n, at, step),
-            4 => gather::<4>(&self.tile, self.out, to, n, at, step),
-            _ => gather::<8>(&self.tile, self.out, to, n, at, step),
+            2 => self.place_as::<2>(rows, step),
+            4 => self.place_as::<4>(rows, step),
+            _ => self.place_as::<8>(rows, step),
         }
     }
 }
 
-/// `out` elements `to..to + n` = `tile` elements `at, at + step, ...` of N bytes each.
-#[inline(always)]
-fn gather<const N: usize>(tile: &[u8], out: &mut [u8], to: usize, n: usize, at: usize, step: usize) {
-    let (tile, _) = tile.as_chunks::<N>();
-    let (out, _) = out.as_chunks_mut::<N>();
-    for (i, slot) in out[to..to + n].iter_mut().enumerate() {
-        *slot = tile[at + i * step];
+impl TileWriter<'_> {
+    /// [`TileSink::place`] for N-byte elements: eight rows at a time where eight neighbouring
+    /// rows take the same columns from neighbouring elements of each column, so that each
+    /// column is read as one short contiguous run.
+    fn place_as<const N: usize>(&mut self, rows: &[Placement], step: usize) {
+        let (tile, _) = self.tile.as_chunks::<N>();
+        let (out, _) = self.out.as_chunks_mut::<N>();
+        let (width, column0, lead) = (self.width, self.column0, self.lead);
+        let to = |p: &Placement| (p.row * width + p.column - column0 - lead) as usize;
+        let mut rest = rows;
+        while !rest.is_empty() {
+            if let Some(group) = rest.first_chunk::<8>()
+                && group.iter().enumerate().all(|(j, p)| {
+                    p.at == group[0].at + j && p.n == group[0].n && p.column == group[0].column
+                })
+                && let Ok(mut targets) =
+                    out.get_disjoint_mut(group.map(|p| to(&p)..to(&p) + p.n as usize))
+            {
+                let at = group[0].at;
+                for k in 0..group[0].n as usize {
+                    let column: &[[u8; N]; 8] =
+                        tile[at + k * step..][..8].try_into().expect("8 elements");
+                    for (target, element) in targets.iter_mut().zip(column) {
+                        target[k] = *element;
+                    }
+                }
+                rest = &rest[8..];
+            } else {
+                let p = rest[0];
+                let target = &mut out[to(&p)..to(&p) + p.n as usize];
+                for (slot, element) in target.iter_mut().zip(tile[p.at..].iter().step_by(step)) {
+                    *slot = *element;
+                }
+                rest = &rest[1..];
+            }
+        }
     }
 }
 

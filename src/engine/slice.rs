@@ -97,11 +97,15 @@ struct Tiles {
 }
 
 /// The largest number of elements a tile holds, so that a tile stays in L2 cache.
-pub const TILE_ELEMENTS: u64 = 1 << 14;
+pub const TILE_ELEMENTS: u64 = 1 << 13;
 
-/// Longest run of a tile's column: long enough for whole keystream blocks, short enough to
-/// leave room for several columns.
-const TILE_RUN: u64 = 512;
+/// Longest run of a tile's column: whole groups of keystream blocks, short enough to leave
+/// room for many columns.
+const TILE_RUN: u64 = 256;
+
+/// Elements between long columns in a tile: with a power-of-two distance the columns would all
+/// fall into the same few L1 cache sets, and copying a row out would miss on every element.
+const TILE_PAD: u64 = 16;
 
 impl Selection {
     /// The view `permute` (a permutation of `0..shape.len()`, empty for none) of the tensor of
@@ -326,10 +330,19 @@ pub trait TileSink {
     /// Generates `run` consecutive full-tensor elements from `full_index` into the tile,
     /// from its element `at` on.
     fn generate(&mut self, full_index: u64, run: u64, at: usize);
-    /// Copies the tile's elements `at, at + step, ...` (`n` of them) to output row `row`
-    /// (counted from the row of the first output element asked for), columns
-    /// `column..column + n`.
-    fn place(&mut self, row: u64, column: u64, n: u64, at: usize, step: usize);
+    /// Copies, for each placement, the tile's elements `at, at + step, ...` (`n` of them) to
+    /// output row `row` (counted from the row of the first output element asked for), columns
+    /// `column..column + n`. Neighbouring placements usually have neighbouring `at`s.
+    fn place(&mut self, rows: &[Placement], step: usize);
+}
+
+/// One output row's part of a tile; see [`TileSink::place`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub row: u64,
+    pub column: u64,
+    pub n: u64,
+    pub at: usize,
 }
 
 /// Flat index where run `run` starts (runs are numbered in row-major order).
@@ -395,8 +408,8 @@ impl Tiles {
         // Where the group's elements go in the output, relative to their tile's first one.
         let g_span: u64 = self.g.iter().map(|a| (a.count - 1) * a.stride).sum();
         let run = self.g_len.min(TILE_RUN);
-        let width = (TILE_ELEMENTS / run).max(1);
         let mut offsets = vec![0u64; run as usize];
+        let mut rows = Vec::with_capacity(run as usize);
         let outer_count: u64 = self.outer.iter().map(|(a, _)| a.count).product();
         for o in 0..outer_count {
             // Decode the outer coordinates (row-major) into full and output offsets.
@@ -412,32 +425,49 @@ impl Tiles {
             }
             for g0 in (0..self.g_len).step_by(run as usize) {
                 let g1 = (g0 + run).min(self.g_len);
-                self.output_offsets(g0, &mut offsets[..(g1 - g0) as usize]);
+                let taken = &mut offsets[..(g1 - g0) as usize];
+                self.output_offsets(g0, taken);
+                // The elements whose output row meets [lo, hi) at columns [c0, c1): a
+                // contiguous part of the run, from the first such element to the last.
+                let meeting = |taken: &[u64], c0: u64, c1: u64| {
+                    let meets = |&p: &u64| out + p + c1 > lo && out + p + c0 < hi;
+                    let a = taken.iter().position(meets)?;
+                    Some((a, taken.iter().rposition(meets).map_or(a, |b| b) + 1))
+                };
+                let Some((a0, b0)) = meeting(taken, columns.start, columns.end) else {
+                    continue;
+                };
+                // Columns as long as the rows met, padded so that they do not all share the
+                // same few cache sets.
+                let pitch = (b0 - a0) as u64;
+                let pitch = if pitch >= 4 * TILE_PAD { pitch + TILE_PAD } else { pitch };
+                let width = (TILE_ELEMENTS / pitch).max(1);
                 for c0 in (columns.start..columns.end).step_by(width as usize) {
                     let c1 = (c0 + width).min(columns.end);
-                    // The elements of the tile whose output row meets [lo, hi) at these
-                    // columns: a contiguous part of the run, from the first to the last.
-                    let meets = |&p: &u64| out + p + c1 > lo && out + p + c0 < hi;
-                    let taken = &offsets[..(g1 - g0) as usize];
-                    let Some(a) = taken.iter().position(meets) else {
+                    let Some((a, b)) = meeting(&taken[a0..b0], c0, c1) else {
                         continue;
                     };
-                    let b = taken.iter().rposition(meets).map_or(a, |b| b) + 1;
+                    let (a, b) = (a0 + a, a0 + b);
                     for c in c0..c1 {
                         let index = full + c * self.x.stride + g0 + a as u64;
-                        sink.generate(index, (b - a) as u64, (c - c0) as usize * run as usize);
+                        sink.generate(index, (b - a) as u64, (c - c0) as usize * pitch as usize);
                     }
+                    rows.clear();
                     for (e, &p) in taken[a..b].iter().enumerate() {
                         let start = out + p;
                         // Clip the row to [lo, hi).
                         let from = c0.max(lo.saturating_sub(start));
                         let to = c1.min(hi - start.min(hi));
                         if from < to {
-                            let row = start / self.x.count - first_row;
-                            let at = (from - c0) as usize * run as usize + e;
-                            sink.place(row, from, to - from, at, run as usize);
+                            rows.push(Placement {
+                                row: start / self.x.count - first_row,
+                                column: from,
+                                n: to - from,
+                                at: (from - c0) as usize * pitch as usize + e,
+                            });
                         }
                     }
+                    sink.place(&rows, pitch as usize);
                 }
             }
         }
