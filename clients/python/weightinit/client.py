@@ -1,7 +1,8 @@
 """Calls to a weightinit server: tensors (Generate), digests (Digest), descriptions (Describe).
 
-Each call opens its own channel to `target` ("host:port") and closes it when done: plaintext,
-or TLS, mutual TLS and a bearer token as a `Security` passed as `security=` says.
+Each call opens its own channel to `target` ("host:port" or "http://host:port") and closes it
+when done: plaintext, or TLS, mutual TLS and a bearer token as a `Security` passed as `security=`
+says. A server that cannot be reached raises `weightinit.security.ServerUnreachable`.
 """
 
 import importlib.util
@@ -15,7 +16,7 @@ from weightinit.v1 import weightinit_pb2 as pb
 from weightinit.v1 import weightinit_pb2_grpc as pb_grpc
 
 from .request import to_dict, to_message
-from .security import open_channel
+from .security import explained, open_channel
 
 # Largest response message accepted; well above any chunk the server may send (grpc's own
 # default, 4 MiB, is below what a client may ask for with chunk_bytes).
@@ -40,7 +41,7 @@ def _stub(target, security):
     """A WeightInit stub on a new channel, and the metadata each of its calls must carry."""
     options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
     channel, metadata = open_channel(target, security, options)
-    with channel:
+    with channel, explained(target, security):
         yield pb_grpc.WeightInitStub(channel), metadata
 
 
