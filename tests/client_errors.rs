@@ -62,7 +62,15 @@ async fn all_three(dir: &TempDir, addr: &str, extra: &[&str]) -> [String; 3] {
     let out = dir.0.join("out.bin");
     let out = out.to_str().unwrap();
     let mut describe = args(&["describe", "--request", request, "--server", addr]);
-    let mut fetch = args(&["fetch", "--request", request, "--out", out, "--server", addr]);
+    let mut fetch = args(&[
+        "fetch",
+        "--request",
+        request,
+        "--out",
+        out,
+        "--server",
+        addr,
+    ]);
     fetch.extend(args(&["--retries", "1"]));
     let mut health = args(&["healthcheck", "--addr", addr]);
     for command in [&mut describe, &mut fetch, &mut health] {
@@ -116,7 +124,10 @@ async fn connection_failures_name_the_address_the_cause_and_the_fix() {
     let said = all_three(&dir, "localhost", &[]).await;
     all_say(&said, &["no port; write --", "localhost:50051"]);
     let said = all_three(&dir, "grpc://localhost:50051", &[]).await;
-    all_say(&said, &["grpc:// is not a scheme", "HOST:PORT or http://HOST:PORT"]);
+    all_say(
+        &said,
+        &["grpc:// is not a scheme", "HOST:PORT or http://HOST:PORT"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +147,14 @@ async fn host_port_is_plaintext_and_tls_mismatches_are_named() {
     let request = request.to_str().unwrap().to_owned();
     // HOST:PORT, as grpcurl and the Python client take it, is plaintext.
     let addr = plain.addr.to_string();
-    let described = run(args(&["describe", "--request", &request, "--server", &addr])).await;
+    let described = run(args(&[
+        "describe",
+        "--request",
+        &request,
+        "--server",
+        &addr,
+    ]))
+    .await;
     assert!(described.status.success(), "{described:?}");
     let health = run(args(&["healthcheck", "--addr", &addr])).await;
     assert!(health.status.success(), "{health:?}");
@@ -197,7 +215,10 @@ async fn a_server_that_wants_a_client_certificate_says_so() {
         &["--tls-ca", pki.ca.to_str().unwrap()],
     )
     .await;
-    all_say(&said, &["wants a client certificate", "--tls-cert and --tls-key"]);
+    all_say(
+        &said,
+        &["wants a client certificate", "--tls-cert and --tls-key"],
+    );
 }
 
 /// Free bytes for an unprivileged user in `dir`'s file system, as df reports them.
@@ -252,7 +273,10 @@ async fn a_fetch_that_cannot_fit_is_refused_and_sigint_removes_the_partial_file(
     let started = Instant::now();
     while std::fs::metadata(&partial).map_or(true, |m| m.len() == 0) {
         assert!(child.try_wait().unwrap().is_none(), "fetch ended early");
-        assert!(started.elapsed() < Duration::from_secs(60), "no partial file");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no partial file"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let killed = Command::new("kill")

@@ -163,13 +163,22 @@ pub struct Remote {
     client: WeightInitClient<Channel>,
     authorization: Option<AsciiMetadataValue>,
     target: Target,
+    /// How it is reached, for the explanations of failures.
+    security: ClientSecurity,
 }
 
 impl Remote {
     /// `status`, or when the connection is what failed, a status that says so: the address,
     /// the cause and the fix ([`Unreachable`], kept as its source for the retry decision).
     async fn explain(&self, status: Status) -> Status {
-        let Some(unreachable) = Unreachable::explain(&status, &self.target).await else {
+        let security = &self.security;
+        let explained = Unreachable::explain(
+            &status,
+            &self.target,
+            security.tls_ca.as_deref(),
+            security.tls_cert.is_some(),
+        );
+        let Some(unreachable) = explained.await else {
             return status;
         };
         let mut explained = Status::new(status.code(), unreachable.to_string());
@@ -213,6 +222,7 @@ impl Source {
             client: WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
             authorization: security.authorization().map_err(error)?,
             target,
+            security: security.clone(),
         }))
     }
 

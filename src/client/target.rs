@@ -8,6 +8,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,20 +127,37 @@ impl Unreachable {
     }
 
     /// What a failed call to `target` says about the connection: [`Self::diagnose`], and for a
-    /// plaintext call that failed the way a broken connection makes calls fail, whether the
-    /// server speaks TLS (HTTP/2 reports that mismatch in ways that depend on timing, so the
-    /// server is asked).
-    pub async fn explain(status: &Status, target: &Target) -> Option<Self> {
+    /// call that failed the way a broken connection makes calls fail, a question to the server:
+    /// over plaintext, whether it speaks TLS; over TLS without a client certificate (`ca` is the
+    /// --tls-ca file), whether it asks for one. Both mismatches break the connection after it
+    /// is made, and HTTP/2 reports that in ways that depend on timing.
+    pub async fn explain(
+        status: &Status,
+        target: &Target,
+        ca: Option<&Path>,
+        has_client_certificate: bool,
+    ) -> Option<Self> {
         if let Some(found) = Self::diagnose(status, target) {
             return Some(found);
         }
-        let broken = matches!(
+        if !matches!(
             status.code(),
             Code::Unknown | Code::Cancelled | Code::Internal
-        );
-        (broken && !target.tls && speaks_tls(target).await).then(|| Self {
+        ) {
+            return None;
+        }
+        let cause = match (target.tls, ca) {
+            (false, _) if speaks_tls(target).await => Cause::ServerSpeaksTls,
+            (true, Some(ca))
+                if !has_client_certificate && asks_for_certificate(target, ca).await =>
+            {
+                Cause::ClientCertificate(AlertDescription::CertificateRequired)
+            }
+            _ => return None,
+        };
+        Some(Self {
             target: target.clone(),
-            cause: Cause::ServerSpeaksTls,
+            cause,
         })
     }
 
@@ -206,6 +224,58 @@ impl Cause {
         }
         None
     }
+}
+
+/// Whether the TLS server at `target` asks for a client certificate in its handshake
+/// (verified against `ca`, as the call was).
+async fn asks_for_certificate(target: &Target, ca: &Path) -> bool {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Offers no certificate, and notes whether one was asked for.
+    #[derive(Debug, Default)]
+    struct Asked(AtomicBool);
+    impl rustls::client::ResolvesClientCert for Asked {
+        fn resolve(
+            &self,
+            _: &[&[u8]],
+            _: &[rustls::SignatureScheme],
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            self.0.store(true, Ordering::Relaxed);
+            None
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+
+    let Ok(pem) = std::fs::read(ca) else {
+        return false;
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).flatten());
+    let asked = Arc::new(Asked::default());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(builder) =
+        rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()
+    else {
+        return false;
+    };
+    let config = builder
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(asked.clone());
+    let host = target.host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(name) = ServerName::try_from(host.to_owned()) else {
+        return false;
+    };
+    let handshake = async {
+        let stream = tokio::net::TcpStream::connect((host, target.port)).await?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        connector.connect(name, stream).await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), handshake).await;
+    asked.0.load(Ordering::Relaxed)
 }
 
 /// Whether the server at `target` answers the HTTP/2 connection preface with a TLS record
