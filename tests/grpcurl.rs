@@ -148,22 +148,23 @@ async fn grpcurl_shows_the_bad_request_detail() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let status = &messages(&stdout)[0];
-    assert_eq!(status["code"], 3, "INVALID_ARGUMENT: {stdout}");
+    // -format-error prints the status as JSON on stderr.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let status = &messages(&stderr)[0];
+    assert_eq!(status["code"], 3, "INVALID_ARGUMENT: {stderr}");
     let details = status["details"].as_array().unwrap();
-    assert_eq!(details.len(), 1, "{stdout}");
+    assert_eq!(details.len(), 1, "{stderr}");
     let detail = &details[0];
     assert!(
         detail.get("@error").is_none(),
-        "grpcurl decoded it: {stdout}"
+        "grpcurl decoded it: {stderr}"
     );
     assert_eq!(detail["@type"], "type.googleapis.com/google.rpc.BadRequest");
     let violations = detail["fieldViolations"].as_array().unwrap();
-    assert_eq!(violations.len(), 1, "{stdout}");
+    assert_eq!(violations.len(), 1, "{stderr}");
     assert_eq!(violations[0]["field"], "tensors[0].fan_in");
     let description = violations[0]["description"].as_str().unwrap();
-    assert!(description.contains("fan_in"), "{stdout}");
+    assert!(description.contains("fan_in"), "{stderr}");
     assert_eq!(
         status["message"].as_str().unwrap(),
         format!("tensors[0].fan_in: {description}"),

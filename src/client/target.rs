@@ -58,6 +58,10 @@ impl Target {
             Ok(authority) if !rest.contains(['/', '@']) && !rest.is_empty() => authority,
             _ => return Err(format!("not a server address; {}", usage())),
         };
+        // Something after the host that is not a port number (the parser accepts "h:port").
+        if authority.port_u16().is_none() && rest.len() > authority.host().len() {
+            return Err(format!("not a server address; {}", usage()));
+        }
         let port = match (authority.port_u16(), scheme) {
             (Some(port), _) => port,
             (None, Some(_)) if tls => 443,
@@ -72,7 +76,7 @@ impl Target {
         let host = authority.host().to_owned();
         let scheme = if tls { "https" } else { "http" };
         Ok(Self {
-            url: format!("{scheme}://{authority}"),
+            url: format!("{scheme}://{host}:{port}"),
             host,
             port,
             tls,
