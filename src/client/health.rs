@@ -136,12 +136,12 @@ pub async fn is_serving_with(
     let response = match HealthClient::new(channel).check(request).await {
         Ok(response) => response,
         Err(status) => {
-            let ca = security.tls_ca.as_deref();
-            let explained = Unreachable::explain(&status, &target, ca, security.tls_cert.is_some());
-            return Err(match explained.await {
-                Some(unreachable) => Box::new(unreachable),
-                None => format!("{:?}: {}", status.code(), status.message()).into(),
-            });
+            return Err(
+                match Unreachable::explain(&status, &target, security).await {
+                    Some(unreachable) => Box::new(unreachable),
+                    None => format!("{:?}: {}", status.code(), status.message()).into(),
+                },
+            );
         }
     };
     Ok(response.into_inner().status == ServingStatus::Serving as i32)

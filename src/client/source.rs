@@ -154,7 +154,7 @@ fn read_request(path: &Path) -> Result<GenerateRequest, SourceError> {
 
 /// A server: over gRPC, or the service's own handler running in this process.
 pub enum Source {
-    Remote(Remote),
+    Remote(Box<Remote>),
     Local(Handler),
 }
 
@@ -171,13 +171,7 @@ impl Remote {
     /// `status`, or when the connection is what failed, a status that says so: the address,
     /// the cause and the fix ([`Unreachable`], kept as its source for the retry decision).
     async fn explain(&self, status: Status) -> Status {
-        let security = &self.security;
-        let explained = Unreachable::explain(
-            &status,
-            &self.target,
-            security.tls_ca.as_deref(),
-            security.tls_cert.is_some(),
-        );
+        let explained = Unreachable::explain(&status, &self.target, &self.security);
         let Some(unreachable) = explained.await else {
             return status;
         };
@@ -218,12 +212,12 @@ impl Source {
             .initial_connection_window_size(16 << 20)
             .tcp_nodelay(true)
             .connect_lazy();
-        Ok(Self::Remote(Remote {
+        Ok(Self::Remote(Box::new(Remote {
             client: WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
             authorization: security.authorization().map_err(error)?,
             target,
             security: security.clone(),
-        }))
+        })))
     }
 
     /// The service in this process, with the default limits and a worker per core.

@@ -16,6 +16,8 @@ use tokio_rustls::rustls::{self, AlertDescription, CertificateError, InvalidMess
 use tonic::codegen::http::uri::Authority;
 use tonic::{Code, Status};
 
+use super::health::ClientSecurity;
+
 /// A server address, as the URL to dial.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -130,16 +132,15 @@ impl Unreachable {
         })
     }
 
-    /// What a failed call to `target` says about the connection: [`Self::diagnose`], and for a
-    /// call that failed the way a broken connection makes calls fail, a question to the server:
-    /// over plaintext, whether it speaks TLS; over TLS without a client certificate (`ca` is the
-    /// --tls-ca file), whether it asks for one. Both mismatches break the connection after it
-    /// is made, and HTTP/2 reports that in ways that depend on timing.
+    /// What a failed call to `target`, reached as `security` says, tells about the connection:
+    /// [`Self::diagnose`], and for a call that failed the way a broken connection makes calls
+    /// fail, a question to the server: over plaintext, whether it speaks TLS; over TLS without
+    /// a client certificate, whether it asks for one. Both mismatches break the connection
+    /// after it is made, and HTTP/2 reports that in ways that depend on timing.
     pub async fn explain(
         status: &Status,
         target: &Target,
-        ca: Option<&Path>,
-        has_client_certificate: bool,
+        security: &ClientSecurity,
     ) -> Option<Self> {
         if let Some(found) = Self::diagnose(status, target) {
             return Some(found);
@@ -150,10 +151,10 @@ impl Unreachable {
         ) {
             return None;
         }
-        let cause = match (target.tls, ca) {
+        let cause = match (target.tls, &security.tls_ca) {
             (false, _) if speaks_tls(target).await => Cause::ServerSpeaksTls,
             (true, Some(ca))
-                if !has_client_certificate && asks_for_certificate(target, ca).await =>
+                if security.tls_cert.is_none() && asks_for_certificate(target, ca).await =>
             {
                 Cause::ClientCertificate(AlertDescription::CertificateRequired)
             }
