@@ -1,8 +1,17 @@
 # weightinit: a gRPC service that hands distributed trainers byte-identical
-# initial weights. Build:  docker build -t weightinit .
-# Run:    docker run --rm -p 50051:50051 weightinit
-# See deploy/README.md (compose, Kubernetes, and how the base images are made on
-# a machine that cannot pull them: deploy/make-base-images.sh).
+# initial weights.
+#
+# Build, on a machine without an image registry (as root; makes the base images
+# when they are missing, then this build, and removes the builder stage):
+#   deploy/make-base-images.sh --build            # -> weightinit:local
+# Build, where the base images can be pulled:
+#   docker build -t weightinit:local .
+#   docker image prune -f --filter label=io.weightinit.stage=builder
+# (the classic builder keeps the builder stage, ~1.9 GB, as an untagged image;
+# the prune removes it, and with it the cache of the next build).
+# Run (host port 50052, so that a server on 50051 can keep running):
+#   docker run --rm -p 127.0.0.1:50052:50051 --read-only --cap-drop ALL weightinit:local
+# See deploy/README.md for compose, Kubernetes and how the base images are made.
 
 # Base images are build arguments with the usual public defaults.
 ARG RUST_IMAGE=rust:1.95-slim-bookworm

@@ -23,7 +23,16 @@
 # Dockerfile uses when present (offline build). VENDOR=never skips it.
 # The vendored copy is refreshed whenever Cargo.lock changes.
 #
-# Needs root (debootstrap, chroot), docker, and the host's cargo/rustc.
+# Needs docker and the host's cargo/rustc, and root (debootstrap, chroot) when
+# a base image is missing.
+#
+#   deploy/make-base-images.sh                the base images (and crates)
+#   deploy/make-base-images.sh --build [TAG]  the same, then the image itself:
+#       `docker build -t TAG` (default weightinit:local) from the root Dockerfile
+#       with these base images. The builder stage (~1.9 GB) is removed afterwards
+#       unless KEEP_BUILD_CACHE=1, which keeps it as weightinit-build-cache:local
+#       so that the next build only recompiles what changed.
+#   deploy/make-base-images.sh --print-tags   the three tags, as VAR=value lines
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,11 +52,16 @@ RUNTIME_IMAGE=${RUNTIME_IMAGE:-debian:$SUITE-slim}
 RUST_IMAGE=${RUST_IMAGE:-rust:$(host_rust_minor)-slim-$SUITE}
 NGINX_IMAGE=${NGINX_IMAGE:-weightinit-nginx:$SUITE}
 
-if [[ ${1:-} == --print-tags ]]; then
-  printf 'RUNTIME_IMAGE=%s\nRUST_IMAGE=%s\nNGINX_IMAGE=%s\n' "$RUNTIME_IMAGE" "$RUST_IMAGE" "$NGINX_IMAGE"
-  exit 0
-fi
-[[ $(id -u) == 0 ]] || die "run as root (debootstrap and chroot need it)"
+BUILD_TAG=
+case ${1:-} in
+  --print-tags)
+    printf 'RUNTIME_IMAGE=%s\nRUST_IMAGE=%s\nNGINX_IMAGE=%s\n' "$RUNTIME_IMAGE" "$RUST_IMAGE" "$NGINX_IMAGE"
+    exit 0
+    ;;
+  --build) BUILD_TAG=${2:-weightinit:local} ;;
+  "") ;;
+  *) die "usage: $0 [--build [TAG] | --print-tags]" ;;
+esac
 command -v docker >/dev/null || die "docker not found"
 
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
@@ -210,6 +224,7 @@ derive_rootfs() {
 
 T0=$SECONDS
 if need_base_rootfs; then
+  [[ $(id -u) == 0 ]] || die "run as root: making the base images needs debootstrap and chroot"
   make_base_rootfs
   log "base rootfs ready ($(du -sh "$BASE_ROOTFS" | cut -f1), $((SECONDS - T0)) s)"
 fi
@@ -295,5 +310,33 @@ case $VENDOR in
   *) die "VENDOR must be auto, always or never" ;;
 esac
 
-log "done in $((SECONDS - T0)) s"
+log "base images ready in $((SECONDS - T0)) s"
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "^($RUNTIME_IMAGE|$RUST_IMAGE|$NGINX_IMAGE) " >&2 || true
+
+# --- 5. the image (--build) ------------------------------------------------
+# The classic builder keeps the builder stage's last image, untagged: it is the
+# build cache. It is removed (with its untagged parents) unless KEEP_BUILD_CACHE=1.
+BUILD_CACHE_TAG=weightinit-build-cache:local
+build_image() {
+  local t0=$SECONDS build_log=$WORK/docker-build.log builder_id
+  log "docker build -t $BUILD_TAG (RUST_IMAGE=$RUST_IMAGE RUNTIME_IMAGE=$RUNTIME_IMAGE; log: $build_log)"
+  docker build --force-rm --build-arg "RUST_IMAGE=$RUST_IMAGE" \
+    --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE" -t "$BUILD_TAG" "$ROOT" 2>&1 | tee "$build_log" ||
+    die "docker build failed (log: $build_log)"
+  # The image id printed just before the second FROM (the runtime stage).
+  builder_id=$(awk '/^Step [0-9]+\/[0-9]+ : FROM / && ++n == 2 { print prev; exit } /^ ---> [0-9a-f]+$/ { prev = $2 }' \
+    "$build_log")
+  if [[ ${KEEP_BUILD_CACHE:-0} == 1 && -n $builder_id ]]; then
+    docker tag "$builder_id" "$BUILD_CACHE_TAG"
+    log "builder stage kept as $BUILD_CACHE_TAG (docker rmi $BUILD_CACHE_TAG frees it)"
+  else
+    docker image rm "$BUILD_CACHE_TAG" >/dev/null 2>&1 || true
+  fi
+  # Untagged builder stages (this build's unless kept, and any left by plain builds).
+  docker image prune -f --filter label=io.weightinit.stage=builder >/dev/null
+  log "built $BUILD_TAG in $((SECONDS - t0)) s ($(docker image inspect -f '{{.Size}}' "$BUILD_TAG" | awk '{printf "%.0f MB", $1 / 1e6}'))"
+  log "run it: docker run --rm -p 127.0.0.1:50052:50051 --read-only --cap-drop ALL $BUILD_TAG"
+}
+if [[ -n $BUILD_TAG ]]; then
+  build_image
+fi

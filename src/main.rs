@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use weightinit::client::describe::{self, DescribeArgs};
-use weightinit::client::fetch::{self, FetchArgs};
+use weightinit::client::fetch::{self, FetchArgs, FetchError};
 use weightinit::client::health;
 use weightinit::service::server::Reloader;
 use weightinit::service::{ServeConfig, Server};
@@ -78,7 +78,13 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match command {
         Command::Serve(config) => runtime.block_on(serve(config)),
-        Command::Fetch(args) => exit(runtime.block_on(fetch::run(args))),
+        Command::Fetch(args) => match runtime.block_on(fetch::run(args)) {
+            Err(error @ FetchError::Stopped(signal)) => {
+                eprintln!("weightinit: {error}");
+                ExitCode::from(signal.exit_code())
+            }
+            result => exit(result),
+        },
         Command::Describe(args) => exit(runtime.block_on(describe::run(args))),
         Command::Healthcheck {
             addr,

@@ -1,5 +1,6 @@
 //! Interop with the real grpcurl binary (1.8.6, which discovers services through
-//! reflection v1alpha): list, describe, every RPC and the health service.
+//! reflection v1alpha): list, describe, every RPC, the health service, and the error
+//! details of a refusal.
 
 mod common;
 
@@ -130,12 +131,15 @@ async fn grpcurl_discovers_and_calls_every_rpc() {
     }
 }
 
+/// A refusal's google.rpc.BadRequest detail, decoded by grpcurl through reflection (it
+/// needs google/rpc/error_details.proto from the server to read the field violations).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_shows_the_bad_request_detail() {
     let server = TestServer::start().await;
     let output = Command::new(grpcurl())
         .args([
             "-plaintext",
+            "-format-error",
             "-d",
             r#"{"tensors":[{"name":"w","shape":[8],"init":{"xavierUniform":{}}}]}"#,
         ])
@@ -144,7 +148,33 @@ async fn grpcurl_shows_the_bad_request_detail() {
         .output()
         .unwrap();
     assert!(!output.status.success());
+    // -format-error prints the status as JSON on stderr.
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("InvalidArgument"), "{stderr}");
-    assert!(stderr.contains("tensors[0].fan_in"), "{stderr}");
+    let status = &messages(&stderr)[0];
+    assert_eq!(status["code"], 3, "INVALID_ARGUMENT: {stderr}");
+    let details = status["details"].as_array().unwrap();
+    assert_eq!(details.len(), 1, "{stderr}");
+    let detail = &details[0];
+    assert!(
+        detail.get("@error").is_none(),
+        "grpcurl decoded it: {stderr}"
+    );
+    assert_eq!(detail["@type"], "type.googleapis.com/google.rpc.BadRequest");
+    let violations = detail["fieldViolations"].as_array().unwrap();
+    assert_eq!(violations.len(), 1, "{stderr}");
+    assert_eq!(violations[0]["field"], "tensors[0].fan_in");
+    let description = violations[0]["description"].as_str().unwrap();
+    assert!(description.contains("fan_in"), "{stderr}");
+    assert_eq!(
+        status["message"].as_str().unwrap(),
+        format!("tensors[0].fan_in: {description}"),
+        "the detail says what the message says"
+    );
+
+    // The detail's types are there for any reflection client to read.
+    let described = run(&server, &[], &["describe", "google.rpc.BadRequest"]);
+    assert!(
+        described.contains("repeated .google.rpc.BadRequest.FieldViolation field_violations"),
+        "{described}"
+    );
 }

@@ -48,6 +48,10 @@ pub struct FetchArgs {
     /// No progress line, retry notes or summary: errors only.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Write even when the output's file system reports less free space than the output
+    /// needs (checked before anything is written).
+    #[arg(long)]
+    pub no_space_check: bool,
 }
 
 /// Why a fetch failed.
@@ -62,11 +66,31 @@ pub enum FetchError {
     /// The server broke the protocol: messages out of order, sizes that disagree.
     Protocol(String),
     Verify(VerifyError),
-    /// Transient failures, `attempts` in a row; the last one.
+    /// Transient failures of `what`, `attempts` in a row; the last one.
     GaveUp {
+        what: String,
         attempts: u32,
         last: Box<FetchError>,
     },
+    /// SIGINT or SIGTERM arrived; the partial output has been removed.
+    Stopped(Signal),
+}
+
+/// A signal that stops a fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+impl Signal {
+    /// The exit code of a process that ends on this signal, as shells report it.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Interrupt => 128 + 2,
+            Self::Terminate => 128 + 15,
+        }
+    }
 }
 
 impl FetchError {
@@ -88,12 +112,24 @@ impl std::fmt::Display for FetchError {
             Self::Interrupted => f.write_str("the stream ended early"),
             Self::Protocol(what) => write!(f, "the server broke the protocol: {what}"),
             Self::Verify(e) => e.fmt(f),
-            Self::GaveUp { attempts, last } => {
-                write!(
-                    f,
-                    "gave up after {attempts} failed attempts in a row: {last}"
-                )
-            }
+            Self::GaveUp {
+                what,
+                attempts,
+                last,
+            } => write!(
+                f,
+                "{what}: gave up after {attempts} failed attempts in a row (--retries sets how \
+                 many): {last}"
+            ),
+            Self::Stopped(signal) => write!(
+                f,
+                "stopped by {}; the partial output was removed (a fetch cannot resume across \
+                 runs: run it again to start over)",
+                match signal {
+                    Signal::Interrupt => "SIGINT",
+                    Signal::Terminate => "SIGTERM",
+                }
+            ),
         }
     }
 }
@@ -191,36 +227,44 @@ pub struct Summary {
     pub retried: u32,
 }
 
-/// Fetches every tensor of `request` from `server` into `out`, retrying per `policy`.
+/// Fetches every tensor of `request` from `server` into `out`, retrying per `policy`; with
+/// `check_space`, only when the output fits in the free space.
 pub async fn fetch<S: WeightInit>(
     server: &S,
     request: &GenerateRequest,
     out: &Path,
     format: Format,
     policy: RetryPolicy,
+    check_space: bool,
     progress: &mut Progress,
 ) -> Result<Summary, FetchError> {
     let mut backoff = Backoff::new(policy);
     let manifest = loop {
         match describe(server, request).await {
             Ok(manifest) => break manifest,
-            Err(error) => recover(&mut backoff, error, false, progress).await?,
+            Err(error) => recover(&mut backoff, error, false, "Describe", progress).await?,
         }
     };
     let provenance = Provenance {
         seed: request.seed,
         algorithm: manifest.first().map_or(request.algorithm, |h| h.algorithm),
     };
-    let output = Output::create(format, out, &manifest, provenance)?;
+    let output = Output::create(format, out, &manifest, provenance, check_space)?;
     let mut assembly = Assembly::new(request, &manifest, &output)?;
-    progress.start(manifest.iter().map(|h| h.byte_length).sum());
+    let total = manifest.iter().map(|h| h.byte_length).sum();
+    progress.start(total);
     loop {
         let before = assembly.progress();
         match assembly.attempt(server, progress).await {
             Ok(()) => break,
             Err(error) => {
                 let progressed = assembly.progress() != before;
-                recover(&mut backoff, error, progressed, progress).await?;
+                let what = format!(
+                    "Generate ({} of {} to go)",
+                    human_bytes(total - assembly.done),
+                    human_bytes(total)
+                );
+                recover(&mut backoff, error, progressed, &what, progress).await?;
             }
         }
     }
@@ -254,12 +298,13 @@ async fn describe<S: WeightInit>(
     Ok(manifest)
 }
 
-/// After a failed attempt: waits and returns when another attempt is worth it, or else
-/// returns the error.
+/// After a failed attempt at `what`: waits and returns when another attempt is worth it,
+/// or else returns the error.
 async fn recover(
     backoff: &mut Backoff,
     error: FetchError,
     progressed: bool,
+    what: &str,
     progress: &mut Progress,
 ) -> Result<(), FetchError> {
     if !error.is_transient() {
@@ -267,12 +312,13 @@ async fn recover(
     }
     let Some(wait) = backoff.next(progressed) else {
         return Err(FetchError::GaveUp {
+            what: what.to_owned(),
             attempts: backoff.failures(),
             last: Box::new(error),
         });
     };
     progress.note(&format!(
-        "{error}; retrying in {:.1}s ({}/{})",
+        "{what}: {error}; retrying in {:.1}s (retry {} of {} before giving up)",
         wait.as_secs_f64(),
         backoff.failures(),
         backoff.retries()
@@ -572,21 +618,31 @@ impl<'a> Assembly<'a> {
     }
 }
 
-/// `weightinit fetch`.
+/// `weightinit fetch`. SIGINT and SIGTERM stop it cleanly: the fetch is dropped, and its
+/// output with it, so that no partial file outlives the process.
 pub async fn run(args: FetchArgs) -> Result<(), FetchError> {
+    use tokio::signal::unix::{SignalKind, signal};
     let request = args.source.request()?;
     let format = Format::resolve(args.format, &args.out)?;
     let source = args.source.source()?;
     let mut progress = Progress::stderr(args.quiet);
-    let summary = fetch(
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let fetching = fetch(
         &source,
         &request,
         &args.out,
         format,
         RetryPolicy::new(args.retries),
+        !args.no_space_check,
         &mut progress,
-    )
-    .await?;
+    );
+    let outcome = tokio::select! {
+        outcome = fetching => outcome,
+        _ = interrupt.recv() => Err(FetchError::Stopped(Signal::Interrupt)),
+        _ = terminate.recv() => Err(FetchError::Stopped(Signal::Terminate)),
+    };
+    let summary = outcome.inspect_err(|_| progress.finish())?;
     let seconds = summary.elapsed.as_secs_f64();
     let retried = match summary.retried {
         0 => String::new(),
@@ -774,6 +830,7 @@ mod tests {
             out,
             Format::Raw,
             policy(),
+            true,
             &mut progress,
         )
         .await
@@ -875,6 +932,7 @@ mod tests {
             &out,
             Format::Raw,
             policy(),
+            true,
             &mut progress,
         )
         .await

@@ -10,6 +10,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+use super::target::{Target, Unreachable};
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// How to reach a server that uses TLS, mutual TLS or a bearer token. The environment
@@ -18,7 +20,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct ClientSecurity {
     /// PEM CA certificate the server's certificate must chain to; turns TLS on
-    /// (`http://` addresses are then dialled as `https://`).
+    /// (`http://` and `HOST:PORT` addresses are then dialled as `https://`).
     #[arg(long, env = "WEIGHTINIT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// PEM client certificate, for a server that requires one (mutual TLS); needs --tls-key.
@@ -40,22 +42,25 @@ impl ClientSecurity {
         self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_server_name.is_some()
     }
 
-    /// An endpoint for `addr` with TLS configured as asked.
-    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
-        let tls = self.uses_tls();
-        let addr = match addr.strip_prefix("http://") {
-            Some(rest) if tls => format!("https://{rest}"),
-            _ => addr.to_owned(),
-        };
-        if addr.starts_with("https://") && self.tls_ca.is_none() {
-            return Err(
-                "an https:// address needs --tls-ca (the CA that signed the server's \
-                        certificate)"
-                    .into(),
-            );
+    /// The server at `addr` (`HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT`), as
+    /// given by `flag`, dialled over TLS when any TLS option is set.
+    pub fn target(&self, addr: &str, flag: &'static str) -> Result<Target, Error> {
+        let target = Target::parse(addr, self.uses_tls(), flag)?;
+        if target.tls && self.tls_ca.is_none() {
+            return Err(format!(
+                "{} is TLS and needs --tls-ca (the CA that signed the server's certificate); \
+                 for plaintext write {flag} http://{}:{}",
+                target.url, target.host, target.port
+            )
+            .into());
         }
-        let endpoint = Endpoint::from_shared(addr)?;
-        if !tls {
+        Ok(target)
+    }
+
+    /// An endpoint for `target` with TLS configured as asked.
+    pub fn endpoint(&self, target: &Target) -> Result<Endpoint, Error> {
+        let endpoint = Endpoint::from_shared(target.url.clone())?;
+        if !target.tls {
             return Ok(endpoint);
         }
         let mut config = ClientTlsConfig::new();
@@ -103,39 +108,55 @@ pub async fn is_serving(
         .map_err(|e| e as Box<dyn std::error::Error>)
 }
 
-/// [`is_serving`] over TLS or with a token, as `security` says.
+/// [`is_serving`] over TLS or with a token, as `security` says. Failures name the address
+/// and the cause ([`Unreachable`]) when the connection is what failed.
 pub async fn is_serving_with(
     addr: &str,
     service: &str,
     timeout: Duration,
     security: &ClientSecurity,
 ) -> Result<bool, Error> {
+    let target = security.target(addr, "--addr")?;
     let channel = security
-        .endpoint(addr)?
+        .endpoint(&target)?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| chain(&e))?;
+        .map_err(|e| match Unreachable::diagnose(&e, &target) {
+            Some(unreachable) => Box::new(unreachable) as Error,
+            None => chain(&e).into(),
+        })?;
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
     });
     if let Some(value) = security.authorization()? {
         request.metadata_mut().insert("authorization", value);
     }
-    let response = HealthClient::new(channel)
-        .check(request)
-        .await
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+    let response = match HealthClient::new(channel).check(request).await {
+        Ok(response) => response,
+        Err(status) => {
+            return Err(
+                match Unreachable::explain(&status, &target, security).await {
+                    Some(unreachable) => Box::new(unreachable),
+                    None => format!("{:?}: {}", status.code(), status.message()).into(),
+                },
+            );
+        }
+    };
     Ok(response.into_inner().status == ServingStatus::Serving as i32)
 }
 
-/// An error and its causes, `a: b: c` (a transport error alone says only "transport error").
+/// An error and its causes, `a: b: c` (a transport error alone says only "transport error"),
+/// without the repetitions of wrappers that print their cause too.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text = format!("{text}: {cause}");
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
         source = cause.source();
     }
     text

@@ -7,6 +7,7 @@
 //! - [`retry`]: which failures to retry, and the backoff.
 //! - [`progress`]: the progress line and notes on stderr.
 //! - [`health`]: `weightinit healthcheck`.
+//! - [`target`]: server addresses, and what to say when one cannot be reached.
 
 pub mod describe;
 pub mod fetch;
@@ -15,3 +16,4 @@ pub mod output;
 pub mod progress;
 pub mod retry;
 pub mod source;
+pub mod target;

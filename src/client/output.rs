@@ -17,6 +17,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::progress::human_bytes;
 use crate::engine::DType;
 use crate::proto::TensorHeader;
 use crate::service::convert;
@@ -80,6 +81,12 @@ pub enum OutputError {
     },
     /// A shape too long for an npy v1.0 header.
     NpyHeader(String),
+    /// The output needs more space than its file system has free.
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -116,6 +123,18 @@ impl std::fmt::Display for OutputError {
                     "tensor {tensor:?}: the shape is too long for an npy header"
                 )
             }
+            Self::NoSpace {
+                dir,
+                needed,
+                available,
+            } => write!(
+                f,
+                "not enough space: the output needs {} ({needed} bytes), {} has {} free; free \
+                 some space, write elsewhere (--out), or pass --no-space-check to write anyway",
+                human_bytes(*needed),
+                dir.display(),
+                human_bytes(*available)
+            ),
             Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
         }
     }
@@ -354,18 +373,32 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
 }
 
 impl Output {
-    /// Creates the temporary files of `manifest` (the tensors in request order) at `out`.
+    /// Creates the temporary files of `manifest` (the tensors in request order) at `out`;
+    /// with `check_space`, only when the file system has room for all of them (the files
+    /// are sparse until written, so nothing else would stop a fetch that cannot fit).
     pub fn create(
         format: Format,
         out: &Path,
         manifest: &[TensorHeader],
         provenance: Provenance,
+        check_space: bool,
     ) -> Result<Self, OutputError> {
         let entries = manifest
             .iter()
             .map(Entry::new)
             .collect::<Result<Vec<_>, _>>()?;
         let (plans, places) = layout(format, out, &entries, provenance)?;
+        if check_space {
+            let needed = plans
+                .iter()
+                .map(|p| p.prefix.len() as u64 + p.data_len)
+                .sum();
+            let dir = match format {
+                Format::Npy => out,
+                _ => out.parent().unwrap_or(Path::new("")),
+            };
+            ensure_space(dir, needed)?;
+        }
         if format == Format::Npy {
             fs::create_dir_all(out).map_err(io_error(out))?;
         } else if out.is_dir() {
@@ -439,6 +472,35 @@ impl Output {
         self.parts.clear();
         Ok(())
     }
+}
+
+/// Fails unless `dir`'s file system (that of its nearest existing ancestor, when `dir` is
+/// yet to be made) has `needed` bytes free for an unprivileged user.
+fn ensure_space(dir: &Path, needed: u64) -> Result<(), OutputError> {
+    let dir = dir
+        .ancestors()
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        })
+        .find(|d| d.is_dir())
+        .unwrap_or(Path::new("/"));
+    let stat = rustix::fs::statvfs(dir).map_err(|e| OutputError::Io {
+        path: dir.to_owned(),
+        source: e.into(),
+    })?;
+    let available = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if needed > available {
+        return Err(OutputError::NoSpace {
+            dir: dir.to_owned(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
 }
 
 impl Drop for Output {

@@ -43,8 +43,12 @@ impl RetryPolicy {
 /// Whether a failed RPC may succeed when tried again. Transport failures surface as
 /// UNAVAILABLE, UNKNOWN, INTERNAL or CANCELLED depending on where the connection broke.
 /// RESOURCE_EXHAUSTED is final when a BadRequest detail blames the request (too many bytes),
-/// and transient when the server is only busy (all its stream slots taken).
+/// and transient when the server is only busy (all its stream slots taken). A connection
+/// failure is transient unless it is a TLS mismatch or a refused certificate.
 pub fn is_transient(status: &Status) -> bool {
+    if let Some(unreachable) = super::source::unreachable(status) {
+        return unreachable.is_transient();
+    }
     match status.code() {
         Code::Unavailable
         | Code::Unknown

@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::health::ClientSecurity;
+use super::target::{Target, Unreachable};
 use crate::engine::Limits;
 use crate::proto::weight_init_client::WeightInitClient;
 use crate::proto::weight_init_server::WeightInit;
@@ -33,7 +34,8 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// The request and the server: flags shared by `fetch` and `describe`.
 #[derive(clap::Args, Debug)]
 pub struct SourceArgs {
-    /// Server URL.
+    /// Server address: HOST:PORT or http://HOST:PORT (plaintext), https://HOST:PORT (TLS,
+    /// with --tls-ca).
     #[arg(
         long,
         env = "WEIGHTINIT_SERVER",
@@ -152,7 +154,7 @@ fn read_request(path: &Path) -> Result<GenerateRequest, SourceError> {
 
 /// A server: over gRPC, or the service's own handler running in this process.
 pub enum Source {
-    Remote(Remote),
+    Remote(Box<Remote>),
     Local(Handler),
 }
 
@@ -160,9 +162,24 @@ pub enum Source {
 pub struct Remote {
     client: WeightInitClient<Channel>,
     authorization: Option<AsciiMetadataValue>,
+    target: Target,
+    /// How it is reached, for the explanations of failures.
+    security: ClientSecurity,
 }
 
 impl Remote {
+    /// `status`, or when the connection is what failed, a status that says so: the address,
+    /// the cause and the fix ([`Unreachable`], kept as its source for the retry decision).
+    async fn explain(&self, status: Status) -> Status {
+        let explained = Unreachable::explain(&status, &self.target, &self.security);
+        let Some(unreachable) = explained.await else {
+            return status;
+        };
+        let mut explained = Status::new(status.code(), unreachable.to_string());
+        explained.set_source(Arc::new(unreachable));
+        explained
+    }
+
     /// The client and `request`, with the token if there is one.
     fn call<T>(&self, mut request: Request<T>) -> (WeightInitClient<Channel>, Request<T>) {
         if let Some(value) = &self.authorization {
@@ -175,15 +192,16 @@ impl Remote {
 }
 
 impl Source {
-    /// A server at `url`, reached as `security` says; connects on first use and reconnects
-    /// after a failure.
+    /// A server at `url` (given by --server), reached as `security` says; connects on first
+    /// use and reconnects after a failure.
     pub fn remote(url: &str, security: &ClientSecurity) -> Result<Self, SourceError> {
         let error = |source| SourceError::Server {
             url: url.to_owned(),
             source,
         };
+        let target = security.target(url, "--server").map_err(error)?;
         let channel = security
-            .endpoint(url)
+            .endpoint(&target)
             .map_err(error)?
             .connect_timeout(Duration::from_secs(5))
             // A peer that vanished without closing the connection is noticed within seconds.
@@ -194,10 +212,12 @@ impl Source {
             .initial_connection_window_size(16 << 20)
             .tcp_nodelay(true)
             .connect_lazy();
-        Ok(Self::Remote(Remote {
+        Ok(Self::Remote(Box::new(Remote {
             client: WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
             authorization: security.authorization().map_err(error)?,
-        }))
+            target,
+            security: security.clone(),
+        })))
     }
 
     /// The service in this process, with the default limits and a worker per core.
@@ -224,10 +244,10 @@ impl WeightInit for Source {
         Ok(match self {
             Self::Remote(remote) => {
                 let (mut client, request) = remote.call(request);
-                client
-                    .generate(request)
-                    .await?
-                    .map(|s| Box::pin(s) as GenerateStream)
+                match client.generate(request).await {
+                    Ok(response) => response.map(|s| Box::pin(s) as GenerateStream),
+                    Err(status) => return Err(remote.explain(status).await),
+                }
             }
             Self::Local(handler) => handler
                 .generate(request)
@@ -243,7 +263,10 @@ impl WeightInit for Source {
         match self {
             Self::Remote(remote) => {
                 let (mut client, request) = remote.call(request);
-                client.describe(request).await
+                match client.describe(request).await {
+                    Err(status) => Err(remote.explain(status).await),
+                    ok => ok,
+                }
             }
             Self::Local(handler) => handler.describe(request).await,
         }
@@ -256,7 +279,10 @@ impl WeightInit for Source {
         match self {
             Self::Remote(remote) => {
                 let (mut client, request) = remote.call(request);
-                client.digest(request).await
+                match client.digest(request).await {
+                    Err(status) => Err(remote.explain(status).await),
+                    ok => ok,
+                }
             }
             Self::Local(handler) => handler.digest(request).await,
         }
@@ -269,14 +295,26 @@ impl WeightInit for Source {
         match self {
             Self::Remote(remote) => {
                 let (mut client, request) = remote.call(request);
-                client.get_info(request).await
+                match client.get_info(request).await {
+                    Err(status) => Err(remote.explain(status).await),
+                    ok => ok,
+                }
             }
             Self::Local(handler) => handler.get_info(request).await,
         }
     }
 }
 
-/// A status as a person reads it: the code and the server's message, without the metadata.
+/// A status as a person reads it: the code and the server's message, without the metadata;
+/// a connection failure's explanation alone.
 pub fn status_text(status: &Status) -> String {
+    if unreachable(status).is_some() {
+        return status.message().to_owned();
+    }
     format!("{:?}: {}", status.code(), status.message())
+}
+
+/// The connection failure a status stands for, if [`Remote`] found one.
+pub fn unreachable(status: &Status) -> Option<&Unreachable> {
+    std::error::Error::source(status)?.downcast_ref()
 }

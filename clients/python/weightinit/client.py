@@ -18,7 +18,7 @@ from weightinit.v1 import weightinit_pb2 as pb
 from weightinit.v1 import weightinit_pb2_grpc as pb_grpc
 
 from .request import to_dict, to_message
-from .security import Security, open_channel
+from .security import Security, explained, open_channel
 
 # Largest response message accepted; well above any chunk the server may send (grpc's own
 # default, 4 MiB, is below what a client may ask for with chunk_bytes).
@@ -50,11 +50,16 @@ class Client:
     timeout: the default deadline of each call in seconds; None for no deadline.
 
     A Client is thread-safe (gRPC channels are) and a context manager that closes its channel.
+    A server that cannot be reached raises weightinit.security.ServerUnreachable, which names the
+    address, the cause and the fix.
     """
 
     def __init__(self, target, *, security=None, timeout=DEFAULT_TIMEOUT):
         if not isinstance(target, str) or not target:
-            raise ValueError(f"target: must be a non-empty 'host:port' string, got {target!r}")
+            raise ValueError(
+                f"target: must be a non-empty 'host:port' or 'http://host:port' string, "
+                f"got {target!r}"
+            )
         if timeout is not None and not timeout > 0:
             raise ValueError(
                 f"timeout: must be a positive number of seconds or None, got {timeout}"
@@ -62,6 +67,7 @@ class Client:
         options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
         self.target = target
         self.timeout = timeout
+        self._security = security
         self._channel, self._metadata = open_channel(target, security, options)
         self._stub = pb_grpc.WeightInitStub(self._channel)
 
@@ -82,25 +88,28 @@ class Client:
         """Generates every tensor of `request` and returns them; see weightinit.fetch().
         timeout: seconds for this call (default: the client's)."""
         message = to_message(request)
-        responses = self._stub.Generate(
-            message, timeout=self._deadline(timeout), metadata=self._metadata
-        )
-        return read_stream(responses, message, out)
+        with explained(self.target, self._security):
+            responses = self._stub.Generate(
+                message, timeout=self._deadline(timeout), metadata=self._metadata
+            )
+            return read_stream(responses, message, out)
 
     def digest(self, request, timeout=None):
         """Returns {name: hex BLAKE3 digest}; see weightinit.digest()."""
         message = to_message(request)
-        response = self._stub.Digest(
-            message, timeout=self._deadline(timeout), metadata=self._metadata
-        )
+        with explained(self.target, self._security):
+            response = self._stub.Digest(
+                message, timeout=self._deadline(timeout), metadata=self._metadata
+            )
         return {message.tensors[d.tensor_index].name: d.blake3.hex() for d in response.digests}
 
     def describe(self, request, timeout=None):
         """Returns {name: TensorHeader in proto3 JSON form}; see weightinit.describe()."""
         message = to_message(request)
-        response = self._stub.Describe(
-            message, timeout=self._deadline(timeout), metadata=self._metadata
-        )
+        with explained(self.target, self._security):
+            response = self._stub.Describe(
+                message, timeout=self._deadline(timeout), metadata=self._metadata
+            )
         return {header.name: to_dict(header) for header in response.tensors}
 
 

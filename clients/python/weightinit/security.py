@@ -1,11 +1,17 @@
-"""How to reach a server that uses TLS, mutual TLS or a bearer token: `Security`.
+"""How to reach a server: its address (a target), and `Security` for one that uses TLS, mutual
+TLS or a bearer token.
 
 The options mirror the Rust CLI's (--tls-ca, --tls-cert, --tls-key, --tls-server-name,
---auth-token-file) and `Security.from_env()` reads the same environment variables.
+--auth-token-file) and `Security.from_env()` reads the same environment variables. Targets are
+written as the CLI takes them: "HOST:PORT", "http://HOST:PORT" or "https://HOST:PORT". A call
+that cannot reach its server raises `ServerUnreachable`, which names the address, the cause and
+the fix, as the CLI does.
 """
 
 import os
 import re
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +39,37 @@ _CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----")
 _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 # The server's limits on a token: 1 to 4096 visible ASCII characters (it travels in a header).
 _TOKEN = re.compile(r"[!-~]{1,4096}")
+# [SCHEME://]HOST[:PORT][/]: the host a name, an IPv4 address or a bracketed IPv6 address.
+_TARGET = re.compile(
+    r"(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?/?"
+)
+_TARGET_USAGE = (
+    "write 'HOST:PORT' or 'http://HOST:PORT' (plaintext), or 'https://HOST:PORT' with "
+    "security=Security(tls_ca=...), e.g. '127.0.0.1:50051'"
+)
+# The HTTP/2 connection preface: a TLS server answers it with a TLS record.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class ServerUnreachable(grpc.RpcError, ConnectionError):
+    """A call could not reach its server; the message names the address, the cause and the fix.
+
+    Raised from the grpc.RpcError it explains (its __cause__), and answers code() and details()
+    as that error does, so handlers written for grpc.RpcError keep working.
+    """
+
+    def __init__(self, message: str, error: grpc.RpcError):
+        super().__init__(message)
+        self._error = error
+
+    def code(self) -> grpc.StatusCode:
+        """The status code of the failed call (UNAVAILABLE)."""
+        return self._error.code()
+
+    def details(self) -> str:
+        """This error's explanation."""
+        return str(self)
 
 
 @dataclass(frozen=True)
@@ -89,13 +126,102 @@ class Security:
         return cls(**values)
 
 
+def address(target: str, security: "Security | None" = None) -> str:
+    """The "HOST:PORT" to dial for `target`: "HOST:PORT" or "http://HOST:PORT" (plaintext, or
+    TLS when `security` has tls_ca), or "https://HOST:PORT" (TLS: needs tls_ca).
+
+    Raises ValueError, saying what to write, for anything else (a missing port, another scheme,
+    a path), and TypeError for a target that is not a str.
+    """
+    if not isinstance(target, str):
+        raise TypeError(
+            f"target must be a str such as '127.0.0.1:50051', not {type(target).__name__}"
+        )
+    match = _TARGET.fullmatch(target)
+    if match is None:
+        raise ValueError(f"target: {target!r} is not a server address; {_TARGET_USAGE}")
+    scheme, host, port = match["scheme"], match["host"], match["port"]
+    if scheme not in (None, "http", "https"):
+        raise ValueError(f"target: {scheme}:// is not a scheme this client dials; {_TARGET_USAGE}")
+    if port is None or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"target: {target!r} has no valid port; write '{host}:50051' (or the port the server "
+            "listens on)"
+        )
+    if scheme == "https" and (security is None or security.tls_ca is None):
+        raise ValueError(
+            f"target: {target!r} is TLS and needs security=Security(tls_ca=...), the CA that "
+            f"signed the server's certificate; for plaintext write '{host}:{port}'"
+        )
+    return f"{host}:{port}"
+
+
+@contextmanager
+def explained(target: str, security: "Security | None" = None):
+    """Re-raises a grpc.RpcError that says the server at `target` could not be reached as a
+    ServerUnreachable naming the address, the cause and the fix; other errors pass unchanged."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        message = _unreachable(error, address(target, security), security or Security())
+        if message is None:
+            raise
+        raise ServerUnreachable(message, error) from error
+
+
+def _unreachable(error, addr, security):
+    """What a failed call's error says about the connection to `addr`, or None."""
+    if not isinstance(error, grpc.Call) or error.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    details = error.details() or ""
+    host, port = addr.rsplit(":", 1)
+    tls = security.tls_ca is not None
+    if "Connection refused" in details:
+        return (
+            f"connection refused at {addr}: no server listens there; start one (weightinit serve "
+            f"--addr 0.0.0.0:{port}) or pass the address a server prints when it starts"
+        )
+    if "resolving" in details or "DNS resolution failed" in details:
+        return f"unknown host {host} in target {addr!r} ({details}); check the name, or give an IP"
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return (
+            f"TLS mismatch at {addr}: the server speaks plaintext, this client TLS; call it "
+            "without tls_ca, tls_cert, tls_key and tls_server_name in security"
+        )
+    if tls and "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            f"TLS at {addr}: the server's certificate does not verify against tls_ca ({details}); "
+            "pass the CA that signed it, and tls_server_name if the certificate's name differs"
+        )
+    if not tls and _speaks_tls(host, int(port)):
+        return (
+            f"TLS mismatch at {addr}: the server speaks TLS, this client plaintext; pass "
+            "security=Security(tls_ca=...) with the CA that signed the server's certificate"
+        )
+    return None
+
+
+def _speaks_tls(host, port):
+    """Whether the server answers the HTTP/2 preface with a TLS record (an HTTP/2 server sends a
+    SETTINGS frame, whose first byte is 0); grpc reports that mismatch only as "Socket closed"."""
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=2) as connection:
+            connection.sendall(_HTTP2_PREFACE)
+            head = connection.recv(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] in (0x15, 0x16) and head[1] == 0x03
+
+
 def open_channel(target, security=None, options=()):
-    """Opens a channel to `target` as `security` (a Security, None for plaintext) says.
+    """Opens a channel to `target` ("HOST:PORT", "http://HOST:PORT" or "https://HOST:PORT", see
+    address()) as `security` (a Security, None for plaintext) says.
 
     Returns (channel, metadata): the metadata to send with every call, the bearer token if any.
-    Every file is read and checked first, so a bad one fails here, not in a TLS handshake.
+    The target and every file are checked first, so a bad one fails here, not in a handshake.
     """
     security = security or Security()
+    target = address(target, security)
     # Per-call metadata rather than grpc.access_token_call_credentials: grpc refuses call
     # credentials on a plaintext channel (calls fail UNAUTHENTICATED in the client), while the
     # server accepts a token over plaintext too. One way then serves both.
