@@ -55,11 +55,8 @@ class Client:
     """
 
     def __init__(self, target, *, security=None, timeout=DEFAULT_TIMEOUT):
-        if not isinstance(target, str) or not target:
-            raise ValueError(
-                f"target: must be a non-empty 'host:port' or 'http://host:port' string, "
-                f"got {target!r}"
-            )
+        if not isinstance(target, str):
+            raise TypeError(f"target must be a str such as '127.0.0.1:50051', got {target!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(
                 f"timeout: must be a positive number of seconds or None, got {timeout}"
