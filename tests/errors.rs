@@ -303,7 +303,50 @@ fn cases() -> Vec<(&'static str, GenerateRequest, Code, &'static str)> {
             Bad,
             "tensors[0].slice.shard.dim",
         ),
+        (
+            "permute with a repeated dimension",
+            one(json!({"permute": [1, 1]})),
+            Bad,
+            "tensors[0].permute",
+        ),
+        (
+            "permute naming a dimension past the rank",
+            one(json!({"permute": [0, 2]})),
+            Bad,
+            "tensors[0].permute",
+        ),
+        (
+            "permute shorter than the rank",
+            one(json!({"permute": [0]})),
+            Bad,
+            "tensors[0].permute",
+        ),
+        (
+            "a slice past the permuted view",
+            // The view of [4, 6] under [1, 0] is [6, 4]: dimension 1 has 4 rows.
+            one(json!({"shape": [4, 6], "permute": [1, 0],
+                       "slice": {"dims": {"ranges": [{"start": 0, "stop": 6}, {"start": 0, "stop": 5}]}}})),
+            Bad,
+            "tensors[0].slice.dims.ranges[1]",
+        ),
+        (
+            "float16 constant that rounds to infinity",
+            one(json!({"dtype": "DTYPE_FLOAT16", "init": {"constant": {"value": 65520.0}}})),
+            Bad,
+            "tensors[0].dtype",
+        ),
     ]
+}
+
+#[tokio::test]
+async fn extremes_that_round_to_the_largest_finite_value_are_valid() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for (dtype, value) in [("DTYPE_FLOAT16", 65505.0), ("DTYPE_FLOAT32", 3.402_823_5e38)] {
+        let request = one(json!({"dtype": dtype, "init": {"constant": {"value": value}}}));
+        let digests = client.digest(request).await.unwrap().into_inner().digests;
+        assert_eq!(digests.len(), 1, "{dtype} constant {value}");
+    }
 }
 
 fn assert_rejected(what: &str, status: &tonic::Status, code: Code, field: &str) {
