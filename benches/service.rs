@@ -90,13 +90,18 @@ async fn digests(server: &Server) {
 /// weight), run alternately so that both see the same machine.
 async fn permutes(server: &Server) {
     let client = server.client(None).await;
-    let cases: [(&[u64], &[u32]); 2] = [(&[8192, 8192], &[1, 0]), (&[512, 512, 3, 3], &[2, 3, 1, 0])];
+    let cases: [(&[u64], &[u32]); 2] =
+        [(&[8192, 8192], &[1, 0]), (&[512, 512, 3, 3], &[2, 3, 1, 0])];
     for (shape, permute) in cases {
         let plain = request(shape, r#"{"xavierUniform": {}}"#, 0);
         let mut permuted = plain.clone();
         permuted.tensors[0].permute = permute.to_vec();
         // Small tensors take milliseconds: more runs for a stable best.
-        let runs = if shape.iter().product::<u64>() < 1 << 24 { 4 * REPEATS } else { REPEATS };
+        let runs = if shape.iter().product::<u64>() < 1 << 24 {
+            4 * REPEATS
+        } else {
+            REPEATS
+        };
         let (mut plain_s, mut permuted_s) = (f64::INFINITY, f64::INFINITY);
         let (mut plain_cpu, mut permuted_cpu) = (0.0, 0.0);
         for _ in 0..runs {

@@ -342,7 +342,10 @@ fn cases() -> Vec<(&'static str, GenerateRequest, Code, &'static str)> {
 async fn extremes_that_round_to_the_largest_finite_value_are_valid() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    for (dtype, value) in [("DTYPE_FLOAT16", 65505.0), ("DTYPE_FLOAT32", 3.402_823_5e38)] {
+    for (dtype, value) in [
+        ("DTYPE_FLOAT16", 65505.0),
+        ("DTYPE_FLOAT32", 3.402_823_5e38),
+    ] {
         let request = one(json!({"dtype": dtype, "init": {"constant": {"value": value}}}));
         let digests = client.digest(request).await.unwrap().into_inner().digests;
         assert_eq!(digests.len(), 1, "{dtype} constant {value}");

@@ -338,7 +338,12 @@ fn permuted_views_and_their_slices_equal_numpy_transpose() {
     use rand::{RngExt, SeedableRng};
 
     let mut rng = SmallRng::seed_from_u64(0x5eed);
-    let dtypes = ["DTYPE_FLOAT32", "DTYPE_FLOAT64", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"];
+    let dtypes = [
+        "DTYPE_FLOAT32",
+        "DTYPE_FLOAT64",
+        "DTYPE_FLOAT16",
+        "DTYPE_BFLOAT16",
+    ];
     for case in 0..400 {
         let rank = rng.random_range(1..=5);
         let shape: Vec<u64> = (0..rank).map(|_| rng.random_range(1..=7)).collect();
@@ -363,8 +368,10 @@ fn permuted_views_and_their_slices_equal_numpy_transpose() {
                         (a, rng.random_range(a..=n))
                     })
                     .collect();
-                let json_ranges: Vec<_> =
-                    ranges.iter().map(|&(a, b)| json!({"start": a, "stop": b})).collect();
+                let json_ranges: Vec<_> = ranges
+                    .iter()
+                    .map(|&(a, b)| json!({"start": a, "stop": b}))
+                    .collect();
                 let expected = block(&view, size, &view_shape, &ranges);
                 (json!({"dims": {"ranges": json_ranges}}), expected)
             }
@@ -389,7 +396,11 @@ fn permuted_views_and_their_slices_equal_numpy_transpose() {
                     spec["permute"] = json!(permute);
                     spec["slice"] = slice;
                     let shard = &plans(json!({"seed": case, "tensors": [spec]}))[0];
-                    assert_eq!(bytes(shard), block(&view, size, &view_shape, &ranges), "case {case}");
+                    assert_eq!(
+                        bytes(shard),
+                        block(&view, size, &view_shape, &ranges),
+                        "case {case}"
+                    );
                     rows.push((ranges[d], bytes(shard)));
                 }
                 let outer: u64 = view_shape[..d].iter().product();
@@ -412,7 +423,10 @@ fn permuted_views_and_their_slices_equal_numpy_transpose() {
         }
         let plan = &plans(json!({"seed": case, "tensors": [spec]}))[0];
         let whole = bytes(plan);
-        assert_eq!(whole, expected, "case {case}: {shape:?} permute {permute:?} slice {slice}");
+        assert_eq!(
+            whole, expected,
+            "case {case}: {shape:?} permute {permute:?} slice {slice}"
+        );
 
         // Any element-aligned byte range equals the same range of the whole.
         let n = whole.len() / size;
@@ -420,7 +434,11 @@ fn permuted_views_and_their_slices_equal_numpy_transpose() {
         let b = rng.random_range(a..=n);
         let mut part = vec![0u8; (b - a) * size];
         plan.fill((a * size) as u64, &mut part);
-        assert_eq!(part, whole[a * size..b * size], "case {case}: range [{a}, {b})");
+        assert_eq!(
+            part,
+            whole[a * size..b * size],
+            "case {case}: range [{a}, {b})"
+        );
 
         // Made by column ranges and put together, as the server's panels do.
         if let Some(columns) = plan.tile_columns() {
@@ -437,12 +455,19 @@ fn permuted_views_and_their_slices_equal_numpy_transpose() {
                     (r.clone(), data)
                 })
                 .collect();
-            let borrowed: Vec<_> = parts.iter().map(|(r, d)| (r.clone(), d.as_slice())).collect();
+            let borrowed: Vec<_> = parts
+                .iter()
+                .map(|(r, d)| (r.clone(), d.as_slice()))
+                .collect();
             // The parts hold [first, first + count); assemble any sub-range of it.
             let c = rng.random_range(a..=b);
             let mut assembled = vec![0u8; (b - c) * size];
             plan.assemble(first, c as u64, &borrowed, &mut assembled);
-            assert_eq!(assembled, whole[c * size..b * size], "case {case}: assembled");
+            assert_eq!(
+                assembled,
+                whole[c * size..b * size],
+                "case {case}: assembled"
+            );
         }
     }
 }
@@ -465,7 +490,11 @@ async fn permuted_views_over_several_panels_match_the_engine() {
         let mut req = request(value);
         req.chunk_bytes = 1 << 19;
         let received = generate(&mut client, req.clone()).await;
-        assert!(received[0].data == want, "Generate of {:?}", req.tensors[0].shape);
+        assert!(
+            received[0].data == want,
+            "Generate of {:?}",
+            req.tensors[0].shape
+        );
         let digests = client.digest(req).await.unwrap().into_inner().digests;
         assert_eq!(digests[0].blake3, blake3::hash(&want).as_bytes());
     }

@@ -90,7 +90,13 @@ impl TensorPlan {
     /// output columns `columns`, as whole rows of `columns` (from the row of `first` to the row
     /// of the last element) written row-major into `out`; places of elements outside the range
     /// are left as they are. [`Self::assemble`] puts such parts together.
-    pub fn fill_columns(&self, first: u64, count: u64, columns: std::ops::Range<u64>, out: &mut [u8]) {
+    pub fn fill_columns(
+        &self,
+        first: u64,
+        count: u64,
+        columns: std::ops::Range<u64>,
+        out: &mut [u8],
+    ) {
         self.fill_tiles(first, count, columns, 0, out);
     }
 
@@ -98,7 +104,11 @@ impl TensorPlan {
     pub fn columns_bytes(&self, first: u64, count: u64, columns: &std::ops::Range<u64>) -> usize {
         let n = self.selection.tile_columns().unwrap_or(1);
         let lead = self.selection.row_offset(first);
-        let rows = if count == 0 { 0 } else { (lead + count).div_ceil(n) };
+        let rows = if count == 0 {
+            0
+        } else {
+            (lead + count).div_ceil(n)
+        };
         (rows * (columns.end - columns.start)) as usize * self.dtype.size()
     }
 

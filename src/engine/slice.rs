@@ -117,7 +117,13 @@ impl Selection {
         slice: Option<&SliceSpec>,
     ) -> Result<Self, SliceError> {
         let rank = shape.len();
-        let axis = |k: usize| if permute.is_empty() { k } else { permute[k] as usize };
+        let axis = |k: usize| {
+            if permute.is_empty() {
+                k
+            } else {
+                permute[k] as usize
+            }
+        };
         let view: Vec<u64> = (0..rank).map(|k| shape[axis(k)]).collect();
         let whole = |shape: &[u64]| -> Vec<Range> {
             shape.iter().map(|&stop| Range { start: 0, stop }).collect()
@@ -367,7 +373,9 @@ impl Tiles {
     /// `dims`: the merged block dimensions in output order; the last one is not contiguous in
     /// the full tensor and an earlier one is.
     fn new(skip: u64, base: u64, mut dims: Vec<Axis>) -> Self {
-        let x = dims.pop().expect("a tiled block has an innermost dimension");
+        let x = dims
+            .pop()
+            .expect("a tiled block has an innermost dimension");
         // Output strides of the remaining dimensions (the innermost has output stride 1).
         let mut output_strides = vec![x.count; dims.len()];
         for k in (0..dims.len().saturating_sub(1)).rev() {
@@ -398,7 +406,13 @@ impl Tiles {
         }
     }
 
-    fn visit(&self, first: u64, count: u64, columns: std::ops::Range<u64>, sink: &mut impl TileSink) {
+    fn visit(
+        &self,
+        first: u64,
+        count: u64,
+        columns: std::ops::Range<u64>,
+        sink: &mut impl TileSink,
+    ) {
         let lo = self.skip + first;
         let hi = lo + count;
         if count == 0 || columns.is_empty() {
@@ -440,7 +454,11 @@ impl Tiles {
                 // Columns as long as the rows met, padded so that they do not all share the
                 // same few cache sets.
                 let pitch = (b0 - a0) as u64;
-                let pitch = if pitch >= 4 * TILE_PAD { pitch + TILE_PAD } else { pitch };
+                let pitch = if pitch >= 4 * TILE_PAD {
+                    pitch + TILE_PAD
+                } else {
+                    pitch
+                };
                 let width = (TILE_ELEMENTS / pitch).max(1);
                 for c0 in (columns.start..columns.end).step_by(width as usize) {
                     let c1 = (c0 + width).min(columns.end);
@@ -538,7 +556,8 @@ mod tests {
             vec![r(3, 3), r(0, 5), r(0, 6)],
         ];
         for ranges in blocks {
-            let s = Selection::new(&shape, 120, Some(&SliceSpec::Dims(ranges.clone()))).unwrap();
+            let s =
+                Selection::new(&shape, 120, &[], Some(&SliceSpec::Dims(ranges.clone()))).unwrap();
             assert_eq!(indices(&s), brute_force(&shape, &ranges), "{ranges:?}");
         }
     }
@@ -547,7 +566,7 @@ mod tests {
     fn any_window_of_runs_matches_the_whole() {
         let shape = [4, 5, 6];
         let ranges = vec![r(1, 4), r(1, 4), r(2, 5)];
-        let s = Selection::new(&shape, 120, Some(&SliceSpec::Dims(ranges))).unwrap();
+        let s = Selection::new(&shape, 120, &[], Some(&SliceSpec::Dims(ranges))).unwrap();
         let all = indices(&s);
         for first in 0..s.len() {
             for count in 0..=(s.len() - first) {
@@ -564,6 +583,7 @@ mod tests {
         let s = Selection::new(
             &[10, 7],
             70,
+            &[],
             Some(&SliceSpec::Shard {
                 dim: 1,
                 index: 2,
@@ -580,6 +600,7 @@ mod tests {
         let empty = Selection::new(
             &[5],
             5,
+            &[],
             Some(&SliceSpec::Shard {
                 dim: 0,
                 index: 3,
@@ -593,19 +614,25 @@ mod tests {
 
     #[test]
     fn flat_ranges_and_errors() {
-        let s = Selection::new(&[5, 5, 5], 125, Some(&SliceSpec::Flat(r(17, 99)))).unwrap();
+        let s = Selection::new(&[5, 5, 5], 125, &[], Some(&SliceSpec::Flat(r(17, 99)))).unwrap();
         assert_eq!(s.output_shape(), [82]);
         assert_eq!(indices(&s), (17..99).collect::<Vec<_>>());
-        let err = Selection::new(&[5], 5, Some(&SliceSpec::Flat(r(2, 6)))).unwrap_err();
+        let err = Selection::new(&[5], 5, &[], Some(&SliceSpec::Flat(r(2, 6)))).unwrap_err();
         assert_eq!(err.field, "flat");
-        let err = Selection::new(&[5, 5], 25, Some(&SliceSpec::Dims(vec![r(0, 5), r(3, 2)])))
-            .unwrap_err();
+        let err = Selection::new(
+            &[5, 5],
+            25,
+            &[],
+            Some(&SliceSpec::Dims(vec![r(0, 5), r(3, 2)])),
+        )
+        .unwrap_err();
         assert_eq!(err.field, "dims.ranges[1]");
-        let err = Selection::new(&[5], 5, Some(&SliceSpec::Dims(vec![]))).unwrap_err();
+        let err = Selection::new(&[5], 5, &[], Some(&SliceSpec::Dims(vec![]))).unwrap_err();
         assert_eq!(err.field, "dims.ranges");
         let err = Selection::new(
             &[],
             1,
+            &[],
             Some(&SliceSpec::Shard {
                 dim: 0,
                 index: 0,

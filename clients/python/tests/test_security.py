@@ -21,6 +21,7 @@ TOKEN = "s3cret-token-0123456789"
 REQUEST = {"seed": 7, "tensors": [{"name": "w", "shape": [64, 32], "init": {"xavierUniform": {}}}]}
 CALLS = [weightinit.fetch, weightinit.digest, weightinit.describe]
 
+
 def _openssl(directory, command):
     subprocess.run(["openssl", *command.split()], cwd=directory, check=True, capture_output=True)
 
