@@ -244,18 +244,46 @@ impl TileSink for TileWriter<'_> {
     }
 
     fn place(&mut self, rows: &[Placement], step: usize) {
+        match self.isa {
+            // SAFETY: `Isa::detect` saw the CPU features these copies are built for.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.place_avx512(rows, step) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.place_avx2(rows, step) },
+            Isa::Baseline => self.place_sized(rows, step),
+        }
+    }
+}
+
+impl TileWriter<'_> {
+    /// [`Self::place_sized`] compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+    unsafe fn place_avx512(&mut self, rows: &[Placement], step: usize) {
+        self.place_sized(rows, step);
+    }
+
+    /// [`Self::place_sized`] compiled for AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn place_avx2(&mut self, rows: &[Placement], step: usize) {
+        self.place_sized(rows, step);
+    }
+
+    #[inline(always)]
+    fn place_sized(&mut self, rows: &[Placement], step: usize) {
         match self.size {
             2 => self.place_as::<2>(rows, step),
             4 => self.place_as::<4>(rows, step),
             _ => self.place_as::<8>(rows, step),
         }
     }
-}
 
-impl TileWriter<'_> {
     /// [`TileSink::place`] for N-byte elements: eight rows at a time where eight neighbouring
     /// rows take the same columns from neighbouring elements of each column, so that each
     /// column is read as one short contiguous run.
+    #[inline(always)]
     fn place_as<const N: usize>(&mut self, rows: &[Placement], step: usize) {
         let (tile, _) = self.tile.as_chunks::<N>();
         let (out, _) = self.out.as_chunks_mut::<N>();

@@ -44,7 +44,7 @@ impl Shared {
         Self {
             limits,
             max_concurrent_streams,
-            pipeline: Pipeline { pool, depth },
+            pipeline: Pipeline::new(pool, depth),
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             metrics: Arc::new(Metrics::default()),
             streams: Arc::new(Semaphore::new(max_concurrent_streams as usize)),

@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
@@ -63,8 +63,16 @@ pub type Sink = mpsc::Sender<Result<GenerateResponse, Status>>;
 pub struct Pipeline {
     pub pool: Arc<WorkerPool>,
     /// Blocks generated ahead of the one being sent, per stream.
-    pub depth: usize,
+    depth: usize,
+    /// Panel buffers of finished panels, reused: fresh ones would cost page faults and zeroing
+    /// as large as the generation itself.
+    spare: Spare,
 }
+
+type Spare = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// Spare panel buffers kept at most, per server.
+const SPARE_BUFFERS: usize = 16;
 
 enum Stop {
     Gone,
@@ -85,6 +93,14 @@ enum BlockHash {
 }
 
 impl Pipeline {
+    pub fn new(pool: Arc<WorkerPool>, depth: usize) -> Self {
+        Self {
+            pool,
+            depth,
+            spare: Spare::default(),
+        }
+    }
+
     /// Produces every tensor of `plan` into `out`, in order.
     pub async fn run(&self, plan: RequestPlan, emit: Emit, out: Sink) -> Outcome {
         let mut bytes = 0u64;
@@ -230,6 +246,19 @@ struct Panel {
     stop: u64,
     /// Each column range and its rows, from [`TensorPlan::fill_columns`].
     parts: Vec<(std::ops::Range<u64>, Vec<u8>)>,
+    /// Where the parts' buffers go when the panel is done.
+    spare: Spare,
+}
+
+impl Drop for Panel {
+    fn drop(&mut self) {
+        let mut spare = self.spare.lock().expect("spare buffers poisoned");
+        for (_, buffer) in self.parts.drain(..) {
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buffer);
+            }
+        }
+    }
 }
 
 impl Panel {
@@ -264,8 +293,12 @@ impl Pipeline {
             .map(|j| {
                 let range = columns * j / jobs..columns * (j + 1) / jobs;
                 let tensor = Arc::clone(tensor);
+                let spare = Arc::clone(&self.spare);
                 self.pool.run(move || {
-                    let mut data = vec![0u8; tensor.columns_bytes(first, count, &range)];
+                    let reused = spare.lock().expect("spare buffers poisoned").pop();
+                    let mut data = reused.unwrap_or_default();
+                    // Places outside the range keep whatever they held: they are never read.
+                    data.resize(tensor.columns_bytes(first, count, &range), 0);
                     tensor.fill_columns(first, count, range.clone(), &mut data);
                     (range, data)
                 })
@@ -280,6 +313,7 @@ impl Pipeline {
             start: offset,
             stop,
             parts,
+            spare: Arc::clone(&self.spare),
         }))
     }
 }
