@@ -89,6 +89,16 @@ def main():
             cpu = f"{row['server_cpu_s']:.3f} s" if "server_cpu_s" in row else "-"
             p(f"| {what} | {row['best_s']:.3f} s | {row['median_s']:.3f} s | "
               f"{row['bytes'] / row['best_s'] / 1e9:.2f} GB/s | {cpu} |")
+    permutes = [row for row in rows if row["bench"] == "permute"]
+    if permutes:
+        p("")
+        p("### Permuted views: Digest of a tensor and of its Keras-layout view, run alternately")
+        p("| shape | permute | plain best | permuted best | ratio (target >= 70%) | CPU time ratio |")
+        p("|---|---|---|---|---|---|")
+        for row in permutes:
+            cpu = row["plain_cpu_s"] / row["permuted_cpu_s"] if row.get("permuted_cpu_s") else float("nan")
+            p(f"| {row['shape']} f32 | {row['permute']} | {row['plain_best_s']:.4f} s | "
+              f"{row['permuted_best_s']:.4f} s | {row['ratio']:.0%} | {cpu:.0%} |")
     memory = find(rows, bench="memory")
     if memory:
         p("")
