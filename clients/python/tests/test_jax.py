@@ -173,7 +173,7 @@ def test_blocks_that_do_not_tile_go_in_rounds(metered, generate_calls):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"seed": -1}, "seed: must be an int in 0..2**64-1, got -1"),
+        ({"seed": -1}, "seed: must be in 0..2**64-1, got -1"),
         ({"shape": (4, -2)}, "shape: must be a sequence of ints >= 0"),
         ({"permute": (0, 0)}, "permute: must be a permutation of 0..1"),
         ({"dtype": jnp.int32}, "dtype: weightinit serves"),

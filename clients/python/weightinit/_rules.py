@@ -32,12 +32,6 @@ _DTYPE_NAMES = {
 _LAYOUTS = {"torch": "LAYOUT_TORCH", "keras": "LAYOUT_KERAS"}
 
 
-def check_seed(seed):
-    """Raises ValueError unless seed is an int in the u64 range."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed: must be an int in 0..2**64-1, got {seed!r}")
-
-
 def check_like(like):
     """Raises ValueError unless like is None or "torch"."""
     if like not in (None, "torch"):

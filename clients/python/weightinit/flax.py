@@ -27,6 +27,7 @@ from flax.core import meta
 
 from . import _blocks, _rules
 from .jax import _dtype_name, make_arrays
+from .request import check_seed
 from .security import Security
 
 
@@ -64,7 +65,7 @@ def init_params(
 
     Raises ValueError, before anything is fetched, for a leaf without an init or bad arguments.
     """
-    _rules.check_seed(seed)
+    check_seed(seed)
     _rules.check_like(like)
     entries, treedef = jax.tree_util.tree_flatten_with_path(abstract_params, is_leaf=_is_box)
     paths = [_path_name(path) for path, _ in entries]
@@ -117,7 +118,7 @@ def initializer(
     The key is ignored. The values are fetched through jax.pure_callback, so the initializer
     works inside jax.jit(model.init) and jax.eval_shape (which fetches nothing).
     """
-    _rules.check_seed(seed)
+    check_seed(seed)
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: must be a non-empty str, got {name!r}")
     overrides = _rules.as_spec(init, "init")

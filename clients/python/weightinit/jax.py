@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from . import _blocks, _rules
+from .request import check_seed
 from .security import Security
 
 
@@ -88,7 +89,7 @@ def make_arrays(
     spec: a TensorSpec in proto3 JSON form with name, shape, init and dtype (a DType name) set,
         and no slice; the array is its view (the shape, permuted).
     """
-    _rules.check_seed(seed)
+    check_seed(seed)
     planned = []
     for spec, sharding in tensors:
         if not isinstance(sharding, jax.sharding.Sharding):

@@ -22,6 +22,7 @@ from typing import Any
 import keras
 
 from . import _blocks, _rules
+from .request import check_seed
 from .security import Security
 
 # Keras VarianceScaling's mode and distribution names as weightinit enum values.
@@ -94,7 +95,7 @@ def init_model(
     Raises ValueError, before anything is fetched, for an unbuilt model, a weight without an
     init or bad arguments.
     """
-    _rules.check_seed(seed)
+    check_seed(seed)
     _rules.check_like(like)
     if not model.built:
         raise ValueError("model: build it first (call it on data, or model.build(input_shape))")
@@ -173,7 +174,7 @@ class Initializer(keras.initializers.Initializer):
         name: str,
         timeout: float | None = None,
     ):
-        _rules.check_seed(seed)
+        check_seed(seed)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: must be a non-empty str, got {name!r}")
         self.spec = _rules.as_spec(init, "init")

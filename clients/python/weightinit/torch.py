@@ -16,7 +16,6 @@ DTensor parameters (FSDP2's fully_shard, tensor parallel's parallelize_module, d
 are filled in place from their placements: each process fetches only the block it holds, once.
 """
 
-import fnmatch
 import math
 import re
 import sys
@@ -27,10 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightinit.v1 import weightinit_pb2 as pb
-
+from ._rules import INIT_KEYS, SPEC_KEYS, rule_for
 from .client import Client, shared_client
 from .request import check_seed
+
+# TensorSpec fields a rule may set: not those that say which tensor it is (a permuted view has
+# the same byte length as the parameter and would be written in place without an error).
+_RULE_KEYS = {
+    key for key, field in SPEC_KEYS.items() if field not in ("name", "shape", "slice", "permute")
+}
 
 _DTYPES = {
     torch.float32: "DTYPE_FLOAT32",
@@ -87,13 +91,6 @@ _WRAPPERS = (
 # proto3 JSON name of every TensorSpec field a rule may set under either of its spellings. The
 # name and shape are the parameter's; what is fetched of it (slice) is the plan's or the
 # DTensor's; a permuted view would not have the parameter's shape.
-_INIT_KEYS = {key for f in pb.Init.DESCRIPTOR.fields for key in (f.name, f.json_name)}
-_SPEC_KEYS = {
-    key: f.json_name
-    for f in pb.TensorSpec.DESCRIPTOR.fields
-    if f.name not in ("name", "shape", "slice", "permute")
-    for key in (f.name, f.json_name)
-}
 
 
 def init_module(
@@ -262,7 +259,7 @@ def build_request(
             piece = None if plan is None else plan(name, param)
         if piece is not None:
             spec["slice"] = piece
-        spec.update(_rule_for(name, rules))
+        spec.update(rule_for(name, rules))
         if "init" not in spec:
             missing.setdefault((type(owner).__name__, local, param.dim()), []).append(name)
         tensors.append(spec)
@@ -429,35 +426,21 @@ def _checked_rules(rules):
             raise TypeError(f"{where}: the value is a dict, not {type(value).__name__}")
         if not value:
             raise ValueError(f"{where}: the value is empty")
-        schemes = sorted(set(value) & _INIT_KEYS)
-        fields = sorted(set(value) - _INIT_KEYS)
+        schemes = sorted(set(value) & INIT_KEYS)
+        fields = sorted(set(value) - INIT_KEYS)
         if schemes and fields:
             raise ValueError(
                 f"{where}: mixes scheme keys {schemes} with TensorSpec keys {fields}; give the "
                 f'scheme alone, or put it under "init": {{"init": {{{schemes[0]!r}: ...}}, ...}}'
             )
-        unknown = [key for key in fields if key not in _SPEC_KEYS]
+        unknown = [key for key in fields if key not in _RULE_KEYS]
         if unknown:
             raise ValueError(
                 f"{where}: {unknown} are neither schemes nor TensorSpec fields a rule may set "
-                f"({sorted({_SPEC_KEYS[k] for k in _SPEC_KEYS})})"
+                f"({sorted({SPEC_KEYS[k] for k in _RULE_KEYS})})"
             )
         checked.append((pattern, value))
     return checked
-
-
-def _rule_for(name, rules):
-    """The TensorSpec overrides of the first rule matching `name`, {} if none does."""
-    for pattern, value in rules:
-        if isinstance(pattern, re.Pattern):
-            matched = pattern.search(name) is not None
-        else:
-            matched = fnmatch.fnmatchcase(name, pattern)
-        if matched:
-            if set(value) <= _INIT_KEYS:
-                return {"init": value}
-            return {_SPEC_KEYS[key]: field for key, field in value.items()}
-    return {}
 
 
 def _dtype_name(name, dtype):
