@@ -369,6 +369,45 @@ fn block_of(ranges: Vec<Range>) -> (Vec<Range>, u64, u64, Vec<u64>) {
     (ranges, 0, len, shape)
 }
 
+/// The box of block coordinates around output positions `[lo, hi)`: per dimension, the
+/// coordinates from the first to the last that positions in the range can have.
+struct Bounds {
+    x: (u64, u64),
+    g: Vec<(u64, u64)>,
+    outer: Vec<(u64, u64)>,
+}
+
+impl Bounds {
+    fn new(lo: u64, hi: u64, x: &Axis, g: &[Axis], outer: &[(Axis, u64)]) -> Self {
+        // Every dimension as (length, output stride); x has output stride 1.
+        let coordinate = |p: u64, count: u64, stride: u64| (p / stride) % count;
+        let dims = std::iter::once((x.count, 1))
+            .chain(g.iter().map(|a| (a.count, a.stride)))
+            .chain(outer.iter().map(|(a, s)| (a.count, *s)));
+        // Dimensions outside the outermost one where lo and hi - 1 differ are fixed in the
+        // range; that one spans from one coordinate to the other; those inside it are free.
+        let split = dims
+            .clone()
+            .filter(|&(n, s)| coordinate(lo, n, s) != coordinate(hi - 1, n, s))
+            .map(|(_, s)| s)
+            .max()
+            .unwrap_or(0);
+        let range = |(n, s): (u64, u64)| {
+            let (a, b) = (coordinate(lo, n, s), coordinate(hi - 1, n, s));
+            match s.cmp(&split) {
+                std::cmp::Ordering::Greater => (a, a),
+                std::cmp::Ordering::Equal => (a, b),
+                std::cmp::Ordering::Less => (0, n - 1),
+            }
+        };
+        Self {
+            x: range((x.count, 1)),
+            g: g.iter().map(|a| range((a.count, a.stride))).collect(),
+            outer: outer.iter().map(|(a, s)| range((a.count, *s))).collect(),
+        }
+    }
+}
+
 impl Tiles {
     /// `dims`: the merged block dimensions in output order; the last one is not contiguous in
     /// the full tensor and an earlier one is.
@@ -424,20 +463,37 @@ impl Tiles {
         let run = self.g_len.min(TILE_RUN);
         let mut offsets = vec![0u64; run as usize];
         let mut rows = Vec::with_capacity(run as usize);
-        let outer_count: u64 = self.outer.iter().map(|(a, _)| a.count).product();
+        // Only the coordinates of the box around [lo, hi) are visited, so that a short range of
+        // a huge view costs no more than its own elements.
+        let bounds = Bounds::new(lo, hi, &self.x, &self.g, &self.outer);
+        let (g_first, g_last) = self
+            .g
+            .iter()
+            .zip(&bounds.g)
+            .fold(((0, 0), 1), |((a, b), step), (axis, &(ca, cb))| {
+                ((a + ca * step, b + cb * step), step * axis.count)
+            })
+            .0;
+        let columns = columns.start.max(bounds.x.0)..columns.end.min(bounds.x.1 + 1);
+        if columns.is_empty() {
+            return;
+        }
+        let outer_count: u64 = bounds.outer.iter().map(|&(a, b)| b - a + 1).product();
         for o in 0..outer_count {
-            // Decode the outer coordinates (row-major) into full and output offsets.
+            // Decode the outer coordinates (row-major within the box) into full and output
+            // offsets.
             let (mut full, mut out, mut rest) = (self.base, 0u64, o);
-            for (axis, output_stride) in self.outer.iter().rev() {
-                let c = rest % axis.count;
-                rest /= axis.count;
+            for ((axis, output_stride), &(a, b)) in self.outer.iter().zip(&bounds.outer).rev() {
+                let c = a + rest % (b - a + 1);
+                rest /= b - a + 1;
                 full += c * axis.stride;
                 out += c * output_stride;
             }
             if out + g_span + self.x.count <= lo || out >= hi {
                 continue;
             }
-            for g0 in (0..self.g_len).step_by(run as usize) {
+            // Whole runs from a multiple of `run`, which keeps keystream groups aligned.
+            for g0 in (g_first / run * run..=g_last).step_by(run as usize) {
                 let g1 = (g0 + run).min(self.g_len);
                 let taken = &mut offsets[..(g1 - g0) as usize];
                 self.output_offsets(g0, taken);
