@@ -6,6 +6,7 @@ use super::keystream::Keystream;
 use super::request::TensorSpec;
 use super::scheme::Resolved;
 use super::slice::{Selection, TILE_ELEMENTS, TileSink};
+use super::structured::Structured;
 
 /// Elements produced per inner step: the words, values and bytes stay in L1 cache.
 const BLOCK: usize = super::normal::MAX_BLOCK;
@@ -23,6 +24,8 @@ pub struct TensorPlan {
     selection: Selection,
     keystream: Keystream,
     sampler: Sampler,
+    /// Set for the structured schemes, whose values are not one word's each.
+    structured: Option<Structured>,
 }
 
 impl TensorPlan {
@@ -41,6 +44,9 @@ impl TensorPlan {
             dtype,
             keystream: Keystream::new(seed, &spec.name),
             sampler: resolved.distribution.sampler(),
+            structured: resolved
+                .structure
+                .map(|structure| Structured::new(structure, &spec.shape)),
             resolved,
             selection,
         }
@@ -90,7 +96,13 @@ impl TensorPlan {
     /// output columns `columns`, as whole rows of `columns` (from the row of `first` to the row
     /// of the last element) written row-major into `out`; places of elements outside the range
     /// are left as they are. [`Self::assemble`] puts such parts together.
-    pub fn fill_columns(&self, first: u64, count: u64, columns: std::ops::Range<u64>, out: &mut [u8]) {
+    pub fn fill_columns(
+        &self,
+        first: u64,
+        count: u64,
+        columns: std::ops::Range<u64>,
+        out: &mut [u8],
+    ) {
         self.fill_tiles(first, count, columns, 0, out);
     }
 
@@ -98,7 +110,11 @@ impl TensorPlan {
     pub fn columns_bytes(&self, first: u64, count: u64, columns: &std::ops::Range<u64>) -> usize {
         let n = self.selection.tile_columns().unwrap_or(1);
         let lead = self.selection.row_offset(first);
-        let rows = if count == 0 { 0 } else { (lead + count).div_ceil(n) };
+        let rows = if count == 0 {
+            0
+        } else {
+            (lead + count).div_ceil(n)
+        };
         (rows * (columns.end - columns.start)) as usize * self.dtype.size()
     }
 
@@ -201,10 +217,19 @@ impl TensorPlan {
         } = buffers;
         for out in out.chunks_mut(BLOCK * size) {
             let n = out.len() / size;
-            if self.sampler.uses_words() {
+            let draws = match &self.structured {
+                Some(s) => s.uses_words(),
+                None => true,
+            };
+            if draws && self.sampler.uses_words() {
                 self.keystream.fill(index, &mut words[..n]);
             }
-            self.sampler.values(&words[..n], &mut values[..n], scratch);
+            if draws {
+                self.sampler.values(&words[..n], &mut values[..n], scratch);
+            }
+            if let Some(s) = &self.structured {
+                s.values(&self.keystream, index, &mut values[..n]);
+            }
             self.dtype.encode(&values[..n], out);
             index += n as u64;
         }
@@ -246,7 +271,14 @@ impl TileSink for TileWriter<'_> {
 
 /// `out` elements `to..to + n` = `tile` elements `at, at + step, ...` of N bytes each.
 #[inline(always)]
-fn gather<const N: usize>(tile: &[u8], out: &mut [u8], to: usize, n: usize, at: usize, step: usize) {
+fn gather<const N: usize>(
+    tile: &[u8],
+    out: &mut [u8],
+    to: usize,
+    n: usize,
+    at: usize,
+    step: usize,
+) {
     let (tile, _) = tile.as_chunks::<N>();
     let (out, _) = out.as_chunks_mut::<N>();
     for (i, slot) in out[to..to + n].iter_mut().enumerate() {
