@@ -96,13 +96,7 @@ impl TensorPlan {
     /// output columns `columns`, as whole rows of `columns` (from the row of `first` to the row
     /// of the last element) written row-major into `out`; places of elements outside the range
     /// are left as they are. [`Self::assemble`] puts such parts together.
-    pub fn fill_columns(
-        &self,
-        first: u64,
-        count: u64,
-        columns: std::ops::Range<u64>,
-        out: &mut [u8],
-    ) {
+    pub fn fill_columns(&self, first: u64, count: u64, columns: std::ops::Range<u64>, out: &mut [u8]) {
         self.fill_tiles(first, count, columns, 0, out);
     }
 
@@ -110,11 +104,7 @@ impl TensorPlan {
     pub fn columns_bytes(&self, first: u64, count: u64, columns: &std::ops::Range<u64>) -> usize {
         let n = self.selection.tile_columns().unwrap_or(1);
         let lead = self.selection.row_offset(first);
-        let rows = if count == 0 {
-            0
-        } else {
-            (lead + count).div_ceil(n)
-        };
+        let rows = if count == 0 { 0 } else { (lead + count).div_ceil(n) };
         (rows * (columns.end - columns.start)) as usize * self.dtype.size()
     }
 
@@ -217,10 +207,8 @@ impl TensorPlan {
         } = buffers;
         for out in out.chunks_mut(BLOCK * size) {
             let n = out.len() / size;
-            let draws = match &self.structured {
-                Some(s) => s.uses_words(),
-                None => true,
-            };
+            // Structured schemes other than sparse make their values without the words.
+            let draws = self.structured.as_ref().is_none_or(|s| s.uses_words());
             if draws && self.sampler.uses_words() {
                 self.keystream.fill(index, &mut words[..n]);
             }
@@ -271,14 +259,7 @@ impl TileSink for TileWriter<'_> {
 
 /// `out` elements `to..to + n` = `tile` elements `at, at + step, ...` of N bytes each.
 #[inline(always)]
-fn gather<const N: usize>(
-    tile: &[u8],
-    out: &mut [u8],
-    to: usize,
-    n: usize,
-    at: usize,
-    step: usize,
-) {
+fn gather<const N: usize>(tile: &[u8], out: &mut [u8], to: usize, n: usize, at: usize, step: usize) {
     let (tile, _) = tile.as_chunks::<N>();
     let (out, _) = out.as_chunks_mut::<N>();
     for (i, slot) in out[to..to + n].iter_mut().enumerate() {

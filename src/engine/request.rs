@@ -354,11 +354,7 @@ fn check_permutation(permute: &[u32], rank: usize) -> Result<(), String> {
             _ => {
                 return Err(format!(
                     "{permute:?} is not a permutation of 0..{rank}: {d} is {}",
-                    if (d as usize) < rank {
-                        "repeated"
-                    } else {
-                        "not a dimension"
-                    }
+                    if (d as usize) < rank { "repeated" } else { "not a dimension" }
                 ));
             }
         }

@@ -113,13 +113,7 @@ impl Selection {
         slice: Option<&SliceSpec>,
     ) -> Result<Self, SliceError> {
         let rank = shape.len();
-        let axis = |k: usize| {
-            if permute.is_empty() {
-                k
-            } else {
-                permute[k] as usize
-            }
-        };
+        let axis = |k: usize| if permute.is_empty() { k } else { permute[k] as usize };
         let view: Vec<u64> = (0..rank).map(|k| shape[axis(k)]).collect();
         let whole = |shape: &[u64]| -> Vec<Range> {
             shape.iter().map(|&stop| Range { start: 0, stop }).collect()
@@ -360,9 +354,7 @@ impl Tiles {
     /// `dims`: the merged block dimensions in output order; the last one is not contiguous in
     /// the full tensor and an earlier one is.
     fn new(skip: u64, base: u64, mut dims: Vec<Axis>) -> Self {
-        let x = dims
-            .pop()
-            .expect("a tiled block has an innermost dimension");
+        let x = dims.pop().expect("a tiled block has an innermost dimension");
         // Output strides of the remaining dimensions (the innermost has output stride 1).
         let mut output_strides = vec![x.count; dims.len()];
         for k in (0..dims.len().saturating_sub(1)).rev() {
@@ -393,13 +385,7 @@ impl Tiles {
         }
     }
 
-    fn visit(
-        &self,
-        first: u64,
-        count: u64,
-        columns: std::ops::Range<u64>,
-        sink: &mut impl TileSink,
-    ) {
+    fn visit(&self, first: u64, count: u64, columns: std::ops::Range<u64>, sink: &mut impl TileSink) {
         let lo = self.skip + first;
         let hi = lo + count;
         if count == 0 || columns.is_empty() {

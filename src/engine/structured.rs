@@ -590,13 +590,15 @@ mod tests {
         for (rows, cols) in [(7, 5), (5, 7), (33, 33), (40, 3)] {
             let q = orthogonal(&Keystream::new(3, "q"), rows, cols, 1.0);
             let (rows, cols) = (rows as usize, cols as usize);
-            // The smaller side's vectors are orthonormal.
-            let (count, len, at): (usize, usize, Box<dyn Fn(usize, usize) -> f64>) = if rows >= cols
-            {
-                (cols, rows, Box::new(|v, e| q[e * cols + v]))
-            } else {
-                (rows, cols, Box::new(|v, e| q[v * cols + e]))
+            // Vector v of the smaller side, element e: a column when tall, a row when wide.
+            let at = |v: usize, e: usize| {
+                if rows >= cols {
+                    q[e * cols + v]
+                } else {
+                    q[v * cols + e]
+                }
             };
+            let (count, len) = (rows.min(cols), rows.max(cols));
             for a in 0..count {
                 for b in 0..count {
                     let dot: f64 = (0..len).map(|e| at(a, e) * at(b, e)).sum();

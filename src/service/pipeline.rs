@@ -133,7 +133,8 @@ impl Pipeline {
                     self.pool.run(move || panel.block(offset, len, emit))
                 } else {
                     let tensor = Arc::clone(&tensor);
-                    self.pool.run(move || generate(&tensor, offset, len, emit))
+                    self.pool
+                        .run(move || generate(&tensor, offset, len, emit))
                 };
                 in_flight.push_back((offset, pending));
             }
