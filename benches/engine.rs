@@ -1,5 +1,6 @@
-//! Engine benchmarks: the ceiling (raw ChaCha8 keystream and BLAKE3) and element throughput
-//! of uniform, normal and truncated normal in f32 and bf16, on 1 thread and on all cores.
+//! Engine benchmarks: the ceiling (raw ChaCha8 keystream and BLAKE3), element throughput
+//! of uniform, normal and truncated normal in f32 and bf16, on 1 thread and on all cores, and
+//! the time orthogonal takes to compute its whole matrix (QR) before the first element.
 //!
 //! Run by `scripts/bench` (or `cargo bench --bench engine`); prints one JSON object per line
 //! for the report, and a readable line on stderr. Each figure is the best of a few
@@ -59,13 +60,31 @@ fn main() {
             }
         }
     }
+    // orthogonal computes its whole matrix (draws, QR, Q) on the first element asked for, with
+    // all cores; a fresh plan each run, since a plan keeps its matrix.
+    for (n, repeats) in [(1024, REPEATS), (2048, 3), (4096, 1)] {
+        let seconds = (0..repeats)
+            .map(|_| {
+                let plan = shaped_plan(r#"{"orthogonal": {}}"#, "DTYPE_FLOAT32", n);
+                let start = Instant::now();
+                plan.fill(0, &mut [0u8; 4]);
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        report(json!({"bench": "orthogonal", "n": n, "threads": cores, "seconds": seconds}));
+    }
 }
 
 /// [8192, 8192] (64 Mi elements), the shape of the peers' benchmarks.
 fn plan(init: &str, dtype: &str) -> TensorPlan {
+    shaped_plan(init, dtype, 8192)
+}
+
+/// A square [n, n] tensor of `init`.
+fn shaped_plan(init: &str, dtype: &str, n: u64) -> TensorPlan {
     let request: GenerateRequest = serde_json::from_str(&format!(
         r#"{{"seed": 1, "dtype": "{dtype}", "tensors": [
-            {{"name": "w", "shape": [8192, 8192], "init": {init}}}]}}"#
+            {{"name": "w", "shape": [{n}, {n}], "init": {init}}}]}}"#
     ))
     .unwrap();
     convert::request(&request)

@@ -69,6 +69,14 @@ def main():
                     cells += ["-", "-"]
             p(f"| {distribution} | {dtype[6:].lower()} | " + " | ".join(cells) + " |")
     p("")
+    orthogonal = [row for row in rows if row["bench"] == "orthogonal"]
+    if orthogonal:
+        p("### orthogonal: the whole matrix before the first element (all cores)")
+        p("| shape | seconds |")
+        p("|---|---|")
+        for row in orthogonal:
+            p(f"| [{row['n']}, {row['n']}] | {row['seconds']:.2f} |")
+        p("")
     p("### Peers, [8192, 8192] (64 Mi elements)")
     p("| peer | dtype | threads | best | median | elements/s | CPU time |")
     p("|---|---|---|---|---|---|---|")

@@ -77,7 +77,8 @@ async fn grpcurl_discovers_and_calls_every_rpc() {
 
     let info = &messages(&run(&server, &[], &["weightinit.v1.WeightInit/GetInfo"]))[0];
     assert_eq!(info["algorithms"], serde_json::json!([1]));
-    assert_eq!(info["schemes"].as_array().unwrap().len(), 19);
+    assert_eq!(info["schemes"].as_array().unwrap().len(), 24);
+    assert_eq!(info["limits"]["maxMatrixElements"], "16777216");
     assert_eq!(info["limits"]["defaultChunkBytes"], 1 << 20);
 
     let health = &messages(&run(&server, &[], &["grpc.health.v1.Health/Check"]))[0];

@@ -13,6 +13,7 @@ pub mod plan;
 pub mod request;
 pub mod scheme;
 pub mod slice;
+pub mod structured;
 pub mod unit;
 
 pub use distribution::Distribution;
@@ -22,3 +23,4 @@ pub use plan::TensorPlan;
 pub use request::{ALGORITHMS, Limits, Request, RequestError, RequestPlan, TensorSpec};
 pub use scheme::{FanMode, Kaiming, Nonlinearity, Resolved, ScalingDistribution, Scheme};
 pub use slice::{Range, SliceSpec};
+pub use structured::{Structure, StructuredScheme};

@@ -6,6 +6,7 @@ use super::keystream::Keystream;
 use super::request::TensorSpec;
 use super::scheme::Resolved;
 use super::slice::{Placement, Selection, TILE_ELEMENTS, TileSink};
+use super::structured::Structured;
 
 /// Elements produced per inner step: the words, values and bytes stay in L1 cache.
 const BLOCK: usize = super::normal::MAX_BLOCK;
@@ -23,6 +24,8 @@ pub struct TensorPlan {
     selection: Selection,
     keystream: Keystream,
     sampler: Sampler,
+    /// Set for the structured schemes, whose values are not one word's each.
+    structured: Option<Structured>,
 }
 
 impl TensorPlan {
@@ -41,6 +44,9 @@ impl TensorPlan {
             dtype,
             keystream: Keystream::new(seed, &spec.name),
             sampler: resolved.distribution.sampler(),
+            structured: resolved
+                .structure
+                .map(|structure| Structured::new(structure, &spec.shape)),
             resolved,
             selection,
         }
@@ -211,10 +217,17 @@ impl TensorPlan {
         } = buffers;
         for out in out.chunks_mut(BLOCK * size) {
             let n = out.len() / size;
-            if self.sampler.uses_words() {
+            // Structured schemes other than sparse make their values without the words.
+            let draws = self.structured.as_ref().is_none_or(|s| s.uses_words());
+            if draws && self.sampler.uses_words() {
                 self.keystream.fill(index, &mut words[..n]);
             }
-            self.sampler.values(&words[..n], &mut values[..n], scratch);
+            if draws {
+                self.sampler.values(&words[..n], &mut values[..n], scratch);
+            }
+            if let Some(s) = &self.structured {
+                s.values(&self.keystream, index, &mut values[..n]);
+            }
             self.dtype.encode(&values[..n], out);
             index += n as u64;
         }

@@ -53,6 +53,9 @@ pub struct Limits {
     pub max_tensors: u32,
     pub max_rank: u32,
     pub max_name_bytes: u32,
+    /// Largest rows x cols of a scheme computed as a whole before any slice (orthogonal,
+    /// sparse): its cost and memory grow with the whole matrix, not with what is sent.
+    pub max_matrix_elements: u64,
 }
 
 impl Default for Limits {
@@ -65,6 +68,8 @@ impl Default for Limits {
             max_tensors: 100_000,
             max_rank: 32,
             max_name_bytes: 1024,
+            // [4096, 4096]: 128 MiB of f64 and tens of seconds of QR at most.
+            max_matrix_elements: 1 << 24,
         }
     }
 }
@@ -268,8 +273,9 @@ impl Request {
             .ok_or_else(|| RequestError::invalid("init", "an init scheme is required"))?;
         let fans = Fans::new(&spec.shape, layout, spec.fan_in, spec.fan_out)
             .map_err(|_| RequestError::invalid("shape", "a fan overflows u64"))?;
-        let resolved = scheme.resolve(fans).map_err(|e| {
+        let resolved = scheme.resolve(&spec.shape, layout, fans).map_err(|e| {
             let field = match e.field {
+                SchemeField::Shape => "shape".to_owned(),
                 SchemeField::FanIn => "fan_in".to_owned(),
                 SchemeField::FanOut => "fan_out".to_owned(),
                 SchemeField::Parameter("") => format!("init.{}", scheme.name()),
@@ -279,8 +285,20 @@ impl Request {
         })?;
         // Checked on the distribution's extremes after the dtype's rounding chain, as an
         // element would be: what rounds to the largest finite value is still valid.
+        if let Some(matrix) = resolved.structure.and_then(|s| s.whole_matrix())
+            && matrix > limits.max_matrix_elements
+        {
+            return Err(RequestError::over_limit(
+                "shape",
+                format!(
+                    "{} computes its {matrix} elements as a whole, over this server's limit of {} \
+                     (--max-matrix-elements)",
+                    scheme.name(),
+                    limits.max_matrix_elements
+                ),
+            ));
+        }
         if let Some(extreme) = resolved
-            .distribution
             .extremes()
             .into_iter()
             .find(|&x| !dtype.round(x).is_finite())
@@ -288,10 +306,12 @@ impl Request {
             return Err(RequestError::invalid(
                 "dtype",
                 format!(
-                    "{} values of {:?} can reach {extreme:e}, which is not finite in {} (largest \
+                    "{} values of {} can reach {extreme:e}, which is not finite in {} (largest \
                      finite {:e})",
                     scheme.name(),
-                    resolved.distribution,
+                    resolved
+                        .structure
+                        .map_or(format!("{:?}", resolved.distribution), |s| format!("{s:?}")),
                     dtype.name(),
                     dtype.max_finite()
                 ),

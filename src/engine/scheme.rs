@@ -4,7 +4,8 @@
 //! f64 in the order the algorithm writes it, so all implementations agree on each bit.
 
 use super::distribution::Distribution;
-use super::fans::Fans;
+use super::fans::{Fans, Layout};
+use super::structured::{Structure, StructuredScheme};
 
 /// Keras's correction making a [-2, 2]-truncated normal have the wanted variance.
 #[allow(clippy::excessive_precision)] // written as the algorithm writes it
@@ -79,6 +80,8 @@ pub enum Scheme {
     LecunNormal,
     TorchDefault,
     TorchDefaultBias,
+    /// orthogonal, eye, identity, dirac or sparse: values that depend on the tensor's shape.
+    Structured(StructuredScheme),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
@@ -93,8 +96,22 @@ pub struct Kaiming {
 pub struct Resolved {
     pub scheme: &'static str,
     pub fans: Fans,
+    /// What each element's word becomes; for a structured scheme, the draws it starts from
+    /// (standard normal for orthogonal, normal(0, std) for sparse, 0 for eye and dirac).
     pub distribution: Distribution,
     pub gain: Option<f64>,
+    /// Set for the structured schemes, which do more than map each word to a value.
+    pub structure: Option<Structure>,
+}
+
+impl Resolved {
+    /// The values that bound the tensor's elements (algorithm v1 section 4).
+    pub fn extremes(&self) -> [f64; 2] {
+        match &self.structure {
+            Some(structure) => structure.extremes(),
+            None => self.distribution.extremes(),
+        }
+    }
 }
 
 /// Why a scheme cannot be resolved; `field` is relative to the scheme's message
@@ -109,11 +126,13 @@ pub struct SchemeError {
 pub enum SchemeField {
     /// A parameter of the scheme message, e.g. "std"; "" for the whole message.
     Parameter(&'static str),
+    /// The tensor's shape does not suit the scheme.
+    Shape,
     FanIn,
     FanOut,
 }
 
-fn invalid(field: SchemeField, reason: impl Into<String>) -> SchemeError {
+pub(super) fn invalid(field: SchemeField, reason: impl Into<String>) -> SchemeError {
     SchemeError {
         field,
         reason: reason.into(),
@@ -132,11 +151,15 @@ fn finite(name: &'static str, value: f64) -> Result<f64, SchemeError> {
     }
 }
 
-fn param(name: &'static str, value: Option<f64>, default: f64) -> Result<f64, SchemeError> {
+pub(super) fn param(
+    name: &'static str,
+    value: Option<f64>,
+    default: f64,
+) -> Result<f64, SchemeError> {
     finite(name, value.unwrap_or(default))
 }
 
-fn non_negative(name: &'static str, value: f64) -> Result<f64, SchemeError> {
+pub(super) fn non_negative(name: &'static str, value: f64) -> Result<f64, SchemeError> {
     if value >= 0.0 {
         Ok(value)
     } else {
@@ -170,11 +193,12 @@ impl Scheme {
             Self::LecunNormal => "lecun_normal",
             Self::TorchDefault => "torch_default",
             Self::TorchDefaultBias => "torch_default_bias",
+            Self::Structured(s) => s.name(),
         }
     }
 
     /// Every scheme name, in proto field order.
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 24] = [
         "zeros",
         "ones",
         "constant",
@@ -194,10 +218,37 @@ impl Scheme {
         "lecun_normal",
         "torch_default",
         "torch_default_bias",
+        "orthogonal",
+        "eye",
+        "identity",
+        "dirac",
+        "sparse",
     ];
 
-    /// Applies defaults and the scheme's formula to the tensor's fans.
-    pub fn resolve(&self, fans: Fans) -> Result<Resolved, SchemeError> {
+    /// Applies defaults and the scheme's formula to a tensor of `shape` under `layout`.
+    pub fn resolve(
+        &self,
+        shape: &[u64],
+        layout: Layout,
+        fans: Fans,
+    ) -> Result<Resolved, SchemeError> {
+        match self {
+            Self::Structured(s) => {
+                let (structure, distribution, gain) = s.resolve(shape, layout)?;
+                Ok(Resolved {
+                    scheme: self.name(),
+                    fans,
+                    distribution,
+                    gain,
+                    structure: Some(structure),
+                })
+            }
+            _ => self.resolve_fans(fans),
+        }
+    }
+
+    /// Applies defaults and the formula of a scheme that maps each word to a value.
+    fn resolve_fans(&self, fans: Fans) -> Result<Resolved, SchemeError> {
         let mut gain = None;
         let distribution = match *self {
             Self::Zeros => Distribution::Constant { value: 0.0 },
@@ -318,12 +369,14 @@ impl Scheme {
                 ScalingDistribution::TruncatedNormal,
                 fans,
             )?,
+            Self::Structured(_) => unreachable!("resolve handles structured schemes"),
         };
         Ok(Resolved {
             scheme: self.name(),
             fans,
             distribution,
             gain,
+            structure: None,
         })
     }
 }
@@ -472,7 +525,7 @@ mod tests {
     #[test]
     fn xavier_uniform_bound() {
         let r = Scheme::XavierUniform { gain: None }
-            .resolve(fans(784, 256))
+            .resolve_fans(fans(784, 256))
             .unwrap();
         let b = 3.0f64.sqrt() * (1.0 * (2.0f64 / 1040.0).sqrt());
         assert_eq!(r.distribution, Distribution::Uniform { low: -b, high: b });
@@ -481,7 +534,7 @@ mod tests {
 
     #[test]
     fn torch_default_is_kaiming_uniform_with_a_sqrt5() {
-        let r = Scheme::TorchDefault.resolve(fans(200, 300)).unwrap();
+        let r = Scheme::TorchDefault.resolve_fans(fans(200, 300)).unwrap();
         let g = (2.0 / (1.0 + 5.0f64.sqrt() * 5.0f64.sqrt())).sqrt();
         let b = 3.0f64.sqrt() * (g / 200f64.sqrt());
         assert_eq!(r.distribution, Distribution::Uniform { low: -b, high: b });
@@ -489,7 +542,7 @@ mod tests {
 
     #[test]
     fn glorot_normal_is_truncated_with_the_correction() {
-        let r = Scheme::GlorotNormal.resolve(fans(784, 128)).unwrap();
+        let r = Scheme::GlorotNormal.resolve_fans(fans(784, 128)).unwrap();
         let std = (1.0f64 / 456.0).sqrt() / TRUNCATION_STD_CORRECTION;
         assert_eq!(
             r.distribution,
@@ -504,7 +557,7 @@ mod tests {
 
     #[test]
     fn bias_with_zero_fan_is_all_zero_bounds() {
-        let r = Scheme::TorchDefaultBias.resolve(fans(0, 0)).unwrap();
+        let r = Scheme::TorchDefaultBias.resolve_fans(fans(0, 0)).unwrap();
         assert_eq!(
             r.distribution,
             Distribution::Uniform {
@@ -519,7 +572,7 @@ mod tests {
         let none = Fans::default();
         assert_eq!(
             Scheme::XavierNormal { gain: None }
-                .resolve(none)
+                .resolve_fans(none)
                 .unwrap_err()
                 .field,
             SchemeField::FanIn
@@ -529,7 +582,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            k.resolve(fans(3, 0)).unwrap_err().field,
+            k.resolve_fans(fans(3, 0)).unwrap_err().field,
             SchemeField::FanOut
         );
         let avg = Scheme::KaimingUniform(Kaiming {
@@ -537,7 +590,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            avg.resolve(fans(3, 3)).unwrap_err().field,
+            avg.resolve_fans(fans(3, 3)).unwrap_err().field,
             SchemeField::Parameter("mode")
         );
     }
@@ -596,7 +649,7 @@ mod tests {
             ),
         ];
         for (scheme, field) in cases {
-            let err = scheme.resolve(fans(1, 1)).unwrap_err();
+            let err = scheme.resolve_fans(fans(1, 1)).unwrap_err();
             assert_eq!(
                 err.field,
                 SchemeField::Parameter(field),

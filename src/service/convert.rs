@@ -6,7 +6,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::engine::{
     self, DType, Distribution, FanMode, Kaiming, Layout, Nonlinearity, RequestError,
-    ScalingDistribution, Scheme, SliceSpec, TensorPlan,
+    ScalingDistribution, Scheme, SliceSpec, Structure, StructuredScheme, TensorPlan,
 };
 use crate::proto::{self, init, slice};
 
@@ -156,6 +156,14 @@ fn scheme(init: &proto::Init, at: &str) -> Result<Option<Scheme>, RequestError> 
         P::LecunNormal(_) => Scheme::LecunNormal,
         P::TorchDefault(_) => Scheme::TorchDefault,
         P::TorchDefaultBias(_) => Scheme::TorchDefaultBias,
+        P::Orthogonal(o) => Scheme::Structured(StructuredScheme::Orthogonal { gain: o.gain }),
+        P::Eye(_) => Scheme::Structured(StructuredScheme::Eye),
+        P::Identity(i) => Scheme::Structured(StructuredScheme::Identity { gain: i.gain }),
+        P::Dirac(d) => Scheme::Structured(StructuredScheme::Dirac { groups: d.groups }),
+        P::Sparse(s) => Scheme::Structured(StructuredScheme::Sparse {
+            sparsity: s.sparsity,
+            std: s.std,
+        }),
     }))
 }
 
@@ -245,7 +253,36 @@ fn resolved(r: &engine::Resolved) -> proto::Resolved {
             (out.trunc_low, out.trunc_high) = (mean + std * alpha, mean + std * beta);
         }
     }
+    if let Some(structure) = r.structure {
+        structured(&structure, &mut out);
+    }
     out
+}
+
+/// A structured scheme's own fields; its distribution names the structure.
+fn structured(structure: &Structure, out: &mut proto::Resolved) {
+    match *structure {
+        Structure::Orthogonal { rows, cols, .. } => {
+            out.distribution = "orthogonal".to_owned();
+            (out.mean, out.std) = (0.0, 0.0);
+            (out.rows, out.cols) = (Some(rows), Some(cols));
+        }
+        Structure::Eye { value } => {
+            out.distribution = "eye".to_owned();
+            out.value = value;
+        }
+        Structure::Dirac { groups, .. } => {
+            out.distribution = "dirac".to_owned();
+            (out.value, out.groups) = (1.0, Some(groups));
+        }
+        Structure::Sparse {
+            rows, cols, zeros, ..
+        } => {
+            out.distribution = "sparse".to_owned();
+            (out.rows, out.cols) = (Some(rows), Some(cols));
+            out.zeros_per_column = Some(zeros);
+        }
+    }
 }
 
 pub fn header(plan: &TensorPlan) -> proto::TensorHeader {

@@ -258,6 +258,7 @@ impl WeightInit for Handler {
                 max_concurrent_streams: self.shared.max_concurrent_streams,
                 max_rank: limits.max_rank,
                 max_name_bytes: limits.max_name_bytes,
+                max_matrix_elements: limits.max_matrix_elements,
             }),
         }))
     }

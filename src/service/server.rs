@@ -53,6 +53,9 @@ pub struct ServeConfig {
     /// Longest tensor name, in UTF-8 bytes.
     #[arg(long, env = "WEIGHTINIT_MAX_NAME_BYTES", default_value_t = Limits::default().max_name_bytes)]
     pub max_name_bytes: u32,
+    /// Largest rows x cols of orthogonal and sparse, which compute the whole matrix first.
+    #[arg(long, env = "WEIGHTINIT_MAX_MATRIX_ELEMENTS", default_value_t = Limits::default().max_matrix_elements)]
+    pub max_matrix_elements: u64,
     /// How long in-flight streams may run after SIGTERM/SIGINT, e.g. 30s, 500ms, 2m.
     #[arg(long, env = "WEIGHTINIT_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -148,6 +151,7 @@ impl ServeConfig {
             max_tensors: self.max_tensors,
             max_rank: self.max_rank,
             max_name_bytes: self.max_name_bytes,
+            max_matrix_elements: self.max_matrix_elements,
         };
         if limits.default_chunk_bytes < 8 || limits.default_chunk_bytes > limits.max_chunk_bytes {
             return Err(ConfigError(format!(

@@ -69,9 +69,14 @@ def test_weights_get_the_distributions_of_their_layers_initializers(target):
     assert model.predict(np.ones((2, 6, 6, 3)), verbose=0).shape == (2, 5)
 
 
+class _Custom(keras.initializers.Initializer):
+    def __call__(self, shape, dtype=None):
+        return keras.ops.zeros(shape, dtype)
+
+
 def test_rules_names_and_unsupported_initializers(target):
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(3, kernel_initializer="orthogonal", name="fc")],
+        [keras.Input((4,)), keras.layers.Dense(3, kernel_initializer=_Custom(), name="fc")],
         name="m",
     )
     with pytest.raises(ValueError, match=r"no initializer for m/fc/kernel \(Dense\): add rules"):
@@ -83,6 +88,26 @@ def test_rules_names_and_unsupported_initializers(target):
     wk.init_model(model, SEED, target, rules=rules, names={"m/fc/kernel": "fc.weight"})
     expected = fetch_one(target, "fc.weight", (4, 3), rules[0][1])
     np.testing.assert_array_equal(values(model.get_layer("fc").kernel), expected)
+
+
+def test_orthogonal_and_identity_map_to_the_structured_schemes(target):
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 2)),
+            keras.layers.Conv2D(8, 3, kernel_initializer=keras.initializers.Orthogonal(2.0)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(72, kernel_initializer=keras.initializers.Identity(0.5)),
+        ],
+        name="s",
+    )
+    returned = wk.init_model(model, SEED, target)
+    conv, dense = (values(returned[path]) for path in ("s/conv2d/kernel", "s/dense/kernel"))
+    # Keras's rule: [prod(shape[:-1]), shape[-1]] = [18, 8], orthonormal columns times gain.
+    flat = conv.reshape(18, 8).astype(np.float64)
+    np.testing.assert_allclose(flat.T @ flat, 4.0 * np.eye(8), atol=1e-5)
+    expected = fetch_one(target, "s/conv2d/kernel", (3, 3, 2, 8), {"orthogonal": {"gain": 2.0}})
+    np.testing.assert_array_equal(conv, expected)
+    np.testing.assert_array_equal(dense, 0.5 * np.eye(72, 72))
 
 
 def test_an_unbuilt_model_is_refused():

@@ -8,8 +8,8 @@ Every weight of the built model becomes one tensor of the request, named by its 
 Without rules a weight gets the distribution of the initializer its layer was configured with
 (`kernel_initializer`, `bias_initializer`, `gamma_initializer`, ...): GlorotUniform,
 GlorotNormal, HeUniform, HeNormal, LecunUniform, LecunNormal, VarianceScaling, RandomNormal,
-RandomUniform, TruncatedNormal, Zeros, Ones, Constant and weightinit.keras.Initializer. Any other
-(Orthogonal, Identity, a custom one) needs a rule.
+RandomUniform, TruncatedNormal, Zeros, Ones, Constant, Orthogonal, Identity and
+weightinit.keras.Initializer. Any other (a custom one) needs a rule.
 
 On the JAX backend each weight is fetched for the sharding its variable has (only the blocks of
 this process's devices, each distinct block once); on the others it is fetched whole.
@@ -245,6 +245,11 @@ def _layer_default(layer, weight):
         return {"init": {"truncatedNormal": {"mean": mean, "std": std, **bounds}}}
     if type(initializer) is keras.initializers.VarianceScaling:
         return _variance_scaling(initializer, tuple(weight.shape))
+    # Both take the kernel's own layout: Orthogonal flattens to [prod(shape[:-1]), shape[-1]].
+    if type(initializer) is keras.initializers.Orthogonal:
+        return {"init": {"orthogonal": {"gain": float(initializer.gain)}}}
+    if type(initializer) is keras.initializers.Identity:
+        return {"init": {"identity": {"gain": float(initializer.gain)}}}
     return {}
 
 

@@ -143,7 +143,7 @@ class Shard(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Init(_message.Message):
-    __slots__ = ("zeros", "ones", "constant", "uniform", "normal", "truncated_normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "variance_scaling", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "torch_default", "torch_default_bias")
+    __slots__ = ("zeros", "ones", "constant", "uniform", "normal", "truncated_normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "variance_scaling", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "torch_default", "torch_default_bias", "orthogonal", "eye", "identity", "dirac", "sparse")
     ZEROS_FIELD_NUMBER: _ClassVar[int]
     ONES_FIELD_NUMBER: _ClassVar[int]
     CONSTANT_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,11 @@ class Init(_message.Message):
     LECUN_NORMAL_FIELD_NUMBER: _ClassVar[int]
     TORCH_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     TORCH_DEFAULT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    ORTHOGONAL_FIELD_NUMBER: _ClassVar[int]
+    EYE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    DIRAC_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     zeros: Zeros
     ones: Ones
     constant: Constant
@@ -182,7 +187,12 @@ class Init(_message.Message):
     lecun_normal: LecunNormal
     torch_default: TorchDefault
     torch_default_bias: TorchDefaultBias
-    def __init__(self, zeros: _Optional[_Union[Zeros, _Mapping]] = ..., ones: _Optional[_Union[Ones, _Mapping]] = ..., constant: _Optional[_Union[Constant, _Mapping]] = ..., uniform: _Optional[_Union[Uniform, _Mapping]] = ..., normal: _Optional[_Union[Normal, _Mapping]] = ..., truncated_normal: _Optional[_Union[TruncatedNormal, _Mapping]] = ..., xavier_uniform: _Optional[_Union[XavierUniform, _Mapping]] = ..., xavier_normal: _Optional[_Union[XavierNormal, _Mapping]] = ..., kaiming_uniform: _Optional[_Union[KaimingUniform, _Mapping]] = ..., kaiming_normal: _Optional[_Union[KaimingNormal, _Mapping]] = ..., variance_scaling: _Optional[_Union[VarianceScaling, _Mapping]] = ..., glorot_uniform: _Optional[_Union[GlorotUniform, _Mapping]] = ..., glorot_normal: _Optional[_Union[GlorotNormal, _Mapping]] = ..., he_uniform: _Optional[_Union[HeUniform, _Mapping]] = ..., he_normal: _Optional[_Union[HeNormal, _Mapping]] = ..., lecun_uniform: _Optional[_Union[LecunUniform, _Mapping]] = ..., lecun_normal: _Optional[_Union[LecunNormal, _Mapping]] = ..., torch_default: _Optional[_Union[TorchDefault, _Mapping]] = ..., torch_default_bias: _Optional[_Union[TorchDefaultBias, _Mapping]] = ...) -> None: ...
+    orthogonal: Orthogonal
+    eye: Eye
+    identity: Identity
+    dirac: Dirac
+    sparse: Sparse
+    def __init__(self, zeros: _Optional[_Union[Zeros, _Mapping]] = ..., ones: _Optional[_Union[Ones, _Mapping]] = ..., constant: _Optional[_Union[Constant, _Mapping]] = ..., uniform: _Optional[_Union[Uniform, _Mapping]] = ..., normal: _Optional[_Union[Normal, _Mapping]] = ..., truncated_normal: _Optional[_Union[TruncatedNormal, _Mapping]] = ..., xavier_uniform: _Optional[_Union[XavierUniform, _Mapping]] = ..., xavier_normal: _Optional[_Union[XavierNormal, _Mapping]] = ..., kaiming_uniform: _Optional[_Union[KaimingUniform, _Mapping]] = ..., kaiming_normal: _Optional[_Union[KaimingNormal, _Mapping]] = ..., variance_scaling: _Optional[_Union[VarianceScaling, _Mapping]] = ..., glorot_uniform: _Optional[_Union[GlorotUniform, _Mapping]] = ..., glorot_normal: _Optional[_Union[GlorotNormal, _Mapping]] = ..., he_uniform: _Optional[_Union[HeUniform, _Mapping]] = ..., he_normal: _Optional[_Union[HeNormal, _Mapping]] = ..., lecun_uniform: _Optional[_Union[LecunUniform, _Mapping]] = ..., lecun_normal: _Optional[_Union[LecunNormal, _Mapping]] = ..., torch_default: _Optional[_Union[TorchDefault, _Mapping]] = ..., torch_default_bias: _Optional[_Union[TorchDefaultBias, _Mapping]] = ..., orthogonal: _Optional[_Union[Orthogonal, _Mapping]] = ..., eye: _Optional[_Union[Eye, _Mapping]] = ..., identity: _Optional[_Union[Identity, _Mapping]] = ..., dirac: _Optional[_Union[Dirac, _Mapping]] = ..., sparse: _Optional[_Union[Sparse, _Mapping]] = ...) -> None: ...
 
 class Zeros(_message.Message):
     __slots__ = ()
@@ -300,6 +310,36 @@ class TorchDefaultBias(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Orthogonal(_message.Message):
+    __slots__ = ("gain",)
+    GAIN_FIELD_NUMBER: _ClassVar[int]
+    gain: float
+    def __init__(self, gain: _Optional[float] = ...) -> None: ...
+
+class Eye(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Identity(_message.Message):
+    __slots__ = ("gain",)
+    GAIN_FIELD_NUMBER: _ClassVar[int]
+    gain: float
+    def __init__(self, gain: _Optional[float] = ...) -> None: ...
+
+class Dirac(_message.Message):
+    __slots__ = ("groups",)
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    groups: int
+    def __init__(self, groups: _Optional[int] = ...) -> None: ...
+
+class Sparse(_message.Message):
+    __slots__ = ("sparsity", "std")
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    sparsity: float
+    std: float
+    def __init__(self, sparsity: _Optional[float] = ..., std: _Optional[float] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
     __slots__ = ("header", "chunk", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
@@ -331,7 +371,7 @@ class TensorHeader(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., byte_length: _Optional[int] = ..., algorithm: _Optional[int] = ..., resolved: _Optional[_Union[Resolved, _Mapping]] = ...) -> None: ...
 
 class Resolved(_message.Message):
-    __slots__ = ("scheme", "fan_in", "fan_out", "distribution", "low", "high", "mean", "std", "trunc_low", "trunc_high", "value", "gain")
+    __slots__ = ("scheme", "fan_in", "fan_out", "distribution", "low", "high", "mean", "std", "trunc_low", "trunc_high", "value", "gain", "rows", "cols", "groups", "zeros_per_column")
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     FAN_IN_FIELD_NUMBER: _ClassVar[int]
     FAN_OUT_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +384,10 @@ class Resolved(_message.Message):
     TRUNC_HIGH_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     GAIN_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    ZEROS_PER_COLUMN_FIELD_NUMBER: _ClassVar[int]
     scheme: str
     fan_in: int
     fan_out: int
@@ -356,7 +400,11 @@ class Resolved(_message.Message):
     trunc_high: float
     value: float
     gain: float
-    def __init__(self, scheme: _Optional[str] = ..., fan_in: _Optional[int] = ..., fan_out: _Optional[int] = ..., distribution: _Optional[str] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., trunc_low: _Optional[float] = ..., trunc_high: _Optional[float] = ..., value: _Optional[float] = ..., gain: _Optional[float] = ...) -> None: ...
+    rows: int
+    cols: int
+    groups: int
+    zeros_per_column: int
+    def __init__(self, scheme: _Optional[str] = ..., fan_in: _Optional[int] = ..., fan_out: _Optional[int] = ..., distribution: _Optional[str] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., trunc_low: _Optional[float] = ..., trunc_high: _Optional[float] = ..., value: _Optional[float] = ..., gain: _Optional[float] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., groups: _Optional[int] = ..., zeros_per_column: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("tensor_index", "offset", "data")
@@ -409,7 +457,7 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., algorithms: _Optional[_Iterable[int]] = ..., schemes: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("default_chunk_bytes", "max_chunk_bytes", "max_request_bytes", "max_tensors", "max_concurrent_streams", "max_rank", "max_name_bytes")
+    __slots__ = ("default_chunk_bytes", "max_chunk_bytes", "max_request_bytes", "max_tensors", "max_concurrent_streams", "max_rank", "max_name_bytes", "max_matrix_elements")
     DEFAULT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -417,6 +465,7 @@ class ServerLimits(_message.Message):
     MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_NAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MATRIX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     default_chunk_bytes: int
     max_chunk_bytes: int
     max_request_bytes: int
@@ -424,4 +473,5 @@ class ServerLimits(_message.Message):
     max_concurrent_streams: int
     max_rank: int
     max_name_bytes: int
-    def __init__(self, default_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_name_bytes: _Optional[int] = ...) -> None: ...
+    max_matrix_elements: int
+    def __init__(self, default_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_name_bytes: _Optional[int] = ..., max_matrix_elements: _Optional[int] = ...) -> None: ...
