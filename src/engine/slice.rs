@@ -515,7 +515,12 @@ impl Tiles {
                 } else {
                     pitch
                 };
-                let width = (TILE_ELEMENTS / pitch).max(1);
+                // A whole number of 8-column blocks where there is room: rows are copied out
+                // eight columns at a time.
+                let width = match TILE_ELEMENTS / pitch {
+                    w if w >= 8 => w / 8 * 8,
+                    w => w.max(1),
+                };
                 for c0 in (columns.start..columns.end).step_by(width as usize) {
                     let c1 = (c0 + width).min(columns.end);
                     let Some((a, b)) = meeting(&taken[a0..b0], c0, c1) else {
