@@ -5,10 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{TestServer, generate, hex};
-use serde::Deserialize;
+use common::{Case, TestServer, cases_file, check_served, generate};
 use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -16,30 +13,10 @@ use weightinit::engine::{Limits, RequestError};
 use weightinit::proto::{GenerateRequest, GetInfoRequest};
 use weightinit::service::convert;
 
-#[derive(Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    case: String,
-    request: serde_json::Value,
-    expect: Vec<Expected>,
-}
-
-#[derive(Deserialize)]
-struct Expected {
-    name: String,
-    byte_length: u64,
-    blake3: String,
-}
-
 fn cases() -> Vec<Case> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/structured-v1.json");
-    let cases: Cases = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    assert!(cases.cases.len() >= 5);
-    cases.cases
+    let cases = cases_file("structured-v1.json").cases;
+    assert!(cases.len() >= 5);
+    cases
 }
 
 fn request(value: serde_json::Value) -> GenerateRequest {
@@ -101,19 +78,7 @@ async fn generate_and_digest_match_every_case() {
         req.chunk_bytes = 64;
         let received = generate(&mut client, req.clone()).await;
         let digests = client.digest(req).await.unwrap().into_inner().digests;
-        assert_eq!(received.len(), case.expect.len(), "{}", case.case);
-        for ((tensor, digest), expected) in received.iter().zip(&digests).zip(&case.expect) {
-            let what = format!("{}/{}", case.case, expected.name);
-            assert_eq!(tensor.header.name, expected.name, "{what}");
-            assert_eq!(tensor.header.byte_length, expected.byte_length, "{what}");
-            assert_eq!(
-                hex(blake3::hash(&tensor.data).as_bytes()),
-                expected.blake3,
-                "{what}: bytes"
-            );
-            assert_eq!(hex(&tensor.blake3), expected.blake3, "{what}: TensorEnd");
-            assert_eq!(hex(&digest.blake3), expected.blake3, "{what}: Digest");
-        }
+        check_served(&case, &received, &digests);
     }
 }
 

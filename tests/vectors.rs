@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, engine_dtype, generate, hex, vectors};
+use common::{TestServer, check_served, engine_dtype, generate, vectors};
 use weightinit::engine::Limits;
 use weightinit::service::convert;
 
@@ -47,23 +47,9 @@ async fn generate_and_digest_match_every_vector() {
             .unwrap()
             .into_inner()
             .digests;
-        assert_eq!(received.len(), case.expect.len(), "{}", case.case);
-        assert_eq!(digests.len(), case.expect.len(), "{}", case.case);
-        for ((tensor, digest), expected) in received.iter().zip(&digests).zip(&case.expect) {
+        check_served(&case, &received, &digests);
+        for (tensor, expected) in received.iter().zip(&case.expect) {
             let what = format!("{}/{}", case.case, expected.name);
-            assert_eq!(tensor.header.name, expected.name, "{what}");
-            assert_eq!(tensor.header.byte_length, expected.byte_length, "{what}");
-            assert_eq!(
-                hex(blake3::hash(&tensor.data).as_bytes()),
-                expected.blake3,
-                "{what}: bytes"
-            );
-            assert_eq!(hex(&tensor.blake3), expected.blake3, "{what}: TensorEnd");
-            assert_eq!(hex(&digest.blake3), expected.blake3, "{what}: Digest");
-            assert_eq!(
-                digest.byte_length, expected.byte_length,
-                "{what}: Digest length"
-            );
             // first_values went through a float printer: compare them rounded to the dtype.
             let dtype = engine_dtype(tensor.header.dtype);
             let mut want = vec![0u8; expected.first_values.len() * dtype.size()];

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use weightinit::proto::{
-    GenerateRequest, generate_response::Item, weight_init_client::WeightInitClient,
+    GenerateRequest, TensorEnd, generate_response::Item, weight_init_client::WeightInitClient,
 };
 use weightinit::service::handler::Shared;
 use weightinit::service::server::Reloader;
@@ -141,6 +141,8 @@ pub struct Expected {
     pub name: String,
     pub byte_length: u64,
     pub blake3: String,
+    /// In the v1 vectors only (tests/data/structured-v1.json has none).
+    #[serde(default)]
     pub first_values: Vec<f64>,
 }
 
@@ -153,8 +155,38 @@ impl Case {
 
 /// The committed copy of the v1 vectors (tests/data/vectors-v1.json).
 pub fn vectors() -> Vectors {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors-v1.json");
+    cases_file("vectors-v1.json")
+}
+
+/// A committed file of cases under tests/data, in the format of the v1 vectors.
+pub fn cases_file(name: &str) -> Vectors {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Checks what Generate and Digest served for `case` against its expected digests: names,
+/// lengths, the BLAKE3 of the bytes received, of TensorEnd and of Digest.
+pub fn check_served(case: &Case, received: &[Received], digests: &[TensorEnd]) {
+    assert_eq!(received.len(), case.expect.len(), "{}", case.case);
+    assert_eq!(digests.len(), case.expect.len(), "{}", case.case);
+    for ((tensor, digest), expected) in received.iter().zip(digests).zip(&case.expect) {
+        let what = format!("{}/{}", case.case, expected.name);
+        assert_eq!(tensor.header.name, expected.name, "{what}");
+        assert_eq!(tensor.header.byte_length, expected.byte_length, "{what}");
+        assert_eq!(
+            hex(blake3::hash(&tensor.data).as_bytes()),
+            expected.blake3,
+            "{what}: bytes"
+        );
+        assert_eq!(hex(&tensor.blake3), expected.blake3, "{what}: TensorEnd");
+        assert_eq!(hex(&digest.blake3), expected.blake3, "{what}: Digest");
+        assert_eq!(
+            digest.byte_length, expected.byte_length,
+            "{what}: Digest length"
+        );
+    }
 }
 
 pub fn hex(bytes: &[u8]) -> String {
