@@ -41,24 +41,29 @@ RUN if [ -d /opt/cargo-vendor/crates ]; then \
 # Only the library and binaries go into the image: the manifest's [[bench]],
 # [[test]] and [[example]] targets (whose files are not copied) are dropped
 # from the build's copy of Cargo.toml. Dependencies and the lock are unchanged.
-COPY Cargo.toml Cargo.lock build.rs ./
+COPY Cargo.toml Cargo.lock ./
 RUN awk '/^[[:space:]]*\[\[(bench|test|example)\]\]/ { skip = 1; next } /^[[:space:]]*\[/ { skip = 0 } !skip' \
         Cargo.toml > Cargo.toml.build \
     && mv Cargo.toml.build Cargo.toml
-COPY proto/ proto/
+COPY crates/engine/Cargo.toml crates/engine/
+COPY crates/service/Cargo.toml crates/service/
+COPY crates/client/Cargo.toml crates/client/
 
-# Dependencies first, against stub sources, so that a change in src/ only
-# rebuilds the crate itself. A failure here is reported by the real build below.
-RUN mkdir -p src \
+# Dependencies first, against stub sources, so that a change in the sources only
+# rebuilds the workspace's own crates. A failure here is reported by the real build below.
+RUN for crate in . crates/engine crates/service crates/client; do \
+        mkdir -p "$crate/src" && touch "$crate/src/lib.rs"; \
+    done \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && { cargo build --release --locked || echo "dependency pre-build failed; see the full build"; } \
-    && rm -rf src
+    && { cargo build --release --locked -p weightinit || echo "dependency pre-build failed; see the full build"; } \
+    && rm -rf src crates/*/src
 
+COPY proto/ proto/
 COPY src/ src/
-# Forget the stub's fingerprints so the real sources are always compiled.
+COPY crates/ crates/
+# Forget the stubs' fingerprints so the real sources are always compiled.
 RUN rm -rf target/release/.fingerprint/weightinit-* \
-    && cargo build --release --locked \
+    && cargo build --release --locked -p weightinit \
     && install -D -m 0755 target/release/weightinit /out/weightinit \
     && /out/weightinit --help > /dev/null
 

@@ -1,13 +1,17 @@
 //! weightinit: byte-identical initial weights for distributed trainers, over gRPC.
 //!
-//! Layout:
-//! - [`engine`]: the pure core, algorithm v1 (seed + name + index -> value -> bytes), no I/O.
-//! - [`proto`]: the generated protobuf/gRPC types of `weightinit.v1` (with proto3 JSON).
-//! - [`service`]: the gRPC transport: proto <-> engine conversion, the streaming pipeline on a
-//!   worker pool, and the server with health, reflection and graceful shutdown.
-//! - [`client`]: client-side helpers (health checks).
+//! The workspace's crates are its layers, each depending only on those below it:
+//! - `weightinit-engine` ([`engine`]): algorithm v1 (seed + name + index -> value -> bytes),
+//!   pure: no I/O, no async runtime, no protobuf.
+//! - `weightinit-service` ([`service`], [`proto`]): the gRPC service around the engine: proto
+//!   conversion, the streaming pipeline on a worker pool, TLS, token, metrics, health,
+//!   reflection and graceful shutdown.
+//! - `weightinit-client` ([`client`]): `fetch`, `describe` and health checks, against a remote
+//!   server or the service in this process, through the same generated trait.
+//! - this package: the `weightinit` command line (clap and environment variables live only
+//!   there), and this facade, which the integration tests and benchmarks import.
 
-pub mod client;
-pub mod engine;
-pub mod proto;
-pub mod service;
+pub use weightinit_client as client;
+pub use weightinit_engine as engine;
+pub use weightinit_service as service;
+pub use weightinit_service::proto;

@@ -124,7 +124,7 @@ pub fn server_binary() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let release = root.join("target/release/weightinit");
     let built = std::fs::metadata(&release).and_then(|m| m.modified()).ok();
-    let newest_source = ["src", "proto", "build.rs", "Cargo.toml", "Cargo.lock"]
+    let newest_source = ["src", "crates", "proto", "Cargo.toml", "Cargo.lock"]
         .iter()
         .filter_map(|p| newest(&root.join(p)))
         .max();

@@ -4,22 +4,21 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::engine::{
-    self, DType, Distribution, FanMode, Kaiming, Layout, Nonlinearity, RequestError,
+use crate::proto::{self, init, slice};
+use weightinit_engine::{
+    self as engine, DType, Distribution, FanMode, Kaiming, Layout, Nonlinearity, RequestError,
     ScalingDistribution, Scheme, SliceSpec, Structure, StructuredScheme, TensorPlan,
 };
-use crate::proto::{self, init, slice};
 
-impl From<RequestError> for Status {
-    /// INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a google.rpc.BadRequest naming the field.
-    fn from(error: RequestError) -> Self {
-        let code = match error {
-            RequestError::Invalid { .. } => Code::InvalidArgument,
-            RequestError::OverLimit { .. } => Code::ResourceExhausted,
-        };
-        let details = ErrorDetails::with_bad_request_violation(error.field(), error.reason());
-        Status::with_error_details(code, error.to_string(), details)
-    }
+/// A refused request as INVALID_ARGUMENT or RESOURCE_EXHAUSTED, with a google.rpc.BadRequest
+/// naming the field: the one place an engine error becomes a gRPC status.
+pub fn status(error: RequestError) -> Status {
+    let code = match error {
+        RequestError::Invalid { .. } => Code::InvalidArgument,
+        RequestError::OverLimit { .. } => Code::ResourceExhausted,
+    };
+    let details = ErrorDetails::with_bad_request_violation(error.field(), error.reason());
+    Status::with_error_details(code, error.to_string(), details)
 }
 
 /// An enum number: 0 is "unset", unknown numbers are an error naming `field`.

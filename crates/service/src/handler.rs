@@ -14,11 +14,11 @@ use super::metrics::{Metrics, Rpc};
 use super::pipeline::{Emit, Outcome, Pipeline};
 use super::pool::WorkerPool;
 use super::watchdog::{Watch, WatchedStream};
-use crate::engine::{self, DType, Limits, RequestPlan, Scheme};
 use crate::proto::{
     DescribeResponse, DigestResponse, GenerateRequest, GetInfoRequest, ServerInfo, ServerLimits,
     generate_response::Item, weight_init_server::WeightInit,
 };
+use weightinit_engine::{self as engine, DType, Limits, RequestPlan, Scheme};
 
 /// Messages buffered between the producer and tonic, per stream.
 const STREAM_BUFFER: usize = 2;
@@ -62,7 +62,9 @@ impl Shared {
     }
 
     fn plan(&self, request: &GenerateRequest) -> Result<RequestPlan, Status> {
-        Ok(convert::request(request)?.plan(&self.limits)?)
+        convert::request(request)
+            .and_then(|request| request.plan(&self.limits))
+            .map_err(convert::status)
     }
 
     fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {

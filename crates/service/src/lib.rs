@@ -1,5 +1,6 @@
-//! The gRPC transport: a thin layer between protobuf and the engine.
+//! The weightinit gRPC service: a thin layer between protobuf and the engine.
 //!
+//! - [`proto`]: the generated types of `weightinit.v1` (with proto3 JSON).
 //! - [`convert`]: proto <-> engine types, and engine errors -> gRPC statuses.
 //! - [`codec`]: prost decoding that counts a request's tensors first.
 //! - [`pool`]: the worker threads that do the CPU work.
@@ -20,6 +21,7 @@ pub mod listener;
 pub mod metrics;
 pub mod pipeline;
 pub mod pool;
+pub mod proto;
 pub mod server;
 pub mod tls;
 pub mod watchdog;

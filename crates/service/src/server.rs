@@ -20,8 +20,8 @@ use super::listener::{self, Incoming};
 use super::metrics::{self, Metrics};
 use super::pool::WorkerPool;
 use super::tls::Tls;
-use crate::engine::Limits;
 use crate::proto::{self, weight_init_server::WeightInitServer};
+use weightinit_engine::Limits;
 
 /// Everything `weightinit serve` can be told; each flag has a WEIGHTINIT_* twin.
 #[derive(clap::Args, Clone, Debug)]

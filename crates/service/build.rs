@@ -8,16 +8,16 @@
 use prost::Message;
 use std::{env, fs, path::PathBuf};
 
-const PROTO: &str = "proto/weightinit/v1/weightinit.proto";
-const ERROR_DETAILS: &str = "proto/google/rpc/error_details.proto";
+const PROTO: &str = "../../proto/weightinit/v1/weightinit.proto";
+const ERROR_DETAILS: &str = "../../proto/google/rpc/error_details.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=../../proto");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    let descriptors = protox::compile([PROTO], ["proto"])?;
+    let descriptors = protox::compile([PROTO], ["../../proto"])?;
     let descriptor_bytes = descriptors.encode_to_vec();
     fs::write(out_dir.join("weightinit_descriptor.bin"), &descriptor_bytes)?;
-    let error_details = protox::compile([ERROR_DETAILS], ["proto"])?;
+    let error_details = protox::compile([ERROR_DETAILS], ["../../proto"])?;
     fs::write(
         out_dir.join("error_details_descriptor.bin"),
         error_details.encode_to_vec(),
@@ -27,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Chunk payloads are handed to tonic as `Bytes` without copying.
         .bytes(".weightinit.v1.Chunk.data")
         // Counts a request's tensors before decoding them (src/service/codec.rs).
-        .codec_path("crate::service::codec::RequestCodec")
+        .codec_path("crate::codec::RequestCodec")
         .compile_fds(descriptors)?;
 
     pbjson_build::Builder::new()

@@ -25,8 +25,8 @@ use tonic::{Code, Status};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 use super::metrics::{Metrics, Rpc};
-use crate::engine::Limits;
 use crate::proto::GenerateRequest;
+use weightinit_engine::Limits;
 
 /// Field number of `GenerateRequest.tensors`.
 const TENSORS_FIELD: u32 = 2;
@@ -103,7 +103,7 @@ fn admit(message: &[u8]) -> Result<(), Status> {
                         .metrics
                         .rpc_refused(scope.rpc, Code::ResourceExhausted);
                     tracing::info!(rpc = scope.rpc.name(), %error, "rpc refused before decoding");
-                    Status::from(error)
+                    crate::convert::status(error)
                 })
         })
         // Outside a server's call (the client side): nothing to enforce.

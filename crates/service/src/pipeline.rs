@@ -23,8 +23,8 @@ use tonic::Status;
 
 use super::convert;
 use super::pool::WorkerPool;
-use crate::engine::{RequestPlan, TensorPlan};
 use crate::proto::{Chunk, GenerateResponse, TensorEnd, generate_response::Item};
+use weightinit_engine::{RequestPlan, TensorPlan};
 
 /// Output bytes per generation job: a power of two, so blocks are BLAKE3 subtrees, and a
 /// multiple of every element size, so no element straddles two blocks. 1 MiB keeps a job's

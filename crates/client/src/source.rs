@@ -17,15 +17,15 @@ use tonic::{Request, Response, Status};
 
 use super::health::ClientSecurity;
 use super::target::{Target, Unreachable};
-use crate::engine::Limits;
-use crate::proto::weight_init_client::WeightInitClient;
-use crate::proto::weight_init_server::WeightInit;
-use crate::proto::{
+use weightinit_engine::Limits;
+use weightinit_service::handler::{Handler, Shared};
+use weightinit_service::pool::WorkerPool;
+use weightinit_service::proto::weight_init_client::WeightInitClient;
+use weightinit_service::proto::weight_init_server::WeightInit;
+use weightinit_service::proto::{
     self, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
     ServerInfo,
 };
-use crate::service::handler::{Handler, Shared};
-use crate::service::pool::WorkerPool;
 
 /// Largest message accepted from a server: chunks are below 4 MiB unless a server raises
 /// its --max-chunk-bytes; this bounds memory all the same.

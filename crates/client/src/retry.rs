@@ -153,7 +153,7 @@ mod tests {
         assert!(is_transient(&Status::resource_exhausted(
             "all stream slots taken"
         )));
-        let too_big = crate::engine::RequestError::over_limit("tensors", "too many bytes");
-        assert!(!is_transient(&Status::from(too_big)));
+        let too_big = weightinit_engine::RequestError::over_limit("tensors", "too many bytes");
+        assert!(!is_transient(&weightinit_service::convert::status(too_big)));
     }
 }

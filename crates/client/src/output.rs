@@ -18,9 +18,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::progress::human_bytes;
-use crate::engine::DType;
-use crate::proto::TensorHeader;
-use crate::service::convert;
+use weightinit_engine::DType;
+use weightinit_service::convert;
+use weightinit_service::proto::TensorHeader;
 
 /// How the tensors are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

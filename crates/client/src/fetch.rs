@@ -24,8 +24,8 @@ use super::output::{self, Format, Output, OutputError, Provenance};
 use super::progress::{Progress, human_bytes};
 use super::retry::{self, Backoff, RetryPolicy};
 use super::source::{SourceArgs, SourceError, status_text};
-use crate::proto::weight_init_server::WeightInit;
-use crate::proto::{
+use weightinit_service::proto::weight_init_server::WeightInit;
+use weightinit_service::proto::{
     GenerateRequest, Range, Slice, TensorEnd, TensorHeader, TensorSpec, generate_response::Item,
     slice,
 };
@@ -666,8 +666,8 @@ mod tests {
     use tonic::Response;
 
     use super::*;
-    use crate::client::source::{GenerateStream, Source};
-    use crate::proto::{
+    use crate::source::{GenerateStream, Source};
+    use weightinit_service::proto::{
         DescribeResponse, DigestResponse, GetInfoRequest, ServerInfo, generate_response,
     };
 
