@@ -6,7 +6,9 @@
 //! the server binary is `$WEIGHTINIT_BIN` or the release build. Prints one JSON
 //! object per line for the report, and a readable line on stderr.
 
-#[path = "../tests/harness/mod.rs"]
+// The tests' child-process harness; the benchmarks need only its server.
+#[allow(dead_code)]
+#[path = "../tests/integration/util/process.rs"]
 mod harness;
 
 use std::time::{Duration, Instant};

@@ -11,6 +11,8 @@
 //! - this package: the `weightinit` command line (clap and environment variables live only
 //!   there), and this facade, which the integration tests and benchmarks import.
 
+#![forbid(unsafe_code)]
+
 pub use weightinit_client as client;
 pub use weightinit_engine as engine;
 pub use weightinit_service as service;

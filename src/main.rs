@@ -1,6 +1,8 @@
 //! The `weightinit` command: serve (the default), check a server's health, or fetch and
 //! describe a request's tensors.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,6 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use weightinit::client::describe::{self, DescribeArgs};
 use weightinit::client::fetch::{self, FetchArgs, FetchError};
 use weightinit::client::health;
+use weightinit::client::target::ClientSecurity;
+use weightinit::engine::Isa;
 use weightinit::service::server::Reloader;
 use weightinit::service::{ServeConfig, Server};
 
@@ -27,6 +31,11 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Caps the instruction set of the engine's hot loops: baseline, avx2 or avx512 (default:
+    /// the widest this CPU has). Every set makes the same bytes; this is for testing and
+    /// measuring the narrower ones.
+    #[arg(long, global = true, env = "WEIGHTINIT_ISA")]
+    isa: Option<Isa>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -55,7 +64,7 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = weightinit::service::server::parse_duration)]
         timeout: Duration,
         #[command(flatten)]
-        security: health::ClientSecurity,
+        security: ClientSecurity,
     },
     /// Stream a request's tensors into a safetensors file, .npy files or raw bytes, verified
     /// and resumed after interruptions.
@@ -75,6 +84,10 @@ fn main() -> ExitCode {
         Command::Serve(_) | Command::Healthcheck { .. } => "info",
     };
     init_tracing(cli.log_format, default_level);
+    if let Some(isa) = cli.isa {
+        Isa::set_max(isa);
+    }
+    tracing::debug!(isa = %Isa::active(), "engine instruction set");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match command {
         Command::Serve(config) => runtime.block_on(serve(config)),

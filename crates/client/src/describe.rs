@@ -16,33 +16,12 @@ pub struct DescribeArgs {
 }
 
 /// Why a request could not be described.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum DescribeError {
-    Source(SourceError),
-    Rpc(Status),
-}
-
-impl std::fmt::Display for DescribeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Source(e) => e.fmt(f),
-            Self::Rpc(status) => f.write_str(&status_text(status)),
-        }
-    }
-}
-
-impl std::error::Error for DescribeError {}
-
-impl From<SourceError> for DescribeError {
-    fn from(e: SourceError) -> Self {
-        Self::Source(e)
-    }
-}
-
-impl From<Status> for DescribeError {
-    fn from(status: Status) -> Self {
-        Self::Rpc(status)
-    }
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{}", status_text(.0))]
+    Rpc(#[from] Status),
 }
 
 /// `weightinit describe`: prints the table on stdout.

@@ -55,24 +55,40 @@ pub struct FetchArgs {
 }
 
 /// Why a fetch failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    Source(SourceError),
-    Output(OutputError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
     /// The server refused or failed an RPC.
-    Rpc(Status),
+    #[error("{}", status_text(.0))]
+    Rpc(#[from] Status),
     /// A stream ended before its last tensor did.
+    #[error("the stream ended early")]
     Interrupted,
     /// The server broke the protocol: messages out of order, sizes that disagree.
+    #[error("the server broke the protocol: {0}")]
     Protocol(String),
-    Verify(VerifyError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     /// Transient failures of `what`, `attempts` in a row; the last one.
+    #[error(
+        "{what}: gave up after {attempts} failed attempts in a row (--retries sets how many): \
+         {last}"
+    )]
     GaveUp {
         what: String,
         attempts: u32,
+        #[source]
         last: Box<FetchError>,
     },
     /// SIGINT or SIGTERM arrived; the partial output has been removed.
+    #[error(
+        "stopped by {}; the partial output was removed (a fetch cannot resume across runs: run \
+         it again to start over)",
+        .0.name()
+    )]
     Stopped(Signal),
 }
 
@@ -84,6 +100,13 @@ pub enum Signal {
 }
 
 impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Interrupt => "SIGINT",
+            Self::Terminate => "SIGTERM",
+        }
+    }
+
     /// The exit code of a process that ends on this signal, as shells report it.
     pub fn exit_code(self) -> u8 {
         match self {
@@ -103,65 +126,12 @@ impl FetchError {
     }
 }
 
-impl std::fmt::Display for FetchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Source(e) => e.fmt(f),
-            Self::Output(e) => e.fmt(f),
-            Self::Rpc(status) => f.write_str(&status_text(status)),
-            Self::Interrupted => f.write_str("the stream ended early"),
-            Self::Protocol(what) => write!(f, "the server broke the protocol: {what}"),
-            Self::Verify(e) => e.fmt(f),
-            Self::GaveUp {
-                what,
-                attempts,
-                last,
-            } => write!(
-                f,
-                "{what}: gave up after {attempts} failed attempts in a row (--retries sets how \
-                 many): {last}"
-            ),
-            Self::Stopped(signal) => write!(
-                f,
-                "stopped by {}; the partial output was removed (a fetch cannot resume across \
-                 runs: run it again to start over)",
-                match signal {
-                    Signal::Interrupt => "SIGINT",
-                    Signal::Terminate => "SIGTERM",
-                }
-            ),
-        }
-    }
-}
-
-impl std::error::Error for FetchError {}
-
-impl From<SourceError> for FetchError {
-    fn from(e: SourceError) -> Self {
-        Self::Source(e)
-    }
-}
-
-impl From<OutputError> for FetchError {
-    fn from(e: OutputError) -> Self {
-        Self::Output(e)
-    }
-}
-
-impl From<Status> for FetchError {
-    fn from(status: Status) -> Self {
-        Self::Rpc(status)
-    }
-}
-
-impl From<VerifyError> for FetchError {
-    fn from(e: VerifyError) -> Self {
-        Self::Verify(e)
-    }
-}
-
 /// Bytes written that do not hash to what the server says they are.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "tensor {tensor:?}: the bytes written hash to BLAKE3 {computed}, the server's {against} says \
+     {sent}"
+)]
 pub struct VerifyError {
     pub tensor: String,
     /// What the server's digest came in: "TensorEnd" or "Digest".
@@ -169,18 +139,6 @@ pub struct VerifyError {
     pub computed: String,
     pub sent: String,
 }
-
-impl std::fmt::Display for VerifyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "tensor {:?}: the bytes written hash to BLAKE3 {}, the server's {} says {}",
-            self.tensor, self.computed, self.against, self.sent
-        )
-    }
-}
-
-impl std::error::Error for VerifyError {}
 
 /// Checks a digest computed here against the one the server sent in `against`.
 pub fn verify(

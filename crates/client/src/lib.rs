@@ -7,7 +7,10 @@
 //! - [`retry`]: which failures to retry, and the backoff.
 //! - [`progress`]: the progress line and notes on stderr.
 //! - [`health`]: `weightinit healthcheck`.
-//! - [`target`]: server addresses, and what to say when one cannot be reached.
+//! - [`target`]: server addresses, how to reach them (TLS, token), and what to say when one
+//!   cannot be reached.
+
+#![forbid(unsafe_code)]
 
 pub mod describe;
 pub mod fetch;

@@ -61,86 +61,52 @@ impl Format {
 }
 
 /// Why the output cannot be laid out or written.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum OutputError {
+    #[error(
+        "cannot tell the format of {} from its name: use .safetensors, .bin, .raw, a directory, \
+         or --format",
+        .0.display()
+    )]
     UnknownFormat(PathBuf),
     /// A single-file output path that is a directory or has no file name.
+    #[error("{} is not a file name", .0.display())]
     NotAFile(PathBuf),
     /// A tensor named like safetensors' metadata entry.
+    #[error("safetensors reserves the name {0:?} for its metadata")]
     ReservedName(String),
     /// Two tensors that would be written to the same .npy file.
+    #[error("tensors {first:?} and {second:?} would both be {file}")]
     NameClash {
         file: String,
         first: String,
         second: String,
     },
     /// A dtype number the client does not know (a server newer than this client).
-    UnknownDType {
-        tensor: String,
-        value: i32,
-    },
+    #[error("tensor {tensor:?} has dtype {value}, unknown to this client")]
+    UnknownDType { tensor: String, value: i32 },
     /// A shape too long for an npy v1.0 header.
+    #[error("tensor {0:?}: the shape is too long for an npy header")]
     NpyHeader(String),
     /// The output needs more space than its file system has free.
+    #[error(
+        "not enough space: the output needs {} ({needed} bytes), {} has {} free; free some \
+         space, write elsewhere (--out), or pass --no-space-check to write anyway",
+        human_bytes(*needed),
+        dir.display(),
+        human_bytes(*available)
+    )]
     NoSpace {
         dir: PathBuf,
         needed: u64,
         available: u64,
     },
+    #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
 }
-
-impl std::fmt::Display for OutputError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::UnknownFormat(path) => write!(
-                f,
-                "cannot tell the format of {} from its name: use .safetensors, .bin, .raw, a \
-                 directory, or --format",
-                path.display()
-            ),
-            Self::NotAFile(path) => write!(f, "{} is not a file name", path.display()),
-            Self::ReservedName(name) => {
-                write!(f, "safetensors reserves the name {name:?} for its metadata")
-            }
-            Self::NameClash {
-                file,
-                first,
-                second,
-            } => write!(f, "tensors {first:?} and {second:?} would both be {file}"),
-            Self::UnknownDType { tensor, value } => {
-                write!(
-                    f,
-                    "tensor {tensor:?} has dtype {value}, unknown to this client"
-                )
-            }
-            Self::NpyHeader(tensor) => {
-                write!(
-                    f,
-                    "tensor {tensor:?}: the shape is too long for an npy header"
-                )
-            }
-            Self::NoSpace {
-                dir,
-                needed,
-                available,
-            } => write!(
-                f,
-                "not enough space: the output needs {} ({needed} bytes), {} has {} free; free \
-                 some space, write elsewhere (--out), or pass --no-space-check to write anyway",
-                human_bytes(*needed),
-                dir.display(),
-                human_bytes(*available)
-            ),
-            Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for OutputError {}
 
 /// The dtype of a header's tensor, by the service's own mapping.
 pub fn dtype(header: &TensorHeader) -> Result<DType, OutputError> {

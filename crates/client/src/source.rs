@@ -15,8 +15,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::health::ClientSecurity;
-use super::target::{Target, Unreachable};
+use super::target::{ClientSecurity, Target, Unreachable};
 use weightinit_engine::Limits;
 use weightinit_service::handler::{Handler, Shared};
 use weightinit_service::pool::WorkerPool;
@@ -80,38 +79,25 @@ impl From<DTypeArg> for proto::DType {
 }
 
 /// Why the request or the server address cannot be used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    #[error("cannot read {}: {source}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{} is not a GenerateRequest in proto3 JSON: {source}", path.display())]
     Parse {
         path: PathBuf,
         source: serde_json::Error,
     },
     /// The server address, TLS files or token cannot be used.
+    #[error("cannot use server {url}: {source}")]
     Server {
         url: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
-
-impl std::fmt::Display for SourceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Read { path, source } => write!(f, "cannot read {}: {source}", path.display()),
-            Self::Parse { path, source } => write!(
-                f,
-                "{} is not a GenerateRequest in proto3 JSON: {source}",
-                path.display()
-            ),
-            Self::Server { url, source } => write!(f, "cannot use server {url}: {source}"),
-        }
-    }
-}
-
-impl std::error::Error for SourceError {}
 
 impl SourceArgs {
     /// The request file with the overrides applied.

@@ -1,5 +1,6 @@
-//! Server addresses as the client commands take them, and what to tell a person whose
-//! connection failed: the address, the cause, and what to do about it.
+//! Server addresses as the client commands take them, how to reach them (TLS, mutual TLS, a
+//! bearer token: [`ClientSecurity`]), and what to tell a person whose connection failed: the
+//! address, the cause, and what to do about it.
 //!
 //! Transport errors arrive as a chain (a status, a connect error, an I/O error, a TLS error
 //! inside it); [`Unreachable::diagnose`] reads the chain for the few causes a person can act
@@ -8,15 +9,17 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::{self, AlertDescription, CertificateError, InvalidMessage};
 use tonic::codegen::http::uri::Authority;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
-use super::health::ClientSecurity;
+type Error = Box<dyn StdError + Send + Sync>;
 
 /// A server address, as the URL to dial.
 #[derive(Clone, Debug)]
@@ -380,6 +383,88 @@ impl fmt::Display for Unreachable {
 }
 
 impl StdError for Unreachable {}
+
+/// How to reach a server that uses TLS, mutual TLS or a bearer token. The environment
+/// twins differ from the server's (`WEIGHTINIT_TLS_CERT` is the server's own certificate),
+/// except the token file, which server and client share.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ClientSecurity {
+    /// PEM CA certificate the server's certificate must chain to; turns TLS on
+    /// (`http://` and `HOST:PORT` addresses are then dialled as `https://`).
+    #[arg(long, env = "WEIGHTINIT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mutual TLS); needs --tls-key.
+    #[arg(long, env = "WEIGHTINIT_CLIENT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WEIGHTINIT_CLIENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Name the server's certificate must have [default: the host of the address].
+    #[arg(long, env = "WEIGHTINIT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// File holding the bearer token to send as `authorization: Bearer <token>`.
+    #[arg(long, env = "WEIGHTINIT_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+impl ClientSecurity {
+    fn uses_tls(&self) -> bool {
+        self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_server_name.is_some()
+    }
+
+    /// The server at `addr` (`HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT`), as
+    /// given by `flag`, dialled over TLS when any TLS option is set.
+    pub fn target(&self, addr: &str, flag: &'static str) -> Result<Target, Error> {
+        let target = Target::parse(addr, self.uses_tls(), flag)?;
+        if target.tls && self.tls_ca.is_none() {
+            return Err(format!(
+                "{} is TLS and needs --tls-ca (the CA that signed the server's certificate); \
+                 for plaintext write {flag} http://{}:{}",
+                target.url, target.host, target.port
+            )
+            .into());
+        }
+        Ok(target)
+    }
+
+    /// An endpoint for `target` with TLS configured as asked.
+    pub fn endpoint(&self, target: &Target) -> Result<Endpoint, Error> {
+        let endpoint = Endpoint::from_shared(target.url.clone())?;
+        if !target.tls {
+            return Ok(endpoint);
+        }
+        let mut config = ClientTlsConfig::new();
+        if let Some(path) = &self.tls_ca {
+            config = config.ca_certificate(Certificate::from_pem(read("--tls-ca", path)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config = config.identity(Identity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
+        }
+        if let Some(name) = &self.tls_server_name {
+            config = config.domain_name(name.clone());
+        }
+        Ok(endpoint.tls_config(config)?)
+    }
+
+    /// The `authorization` value to send, if a token file is configured.
+    pub fn authorization(&self) -> Result<Option<AsciiMetadataValue>, Error> {
+        let Some(path) = &self.auth_token_file else {
+            return Ok(None);
+        };
+        let content = String::from_utf8(read("--auth-token-file", path)?)
+            .map_err(|_| format!("--auth-token-file {}: not UTF-8", path.display()))?;
+        let value = MetadataValue::try_from(format!("Bearer {}", content.trim()))
+            .map_err(|_| format!("--auth-token-file {}: not a valid token", path.display()))?;
+        Ok(Some(value))
+    }
+}
+
+fn read(flag: &str, path: &PathBuf) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()).into())
+}
 
 #[cfg(test)]
 mod tests {

@@ -123,15 +123,13 @@ mod simd {
     }
 
     impl Kernel {
-        /// The widest kernel this CPU runs (detection is cached by std).
+        /// The kernel for the instruction set in use; `None` for the baseline.
         #[inline]
         pub fn detect() -> Option<Self> {
-            if is_x86_feature_detected!("avx512f") {
-                Some(Self::Avx512)
-            } else if is_x86_feature_detected!("avx2") {
-                Some(Self::Avx2)
-            } else {
-                None
+            match crate::Isa::active() {
+                crate::Isa::Avx512 => Some(Self::Avx512),
+                crate::Isa::Avx2 => Some(Self::Avx2),
+                crate::Isa::Baseline => None,
             }
         }
 
@@ -146,7 +144,8 @@ mod simd {
         /// Writes blocks `block, block + 1, ...` into `out`, a whole number of groups.
         pub fn blocks(self, input: &[u32; 12], block: u64, out: &mut [u64]) {
             assert!(out.len().is_multiple_of(self.group_words()));
-            // SAFETY: `detect` saw the CPU feature; the kernels write exactly `out`.
+            // SAFETY: `detect` follows `Isa::active`, never wider than the CPU; the kernels write
+            // exactly `out`.
             unsafe {
                 match self {
                     Self::Avx512 => avx512(input, block, out),
@@ -166,14 +165,17 @@ mod simd {
     impl Lanes for __m512i {
         #[inline(always)]
         unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: the caller runs only where `Isa::active` found AVX-512.
             unsafe { _mm512_add_epi32(a, b) }
         }
         #[inline(always)]
         unsafe fn xor(a: Self, b: Self) -> Self {
+            // SAFETY: the caller runs only where `Isa::active` found AVX-512.
             unsafe { _mm512_xor_si512(a, b) }
         }
         #[inline(always)]
         unsafe fn rol<const L: i32, const R: i32>(a: Self) -> Self {
+            // SAFETY: the caller runs only where `Isa::active` found AVX-512.
             unsafe { _mm512_rol_epi32::<L>(a) }
         }
     }
@@ -181,15 +183,18 @@ mod simd {
     impl Lanes for __m256i {
         #[inline(always)]
         unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: the caller runs only where `Isa::active` found AVX2.
             unsafe { _mm256_add_epi32(a, b) }
         }
         #[inline(always)]
         unsafe fn xor(a: Self, b: Self) -> Self {
+            // SAFETY: the caller runs only where `Isa::active` found AVX2.
             unsafe { _mm256_xor_si256(a, b) }
         }
         /// Byte-aligned rotations are one byte shuffle; the others two shifts and an or.
         #[inline(always)]
         unsafe fn rol<const L: i32, const R: i32>(a: Self) -> Self {
+            // SAFETY: the caller runs only where `Isa::active` found AVX2.
             unsafe {
                 match L {
                     16 => _mm256_shuffle_epi8(
@@ -214,6 +219,8 @@ mod simd {
 
     #[inline(always)]
     unsafe fn quarter<V: Lanes>(x: &mut [V; 16], a: usize, b: usize, c: usize, d: usize) {
+        // SAFETY: the callers are the kernels, compiled for and run on CPUs with their vector
+        // width (`Isa::active`).
         unsafe {
             x[a] = V::add(x[a], x[b]);
             x[d] = V::rol::<16, 16>(V::xor(x[d], x[a]));
@@ -230,6 +237,8 @@ mod simd {
     #[inline(always)]
     unsafe fn chacha8<V: Lanes>(input: &[V; 16]) -> [V; 16] {
         let mut x = *input;
+        // SAFETY: the callers are the kernels, compiled for and run on CPUs with their vector
+        // width (`Isa::active`).
         unsafe {
             for _ in 0..4 {
                 quarter(&mut x, 0, 4, 8, 12);

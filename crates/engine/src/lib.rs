@@ -7,6 +7,7 @@
 pub mod distribution;
 pub mod dtype;
 pub mod fans;
+pub mod isa;
 pub mod keystream;
 pub mod normal;
 pub mod plan;
@@ -19,6 +20,7 @@ pub mod unit;
 pub use distribution::Distribution;
 pub use dtype::DType;
 pub use fans::{Fans, Layout};
+pub use isa::Isa;
 pub use plan::TensorPlan;
 pub use request::{ALGORITHMS, Limits, Request, RequestError, RequestPlan, TensorSpec};
 pub use scheme::{FanMode, Kaiming, Nonlinearity, Resolved, ScalingDistribution, Scheme};

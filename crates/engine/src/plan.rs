@@ -2,6 +2,7 @@
 
 use super::distribution::{Sampler, Scratch};
 use super::dtype::DType;
+use super::isa::Isa;
 use super::keystream::Keystream;
 use super::request::TensorSpec;
 use super::scheme::Resolved;
@@ -74,7 +75,7 @@ impl TensorPlan {
             let lead = self.selection.row_offset(first);
             return self.fill_tiles(first, count, 0..columns, lead, out);
         }
-        let isa = Isa::detect();
+        let isa = Isa::active();
         let mut buffers = Box::new(Buffers::default());
         let mut rest = out;
         // Runs of consecutive full-tensor indices, each filled by the CPU's widest copy.
@@ -90,6 +91,12 @@ impl TensorPlan {
     /// are generated as long keystream runs; `None` when [`Self::fill`] of any range is as fast.
     pub fn tile_columns(&self) -> Option<u64> {
         self.selection.tile_columns()
+    }
+
+    /// Output rows of a transposing view worth making at once as a contiguous range; see
+    /// [`Selection::row_batch`]. `None` when the view is best made by [`Self::fill_columns`].
+    pub fn row_batch(&self) -> Option<u64> {
+        self.selection.row_batch()
     }
 
     /// For a tiled view: the part of output elements `[first, first + count)` that lies in
@@ -165,7 +172,7 @@ impl TensorPlan {
         let size = self.dtype.size();
         let mut writer = TileWriter {
             plan: self,
-            isa: Isa::detect(),
+            isa: Isa::active(),
             buffers: Box::default(),
             tile: vec![0; TILE_ELEMENTS as usize * size],
             out,
@@ -180,13 +187,13 @@ impl TensorPlan {
 
     fn run_dispatch(&self, isa: Isa, index: u64, out: &mut [u8], buffers: &mut Buffers) {
         match isa {
-            // SAFETY: `Isa::detect` saw the CPU features these copies are built for.
+            // SAFETY: `Isa::active` is never wider than the CPU: it has these copies' features.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { self.run_avx512(index, out, buffers) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { self.run_avx2(index, out, buffers) },
-            Isa::Baseline => self.run(index, out, buffers),
+            _ => self.run(index, out, buffers),
         }
     }
 
@@ -258,13 +265,13 @@ impl TileSink for TileWriter<'_> {
 
     fn place(&mut self, rows: &[Placement], step: usize) {
         match self.isa {
-            // SAFETY: `Isa::detect` saw the CPU features these copies are built for.
+            // SAFETY: `Isa::active` is never wider than the CPU: it has these copies' features.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { self.place_avx512(rows, step) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { self.place_avx2(rows, step) },
-            Isa::Baseline => self.place_sized(rows, step, false),
+            _ => self.place_sized(rows, step, false),
         }
     }
 }
@@ -317,7 +324,7 @@ impl TileWriter<'_> {
                 if avx2 && N == 4 {
                     while k + 8 <= n {
                         // SAFETY: `avx2` is set only by the copies compiled for AVX2 and AVX-512,
-                        // which `Isa::detect` chose because the CPU has them.
+                        // which `Isa::active` chose because the CPU has them.
                         unsafe { transpose_8x8(tile, at + k * step, step, k, &mut targets) };
                         k += 8;
                     }
@@ -405,35 +412,6 @@ fn transpose_8x8<const N: usize>(
         let out = &mut target[k..k + 8];
         // SAFETY: `out` is 8 elements of 4 bytes: the 32 bytes an unaligned store writes.
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), row) };
-    }
-}
-
-/// The instruction sets [`TensorPlan::fill`] has a compiled copy for.
-#[derive(Clone, Copy)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// The target's baseline: SSE2 on x86_64, NEON on aarch64.
-    Baseline,
-}
-
-impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512dq")
-                && is_x86_feature_detected!("avx512vl")
-            {
-                return Self::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") {
-                return Self::Avx2;
-            }
-        }
-        Self::Baseline
     }
 }
 

@@ -91,11 +91,13 @@ impl Limits {
 }
 
 /// Why a request is refused, naming the field at fault.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// The request itself is wrong.
+    #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
     /// The request is valid but exceeds a limit of this server.
+    #[error("{field}: {reason}")]
     OverLimit { field: String, reason: String },
 }
 
@@ -126,14 +128,6 @@ impl RequestError {
         }
     }
 }
-
-impl std::fmt::Display for RequestError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field(), self.reason())
-    }
-}
-
-impl std::error::Error for RequestError {}
 
 /// A validated request: every tensor ready to generate, in request order.
 #[derive(Debug)]

@@ -275,6 +275,29 @@ impl Selection {
         }
     }
 
+    /// For a tiled selection whose consecutive output rows are consecutive elements of the
+    /// full tensor (the Keras layout of a torch Linear weight, say): how many output rows to
+    /// make at once for its columns to be generated as runs as long as any tile's. A range of
+    /// such rows then needs no other rows, so it can be made on its own, straight in output
+    /// order. `None` for a selection made of runs, or whose columns are long only across
+    /// output rows far apart (a Keras conv kernel's), which is best made in panels split by
+    /// columns.
+    pub fn row_batch(&self) -> Option<u64> {
+        let Access::Tiles(tiles) = &self.access else {
+            return None;
+        };
+        // The group's leading dimensions whose output strides continue the rows' own.
+        let mut rows = 1;
+        for axis in &tiles.g {
+            if axis.stride != tiles.x.count * rows {
+                break;
+            }
+            rows *= axis.count;
+        }
+        let run = tiles.g_len.min(TILE_RUN);
+        (rows >= run).then_some(run)
+    }
+
     /// Where output element `first` lies within its output row, for a tiled selection.
     pub fn row_offset(&self, first: u64) -> u64 {
         match &self.access {

@@ -13,6 +13,8 @@
 //! - [`metrics`]: counters and the Prometheus text endpoint.
 //! - [`server`]: configuration, health, reflection, reload and graceful shutdown.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod codec;
 pub mod convert;

@@ -2,9 +2,10 @@
 //! CPU work on the worker pool and memory bounded by the blocks in flight.
 //!
 //! Each tensor's output is cut into aligned blocks of [`BLOCK_BYTES`] (the last one shorter).
-//! A job on the pool generates one block and hashes it as a BLAKE3 subtree (a power-of-two
-//! run of 1 KiB chunks at a power-of-two offset is a subtree of the tensor's tree), so the
-//! hashing runs in parallel like the generation; the producer only merges 32-byte chaining
+//! A job on the pool generates one block (a transposed matrix's job: several, for long
+//! keystream runs) and hashes each as a BLAKE3 subtree (a power-of-two run of 1 KiB chunks at
+//! a power-of-two offset is a subtree of the tensor's tree), so the hashing runs in parallel
+//! like the generation; the producer only merges 32-byte chaining
 //! values, in order, with [`Tree`]. A few blocks are in flight ahead of the one being sent;
 //! transport chunks are zero-copy slices of a block, so a chunk never spans two blocks.
 //! When the receiver is gone the producer stops at its next block, and queued jobs for it are
@@ -80,9 +81,12 @@ enum Stop {
 }
 
 /// What a job hands back: the block's bytes (for Generate) and its hash.
+/// What a job made: a whole number of blocks (the tensor's last one may be short).
 struct Block {
+    /// The bytes, when they are to be sent.
     data: Option<Bytes>,
-    hash: BlockHash,
+    /// Each block's hash, in order.
+    hashes: Vec<BlockHash>,
 }
 
 enum BlockHash {
@@ -131,7 +135,9 @@ impl Pipeline {
         let total = tensor.byte_length();
         let size = tensor.dtype.size();
         let chunk_step = (chunk_bytes / size).max(1) * size;
-        let mut offsets = (0..total).step_by(BLOCK_BYTES);
+        let by_rows = row_job_bytes(&tensor);
+        let job_bytes = by_rows.unwrap_or(BLOCK_BYTES);
+        let mut offsets = (0..total).step_by(job_bytes);
         let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
         let mut in_flight: VecDeque<(u64, oneshot::Receiver<Block>)> = VecDeque::new();
         let mut panel: Option<Arc<Panel>> = None;
@@ -140,8 +146,8 @@ impl Pipeline {
                 let Some(offset) = offsets.next() else {
                     break;
                 };
-                let len = (total - offset).min(BLOCK_BYTES as u64) as usize;
-                let pending = if tensor.tile_columns().is_some() {
+                let len = (total - offset).min(job_bytes as u64) as usize;
+                let pending = if tensor.tile_columns().is_some() && by_rows.is_none() {
                     if panel.as_ref().is_none_or(|p| !p.holds(offset)) {
                         panel = Some(self.panel(&tensor, offset).await?);
                     }
@@ -162,20 +168,26 @@ impl Pipeline {
                 return Err(Stop::Gone);
             }
             if let Some(data) = block.data {
-                for start in (0..data.len()).step_by(chunk_step) {
-                    let end = (start + chunk_step).min(data.len());
-                    let chunk = Chunk {
-                        tensor_index: index,
-                        offset: offset + start as u64,
-                        data: data.slice(start..end),
-                    };
-                    send(out, Item::Chunk(chunk)).await?;
-                    *bytes += (end - start) as u64;
+                // Chunks never span two blocks, however many blocks a job made.
+                for first in (0..data.len()).step_by(BLOCK_BYTES) {
+                    let last = (first + BLOCK_BYTES).min(data.len());
+                    for start in (first..last).step_by(chunk_step) {
+                        let end = (start + chunk_step).min(last);
+                        let chunk = Chunk {
+                            tensor_index: index,
+                            offset: offset + start as u64,
+                            data: data.slice(start..end),
+                        };
+                        send(out, Item::Chunk(chunk)).await?;
+                        *bytes += (end - start) as u64;
+                    }
                 }
             } else {
-                *bytes += (total - offset).min(BLOCK_BYTES as u64);
+                *bytes += (total - offset).min(job_bytes as u64);
             }
-            tree.push(block.hash);
+            for hash in block.hashes {
+                tree.push(hash);
+            }
         }
         let end = TensorEnd {
             tensor_index: index,
@@ -186,7 +198,18 @@ impl Pipeline {
     }
 }
 
-/// The job: bytes `[offset, offset + len)` of `tensor`, and their hash as a block of a
+/// Bytes per job for a transposing view made by rows ([`TensorPlan::row_batch`]): whole blocks
+/// that hold a batch of rows, so that a job generates its columns as long keystream runs and
+/// writes them straight in output order, where hashing finds them still in cache. `None` for
+/// other tensors (one block per job), and for views made in panels.
+fn row_job_bytes(tensor: &TensorPlan) -> Option<usize> {
+    let rows = tensor.row_batch()?;
+    let bytes = rows * tensor.tile_columns()? * tensor.dtype.size() as u64;
+    let bytes = bytes.next_multiple_of(BLOCK_BYTES as u64);
+    (bytes <= PANEL_BYTES).then_some(bytes as usize)
+}
+
+/// The job: bytes `[offset, offset + len)` of `tensor`, and their blocks' hashes in a
 /// `tensor.byte_length()`-byte output. Digest needs no bytes afterwards, so it generates
 /// into the worker's reusable buffer instead of a fresh one.
 fn generate(tensor: &TensorPlan, offset: u64, len: usize, emit: Emit) -> Block {
@@ -203,21 +226,26 @@ fn block(
     make: impl FnOnce(&mut [u8]),
 ) -> Block {
     let only_block = tensor.byte_length() <= BLOCK_BYTES as u64;
-    let hash = |data: &[u8]| {
+    let hash = |data: &[u8]| -> Vec<BlockHash> {
         if only_block {
-            BlockHash::Root(blake3::hash(data))
-        } else {
-            let mut hasher = blake3::Hasher::new();
-            hasher.set_input_offset(offset).update(data);
-            BlockHash::Subtree(hasher.finalize_non_root())
+            return vec![BlockHash::Root(blake3::hash(data))];
         }
+        let starts = (offset..).step_by(BLOCK_BYTES);
+        data.chunks(BLOCK_BYTES)
+            .zip(starts)
+            .map(|(part, start)| {
+                let mut hasher = blake3::Hasher::new();
+                hasher.set_input_offset(start).update(part);
+                BlockHash::Subtree(hasher.finalize_non_root())
+            })
+            .collect()
     };
     match emit {
         Emit::Chunks => {
             let mut data = vec![0u8; len];
             make(&mut data);
             Block {
-                hash: hash(&data),
+                hashes: hash(&data),
                 data: Some(Bytes::from(data)),
             }
         }
@@ -230,7 +258,7 @@ fn block(
                 let data = &mut buffer[..len];
                 make(data);
                 Block {
-                    hash: hash(data),
+                    hashes: hash(data),
                     data: None,
                 }
             })

@@ -2,14 +2,10 @@
 //! status code, errors by code, bytes, streams in flight, rejected streams, durations, and
 //! connections, each counted exactly; and the text format is well formed.
 
-mod common;
-mod harness;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{TestServer, wait_until};
-use harness::{TempDir, http_get, request, scrape};
+use crate::util::{TempDir, TestServer, http_get, request, scrape, wait_until};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tonic::{Code, Request};

@@ -3,9 +3,7 @@
 //! element, around block boundaries, many blocks, odd sizes), and the chunks must stay
 //! contiguous, in order, whole elements, and at most chunk_bytes.
 
-mod common;
-
-use common::{TestServer, generate};
+use crate::util::{TestServer, generate};
 use serde_json::json;
 use weightinit::proto::GenerateRequest;
 use weightinit::service::pipeline::BLOCK_BYTES;

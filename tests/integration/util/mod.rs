@@ -1,6 +1,9 @@
-//! Shared test support: a real server on 127.0.0.1:0, clients, and the v1 vectors.
+//! What the tests share: a real server in this process on 127.0.0.1:0 and its clients, the
+//! v1 vectors, request builders; and in [`process`], the real binary as a child process.
 
-#![allow(dead_code)] // each test binary uses its own part of this module
+pub mod process;
+
+pub use process::*;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -203,30 +206,6 @@ pub fn engine_dtype(dtype: i32) -> weightinit::engine::DType {
         P::DtypeFloat16 => E::Float16,
         P::DtypeBfloat16 => E::BFloat16,
         P::DtypeUnspecified => panic!("a header's dtype is never UNSPECIFIED"),
-    }
-}
-
-/// Decodes little-endian elements of `dtype` (a proto DType number) to f64.
-pub fn decode(dtype: i32, data: &[u8]) -> Vec<f64> {
-    use weightinit::proto::DType;
-    match DType::try_from(dtype).unwrap() {
-        DType::DtypeFloat64 => data
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
-        DType::DtypeFloat32 => data
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
-            .collect(),
-        DType::DtypeFloat16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).to_f64())
-            .collect(),
-        DType::DtypeBfloat16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes(b.try_into().unwrap()).to_f64())
-            .collect(),
-        DType::DtypeUnspecified => panic!("a header's dtype is never UNSPECIFIED"),
     }
 }
 

@@ -1,25 +1,14 @@
 //! Properties of the output: the same bytes for any chunk size, worker count and slice;
 //! slices tile the full tensor; permuted views equal numpy.transpose of it; each scheme has the statistics of its distribution.
 
-mod common;
-
-use common::{TestServer, generate};
+use crate::util;
+use crate::util::{TestServer, generate, request};
 use serde_json::json;
-use weightinit::engine::{Limits, TensorPlan, normal};
-use weightinit::proto::GenerateRequest;
-use weightinit::service::convert;
+use weightinit::engine::TensorPlan;
 
-fn request(value: serde_json::Value) -> GenerateRequest {
-    serde_json::from_value(value).unwrap()
-}
-
-/// The engine's plans for a request (validated with default limits).
+/// The engine's plans of a request in proto3 JSON.
 fn plans(value: serde_json::Value) -> Vec<TensorPlan> {
-    convert::request(&request(value))
-        .unwrap()
-        .plan(&Limits::default())
-        .unwrap()
-        .tensors
+    util::plan(&request(value))
 }
 
 fn bytes(plan: &TensorPlan) -> Vec<u8> {
@@ -62,7 +51,7 @@ async fn same_bytes_for_every_chunk_size_and_worker_count() {
                     blake3::hash(want).as_bytes(),
                     "TensorEnd digest"
                 );
-                let size = common::engine_dtype(tensor.header.dtype).size();
+                let size = util::engine_dtype(tensor.header.dtype).size();
                 let limit = if chunk_bytes == 0 {
                     1 << 20
                 } else {
@@ -170,18 +159,56 @@ fn shards_and_dims_slices_tile_the_full_tensor() {
     assert_eq!(joined, full);
 }
 
-/// Kolmogorov-Smirnov statistic of `sample` against `cdf`.
-fn ks_statistic(sample: &mut [f64], cdf: impl Fn(f64) -> f64) -> f64 {
-    sample.sort_by(f64::total_cmp);
-    let n = sample.len() as f64;
-    sample
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| {
-            let f = cdf(x);
-            (f - i as f64 / n).abs().max(((i + 1) as f64 / n - f).abs())
-        })
-        .fold(0.0, f64::max)
+/// Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs.
+fn ks_statistic(a: &mut [f64], b: &mut [f64]) -> f64 {
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (mut i, mut j, mut gap) = (0, 0, 0f64);
+    while i < a.len() && j < b.len() {
+        let x = a[i].min(b[j]);
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        gap = gap.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    gap
+}
+
+/// `n` draws of `distribution` by rand_distr: a reference independent of the engine's
+/// sampling (a truncated normal by rejection from the normal).
+fn reference(distribution: &weightinit::engine::Distribution, n: usize) -> Vec<f64> {
+    use rand::rngs::SmallRng;
+    use rand::{RngExt, SeedableRng};
+    use rand_distr::{Normal, Uniform};
+    use weightinit::engine::Distribution as D;
+    let mut rng = SmallRng::seed_from_u64(0x7e57);
+    match *distribution {
+        D::Uniform { low, high } => {
+            let uniform = Uniform::new(low, high).unwrap();
+            (0..n).map(|_| rng.sample(uniform)).collect()
+        }
+        D::Normal { mean, std } => {
+            let normal = Normal::new(mean, std).unwrap();
+            (0..n).map(|_| rng.sample(normal)).collect()
+        }
+        D::TruncatedNormal {
+            mean,
+            std,
+            alpha,
+            beta,
+        } => {
+            let normal = Normal::new(0.0, 1.0).unwrap();
+            std::iter::repeat_with(|| rng.sample(normal))
+                .filter(|t| (alpha..=beta).contains(t))
+                .take(n)
+                .map(|t| mean + std * t)
+                .collect()
+        }
+        D::Constant { .. } => unreachable!("no statistics to compare"),
+    }
 }
 
 fn sample(init: serde_json::Value, shape: [u64; 2]) -> (TensorPlan, Vec<f64>) {
@@ -207,8 +234,9 @@ fn mean_and_variance(values: &[f64]) -> (f64, f64) {
 #[test]
 fn each_scheme_has_the_statistics_of_its_distribution() {
     use weightinit::engine::Distribution as D;
-    // 1M draws: the KS critical value at alpha = 0.001 is 1.95 / sqrt(n) = 0.00195.
-    let ks_limit = 1.95 / 1000.0;
+    // Two samples of 1M draws: the KS critical value at alpha = 0.001 is
+    // 1.95 * sqrt(2 / n) = 0.00276.
+    let ks_limit = 1.95 * 2f64.sqrt() / 1000.0;
     let schemes = [
         json!({"xavierUniform": {}}),
         json!({"xavierNormal": {"gain": 2.0}}),
@@ -225,55 +253,40 @@ fn each_scheme_has_the_statistics_of_its_distribution() {
     ];
     for init in schemes {
         let (plan, mut values) = sample(init.clone(), [1000, 1000]);
+        let mut want = reference(&plan.resolved.distribution, values.len());
         let (mean, variance) = mean_and_variance(&values);
+        let (want_mean, want_variance) = mean_and_variance(&want);
         let (low, high) = (
             values.iter().cloned().fold(f64::INFINITY, f64::min),
             values.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
         );
-        let (want_mean, want_variance, ks) = match plan.resolved.distribution {
+        match plan.resolved.distribution {
             D::Uniform { low: a, high: b } => {
-                assert!(low >= a && high < b, "{init}: within [{a}, {b})");
-                (
-                    0.5 * (a + b),
-                    (b - a) * (b - a) / 12.0,
-                    ks_statistic(&mut values, |x| ((x - a) / (b - a)).clamp(0.0, 1.0)),
-                )
+                assert!(low >= a && high < b, "{init}: within [{a}, {b})")
             }
-            D::Normal { mean: m, std: s } => (
-                m,
-                s * s,
-                ks_statistic(&mut values, |x| normal::cdf((x - m) / s)),
-            ),
             D::TruncatedNormal {
                 mean: m,
                 std: s,
                 alpha,
                 beta,
-            } => {
-                assert!(
-                    low >= m + s * alpha && high <= m + s * beta,
-                    "{init}: within the truncation"
-                );
-                let (ca, cb) = (normal::cdf(alpha), normal::cdf(beta));
-                let pdf = |t: f64| (-0.5 * t * t).exp() / (2.0 * std::f64::consts::PI).sqrt();
-                let z = cb - ca;
-                let mu = (pdf(alpha) - pdf(beta)) / z;
-                let var = 1.0 + (alpha * pdf(alpha) - beta * pdf(beta)) / z - mu * mu;
-                let cdf = |x: f64| ((normal::cdf((x - m) / s) - ca) / z).clamp(0.0, 1.0);
-                (m + s * mu, s * s * var, ks_statistic(&mut values, cdf))
-            }
-            D::Constant { .. } => unreachable!(),
-        };
+            } => assert!(
+                low >= m + s * alpha && high <= m + s * beta,
+                "{init}: within the truncation"
+            ),
+            D::Normal { .. } | D::Constant { .. } => {}
+        }
         let sd = want_variance.sqrt();
-        // 1M draws: the mean is off by well under 5 standard errors, the variance by < 1%.
+        // Two samples of 1M: their means differ by well under 5 standard errors of the
+        // difference (sqrt(2) / 1000 standard deviations), their variances by < 1%.
         assert!(
-            (mean - want_mean).abs() < 5.0 * sd / 1000.0,
+            (mean - want_mean).abs() < 5.0 * sd * 2f64.sqrt() / 1000.0,
             "{init}: mean {mean} vs {want_mean}"
         );
         assert!(
             (variance / want_variance - 1.0).abs() < 0.01,
             "{init}: variance {variance} vs {want_variance}"
         );
+        let ks = ks_statistic(&mut values, &mut want);
         assert!(ks < ks_limit, "{init}: KS statistic {ks}");
     }
 }

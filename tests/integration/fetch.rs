@@ -3,17 +3,13 @@
 //! server byte for byte; overrides and stdin; refusals; and a download that survives its
 //! server being killed and restarted twice.
 
-mod common;
-mod harness;
-
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Case, TestServer, hex, vectors};
-use harness::Served;
+use crate::util::{Case, Served, TestServer, hex, vectors};
 use serde_json::{Value, json};
 use weightinit::proto::{TensorHeader, weight_init_client::WeightInitClient};
 

@@ -3,16 +3,14 @@
 //! grpcurl and `weightinit healthcheck` work with -cacert/-cert/-key and a token; bad TLS
 //! or token configurations stop the binary with a message naming the flag.
 
-mod common;
-mod harness;
-
+use crate::util;
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{TestServer, grpcurl};
-use harness::{Metrics, Pki, Served, TempDir, expected_digests, request};
+use crate::util::{Metrics, Pki, Served, TempDir, TestServer, expected_digests, grpcurl, request};
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
@@ -312,7 +310,9 @@ async fn grpcurl_with_cacert_cert_key_and_a_token() {
     let expected = expected_digests(&small());
     let digests: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
-        base64_decode(digests["digests"][0]["blake3"].as_str().unwrap()),
+        BASE64_STANDARD
+            .decode(digests["digests"][0]["blake3"].as_str().unwrap())
+            .unwrap(),
         expected[0]
     );
 
@@ -339,20 +339,6 @@ async fn grpcurl_with_cacert_cert_key_and_a_token() {
     assert!(!ok, "no client certificate: {err}");
     let (ok, _, err) = run_grpcurl(&["-plaintext", "-H", &bearer, &addr, "list"]);
     assert!(!ok, "plaintext: {err}");
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let (mut bits, mut count, mut bytes) = (0u32, 0, Vec::new());
-    for c in text.bytes().filter(|&c| c != b'=') {
-        bits = (bits << 6) | ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            bytes.push((bits >> count) as u8);
-        }
-    }
-    bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -646,7 +632,7 @@ async fn sighup_reloads_the_binary_and_keeps_it_serving() {
     std::fs::write(&files.key, "garbage\n").unwrap();
     server.signal("HUP");
     let failed = "weightinit_reloads_total{result=\"error\"}";
-    common::wait_until(|| scrape(&server).get(failed) >= 1.0).await;
+    util::wait_until(|| scrape(&server).get(failed) >= 1.0).await;
     served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
     assert_eq!(
         scrape(&server).get("weightinit_reloads_total{result=\"ok\"}"),

@@ -1,18 +1,12 @@
 //! Every rejected request gets its status and the path of the field at fault before any
 //! data, from Generate, Describe and Digest alike, and the server keeps serving.
 
-mod common;
-
-use common::{TestServer, generate};
+use crate::util;
+use crate::util::{TestServer, generate, request};
 use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt;
 use weightinit::proto::GenerateRequest;
-
-/// A request from proto3 JSON, the form grpcurl users type.
-fn request(value: serde_json::Value) -> GenerateRequest {
-    serde_json::from_value(value).unwrap()
-}
 
 /// One tensor named "w" with the given extra fields.
 fn one(tensor: serde_json::Value) -> GenerateRequest {
@@ -416,6 +410,6 @@ async fn streams_beyond_the_limit_are_refused_and_others_are_unhurt() {
         }
     }
     assert_eq!(bytes, 4096 * 4096 * 4);
-    common::wait_until(|| server.shared.active_streams() == 0).await;
+    util::wait_until(|| server.shared.active_streams() == 0).await;
     generate(&mut client, big).await;
 }

@@ -5,14 +5,11 @@
 //! --max-connection-streams; slow readers that never drain a stream keep memory bounded and
 //! lose their stream after --stream-idle-timeout, while slow but steady readers do not.
 
-mod common;
-mod harness;
-
+use crate::util;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, wait_until};
-use harness::{Served, expected_digests, mib, request};
+use crate::util::{Served, TestServer, expected_digests, mib, request, wait_until};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -57,6 +54,7 @@ async fn connect(url: String) -> WeightInitClient<Channel> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 async fn huge_shape_claims_are_answered_at_once() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
@@ -127,7 +125,7 @@ async fn huge_shape_claims_are_answered_at_once() {
         json!([1 << 18, 1 << 20]),
         json!({"slice": {"flat": {"start": "274877906940", "stop": "274877906944"}}}),
     );
-    let received = common::generate(&mut client, last.clone()).await;
+    let received = util::generate(&mut client, last.clone()).await;
     assert_eq!(received[0].data.len(), 16);
     assert_eq!(
         blake3::hash(&received[0].data).as_bytes(),
@@ -148,6 +146,7 @@ async fn huge_shape_claims_are_answered_at_once() {
 }
 
 #[test]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 fn many_tiny_tensors_stop_at_max_tensors_and_memory_stays_bounded() {
     let server = Served::start(&["--max-tensors", "1000"], true);
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -173,7 +172,7 @@ fn many_tiny_tensors_stop_at_max_tensors_and_memory_stays_bounded() {
         // At the limit: every tensor streamed and verified.
         let at_limit = tiny(1000);
         let expected = expected_digests(&at_limit);
-        let received = common::generate(&mut client, at_limit).await;
+        let received = util::generate(&mut client, at_limit).await;
         assert_eq!(received.len(), 1000);
         for (tensor, digest) in received.iter().zip(&expected) {
             assert_eq!(blake3::hash(&tensor.data).as_bytes(), digest);
@@ -199,7 +198,7 @@ fn many_tiny_tensors_stop_at_max_tensors_and_memory_stays_bounded() {
             .connect()
             .await
             .unwrap();
-        let code = harness::raw_unary(channel, "Describe", bytes).await;
+        let code = util::raw_unary(channel, "Describe", bytes).await;
         let took = began.elapsed();
         assert_eq!(code, Code::ResourceExhausted);
         let grown = server.peak_rss().saturating_sub(before);
@@ -213,12 +212,13 @@ fn many_tiny_tensors_stop_at_max_tensors_and_memory_stays_bounded() {
         let refused = "weightinit_requests_total{rpc=\"Describe\",code=\"RESOURCE_EXHAUSTED\"}";
         assert_eq!(server.scrape().get(refused), 1.0, "counted in the metrics");
         // Still serving, and back to idle.
-        let received = common::generate(&mut client, tiny(10)).await;
+        let received = util::generate(&mut client, tiny(10)).await;
         assert_eq!(received.len(), 10);
     });
 }
 
 #[test]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 fn a_flood_of_connections_is_bounded_and_the_server_recovers() {
     let server = Served::start(&["--max-connections", "64", "--workers", "1"], true);
     let baseline = server.scrape();
@@ -290,10 +290,10 @@ fn a_flood_of_connections_is_bounded_and_the_server_recovers() {
 
         drop(flood);
         // The flood's connections close.
-        common::wait_until(|| server.scrape().get("weightinit_connections_open") <= 0.0).await;
+        util::wait_until(|| server.scrape().get("weightinit_connections_open") <= 0.0).await;
         let mut client = connect(server.url()).await;
         let request = one(json!([512, 512]), json!({}));
-        let received = common::generate(&mut client, request.clone()).await;
+        let received = util::generate(&mut client, request.clone()).await;
         assert_eq!(
             blake3::hash(&received[0].data).as_bytes(),
             &expected_digests(&request)[0]
@@ -302,6 +302,7 @@ fn a_flood_of_connections_is_bounded_and_the_server_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 async fn many_clients_beyond_the_stream_limit_are_refused_and_the_admitted_are_unhurt() {
     let server = TestServer::start_with(|c| {
         c.max_concurrent_streams = 8;
@@ -369,6 +370,7 @@ async fn many_clients_beyond_the_stream_limit_are_refused_and_the_admitted_are_u
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 async fn one_connection_cannot_run_more_than_its_stream_limit() {
     let server = TestServer::start_with(|c| {
         c.max_connection_streams = 4;
@@ -415,6 +417,7 @@ async fn one_connection_cannot_run_more_than_its_stream_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 async fn slow_readers_lose_their_stream_after_the_idle_limit_and_steady_ones_do_not() {
     let server = TestServer::start_with(|c| {
         c.max_concurrent_streams = 4;
@@ -501,6 +504,7 @@ async fn slow_readers_lose_their_stream_after_the_idle_limit_and_steady_ones_do_
 }
 
 #[test]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 fn slow_readers_keep_memory_bounded() {
     let server = Served::start(
         &[
@@ -530,7 +534,7 @@ fn slow_readers_keep_memory_bounded() {
         let while_stalled = server.rss();
         assert_eq!(metrics.get("weightinit_inflight_streams"), 100.0);
         // The idle streams close.
-        common::wait_until(|| server.scrape().get("weightinit_inflight_streams") <= 0.0).await;
+        util::wait_until(|| server.scrape().get("weightinit_inflight_streams") <= 0.0).await;
         let metrics = server.scrape();
         assert_eq!(metrics.get("weightinit_stream_idle_timeouts_total"), 100.0);
         assert_eq!(metrics.get("weightinit_busy_workers"), 0.0);

@@ -1,13 +1,10 @@
 //! Graceful shutdown of the real binary: on SIGTERM health turns NOT_SERVING, an in-flight
 //! stream still completes with the right bytes, and the process exits 0 well within grace.
 
-mod common;
-mod harness;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::Served;
+use crate::util::Served;
 use serde_json::json;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,

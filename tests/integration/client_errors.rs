@@ -5,15 +5,11 @@
 //! as plaintext; a fetch that cannot fit is refused before anything is written, and one
 //! stopped by SIGINT leaves no partial file behind.
 
-mod common;
-mod harness;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TestServer;
-use harness::{Pki, TempDir};
+use crate::util::{Pki, TempDir, TestServer};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_weightinit");

@@ -2,11 +2,10 @@
 //! reflection v1alpha): list, describe, every RPC, the health service, and the error
 //! details of a refusal.
 
-mod common;
-
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use std::process::Command;
 
-use common::{TestServer, grpcurl, hex, vectors};
+use crate::util::{TestServer, grpcurl, hex, vectors};
 use serde_json::Value;
 
 /// Runs `grpcurl -plaintext FLAGS ADDRESS REST` and returns its stdout; panics with its
@@ -33,22 +32,6 @@ fn messages(output: &str) -> Vec<Value> {
         .into_iter::<Value>()
         .map(Result::unwrap)
         .collect()
-}
-
-fn base64_to_hex(text: &str) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut bits = 0u32;
-    let mut count = 0;
-    let mut bytes = Vec::new();
-    for c in text.bytes().filter(|&c| c != b'=') {
-        bits = (bits << 6) | ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            bytes.push((bits >> count) as u8);
-        }
-    }
-    hex(&bytes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,12 +95,16 @@ async fn grpcurl_discovers_and_calls_every_rpc() {
         for (i, expected) in case.expect.iter().enumerate() {
             let what = format!("{}/{}", case.case, expected.name);
             assert_eq!(
-                base64_to_hex(ends[i]["blake3"].as_str().unwrap()),
+                hex(&BASE64_STANDARD
+                    .decode(ends[i]["blake3"].as_str().unwrap())
+                    .unwrap()),
                 expected.blake3,
                 "{what}"
             );
             assert_eq!(
-                base64_to_hex(digested["digests"][i]["blake3"].as_str().unwrap()),
+                hex(&BASE64_STANDARD
+                    .decode(digested["digests"][i]["blake3"].as_str().unwrap())
+                    .unwrap()),
                 expected.blake3,
                 "{what}"
             );

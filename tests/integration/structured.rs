@@ -3,9 +3,7 @@
 //! clients/python/tests/structured_ref.py) in process and over gRPC, their properties, what
 //! Describe shows, and the limit and validation errors.
 
-mod common;
-
-use common::{Case, TestServer, cases_file, check_served, generate};
+use crate::util::{Case, TestServer, cases_file, check_served, generate};
 use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -15,9 +15,7 @@
 //! WEIGHTINIT_FUZZ_SECS (default 8) bounds the in-process run; WEIGHTINIT_FUZZ_SEED picks
 //! another sequence. A failure prints the input in hex.
 
-mod common;
-mod harness;
-
+use crate::util;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -25,8 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::Raw;
+use crate::util::{Raw, hex};
 use prost::Message;
+use rand::rngs::SmallRng;
+use rand::seq::IndexedRandom;
+use rand::{RngExt, SeedableRng};
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
 use weightinit::engine::Limits;
@@ -35,7 +36,8 @@ use weightinit::service::{codec, convert};
 
 // ---------------------------------------------------------------- allocation counting ---
 
-/// Counts the bytes allocated by the current thread while tracking is on.
+/// Counts the bytes allocated by the current thread while tracking is on. It is the whole
+/// test binary's allocator, but counts only for the fuzz tests that turn tracking on.
 struct Counting;
 
 thread_local! {
@@ -61,8 +63,11 @@ fn note(delta: isize) {
     });
 }
 
+// SAFETY: every call is passed on unchanged to the system allocator, which upholds the
+// contract; the counting beside it allocates nothing.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's guarantees, passed on as they came.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             note(layout.size() as isize);
@@ -71,6 +76,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's guarantees, passed on as they came.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             note(layout.size() as isize);
@@ -79,11 +85,13 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's guarantees, passed on as they came.
         unsafe { System.dealloc(ptr, layout) };
         note(-(layout.size() as isize));
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's guarantees, passed on as they came.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             note(-(layout.size() as isize));
@@ -114,31 +122,31 @@ fn measured<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
 
 // ------------------------------------------------------------------------------ inputs ---
 
-/// SplitMix64: small, fast, and enough for fuzzing. `sane` makes the generators below keep
-/// to plausible values, so that many requests get past validation into planning.
+/// rand's seeded SmallRng, with the few draws the generators below use. `sane` makes them
+/// keep to plausible values, so that many requests get past validation into planning.
 struct Rng {
-    state: u64,
+    rng: SmallRng,
     sane: bool,
 }
 
 impl Rng {
     fn new(seed: u64) -> Self {
         Self {
-            state: seed,
+            rng: SmallRng::seed_from_u64(seed),
             sane: false,
         }
     }
 
     fn next(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.rng.random()
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 {
+            0
+        } else {
+            self.rng.random_range(..n)
+        }
     }
 
     fn chance(&mut self, one_in: u64) -> bool {
@@ -146,11 +154,13 @@ impl Rng {
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
+        *items.choose(&mut self.rng).expect("something to pick")
     }
 
     fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
+        let mut bytes = vec![0; len];
+        self.rng.fill(&mut bytes[..]);
+        bytes
     }
 }
 
@@ -559,10 +569,6 @@ fn allowance(len: usize) -> usize {
     (1 << 20) + 256 * len
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[test]
 fn decoding_and_validation_survive_hostile_input() {
     let seconds: u64 = std::env::var("WEIGHTINIT_FUZZ_SECS")
@@ -742,7 +748,7 @@ fn decoding_and_validation_survive_hostile_input() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_answers_hostile_messages_and_keeps_serving() {
-    let server = common::TestServer::start_with(|c| {
+    let server = util::TestServer::start_with(|c| {
         c.max_request_bytes = 16 << 20;
         c.max_message_bytes = 2 << 20;
     })
@@ -830,15 +836,15 @@ async fn the_server_answers_hostile_messages_and_keeps_serving() {
         started.elapsed()
     );
     // Still serving, with nothing left running.
-    common::wait_until(|| server.shared.active_streams() == 0).await;
+    util::wait_until(|| server.shared.active_streams() == 0).await;
     let mut client = server.client().await;
     let good: GenerateRequest = serde_json::from_value(serde_json::json!({"seed": 3,
         "tensors": [{"name": "w", "shape": [256, 256], "init": {"heNormal": {}}}]}))
     .unwrap();
-    let received = common::generate(&mut client, good.clone()).await;
+    let received = util::generate(&mut client, good.clone()).await;
     assert_eq!(
         blake3::hash(&received[0].data).as_bytes(),
-        &harness::expected_digests(&good)[0]
+        &util::expected_digests(&good)[0]
     );
 }
 

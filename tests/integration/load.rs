@@ -13,12 +13,11 @@
 //! WEIGHTINIT_LOAD_SECS (default 10) sets the load phase; WEIGHTINIT_BIN the binary (else the
 //! release build when it is current, else the test build).
 
-mod harness;
-
+use crate::util;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use harness::{Served, expected_digests, mib, percentile, request};
+use crate::util::{Served, expected_digests, mib, percentile, request};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -243,6 +242,7 @@ fn load_secs() -> u64 {
 }
 
 #[test]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 fn load_64_clients_every_byte_verified() {
     let _serial = serial();
     let server = Served::start(&[], true);
@@ -415,6 +415,7 @@ async fn reset_sockets(addr: std::net::SocketAddr, count: usize) {
 }
 
 #[test]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 fn disconnect_storms_leave_nothing_in_flight_and_memory_returns() {
     let _serial = serial();
     let server = Served::start(
@@ -504,6 +505,7 @@ fn disconnect_storms_leave_nothing_in_flight_and_memory_returns() {
 }
 
 #[test]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 fn sigterm_under_load_finishes_streams_in_flight_refuses_new_ones_and_exits_zero() {
     let _serial = serial();
     let mut server = Served::start(&["--shutdown-grace", "20s"], true);
@@ -560,7 +562,7 @@ fn sigterm_under_load_finishes_streams_in_flight_refuses_new_ones_and_exits_zero
             // The metrics endpoint stays up through the drain, and shows it.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let metrics_addr = server.metrics.unwrap();
-            let draining = tokio::task::spawn_blocking(move || harness::scrape(metrics_addr))
+            let draining = tokio::task::spawn_blocking(move || util::scrape(metrics_addr))
                 .await
                 .unwrap();
             assert_eq!(draining.get("weightinit_draining"), 1.0);

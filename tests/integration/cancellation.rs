@@ -1,11 +1,9 @@
 //! A client that goes away mid-stream frees its worker and its stream slot promptly: no
 //! work continues for a gone client.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestServer, wait_until};
+use crate::util::{TestServer, wait_until};
 use serde_json::json;
 use weightinit::proto::GenerateRequest;
 

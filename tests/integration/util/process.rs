@@ -1,8 +1,6 @@
-//! Support for the hardening tests (security, abuse, fuzz, load and faults, metrics):
-//! certificates made on the spot, the real binary as a child process with its memory
-//! figures, metrics scraped over HTTP, and expected digests computed in this process.
-
-#![allow(dead_code)] // each test binary uses its own part of this module
+//! The real binary as a child process with its memory figures, certificates made on the
+//! spot, metrics scraped over HTTP, and expected digests computed in this process. Kept free
+//! of the rest of `util`, so that the benchmarks include this file too.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read as _, Write as _};
@@ -13,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use weightinit::engine::Limits;
+use weightinit::engine::{Limits, TensorPlan};
 use weightinit::proto::GenerateRequest;
 use weightinit::service::convert;
 
@@ -49,7 +47,8 @@ impl Drop for TempDir {
 /// A test PKI: a CA, a server certificate for `localhost` and 127.0.0.1 signed by it, a
 /// client certificate signed by it, and a client certificate from an unrelated CA.
 pub struct Pki {
-    pub dir: TempDir,
+    /// Where the files are, removed with the Pki.
+    _dir: TempDir,
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -110,7 +109,7 @@ impl Pki {
             rogue_ca: dir.write("rogue-ca.pem", rogue_ca_pem),
             rogue_cert: dir.write("rogue.pem", rogue_cert),
             rogue_key: dir.write("rogue.key", rogue_key),
-            dir,
+            _dir: dir,
         }
     }
 }
@@ -352,11 +351,7 @@ pub fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String, Str
 /// The BLAKE3 digests of every tensor of `request`, computed in this process by the engine
 /// in pieces of at most 4 MiB.
 pub fn expected_digests(request: &GenerateRequest) -> Vec<[u8; 32]> {
-    let plan = convert::request(request)
-        .unwrap()
-        .plan(&Limits::default())
-        .unwrap();
-    plan.tensors
+    plan(request)
         .iter()
         .map(|tensor| {
             let mut hasher = blake3::Hasher::new();
@@ -371,6 +366,15 @@ pub fn expected_digests(request: &GenerateRequest) -> Vec<[u8; 32]> {
             *hasher.finalize().as_bytes()
         })
         .collect()
+}
+
+/// The engine's plans of a request's tensors (validated with the default limits).
+pub fn plan(request: &GenerateRequest) -> Vec<TensorPlan> {
+    convert::request(request)
+        .unwrap()
+        .plan(&Limits::default())
+        .unwrap()
+        .tensors
 }
 
 /// A request from proto3 JSON.
