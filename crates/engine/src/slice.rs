@@ -103,6 +103,10 @@ pub const TILE_ELEMENTS: u64 = 1 << 13;
 /// room for many columns.
 const TILE_RUN: u64 = 256;
 
+/// Rows of a transposed matrix made at once ([`Selection::row_batch`]): runs of one group of
+/// the widest keystream kernel (16 blocks), and tiles wide enough for whole cache lines.
+const ROW_RUN: u64 = 128;
+
 /// Elements between long columns in a tile: with a power-of-two distance the columns would all
 /// fall into the same few L1 cache sets, and copying a row out would miss on every element.
 const TILE_PAD: u64 = 16;
@@ -294,7 +298,7 @@ impl Selection {
             }
             rows *= axis.count;
         }
-        let run = tiles.g_len.min(TILE_RUN);
+        let run = tiles.g_len.min(ROW_RUN);
         (rows >= run).then_some(run)
     }
 
