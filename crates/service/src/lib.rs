@@ -13,17 +13,17 @@
 //! - [`metrics`]: counters and the Prometheus text endpoint.
 //! - [`server`]: configuration, health, reflection, reload and graceful shutdown.
 
-pub mod auth;
+mod auth;
 pub mod codec;
 pub mod convert;
 pub mod handler;
-pub mod listener;
+mod listener;
 pub mod metrics;
 pub mod pipeline;
-pub mod pool;
+mod pool;
 pub mod proto;
 pub mod server;
-pub mod tls;
-pub mod watchdog;
+mod tls;
+mod watchdog;
 
 pub use server::{ServeConfig, Server};
