@@ -205,7 +205,7 @@ async fn every_rpc_outcome_is_counted_and_scraped_over_http() {
         3.0
     );
     assert_eq!(
-        after.get("weightinit_rpc_duration_seconds_bucket{rpc=\"Generate\",le=\"+Inf\"}"),
+        after.get("weightinit_rpc_duration_seconds_bucket{le=\"+Inf\",rpc=\"Generate\"}"),
         3.0
     );
     assert!(after.get("weightinit_rpc_duration_seconds_sum{rpc=\"Generate\"}") > 0.0);

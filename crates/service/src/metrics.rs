@@ -209,8 +209,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric (clones share their values), and creates the series that
-    /// exist from the start, at 0 (the guards `get_or_create` returns are not needed).
+    /// Registers every metric (clones share their values; the encoder ends each help text
+    /// with a period), and creates the series that exist from the start, at 0 (the guards
+    /// `get_or_create` returns are not needed).
     fn register(&mut self) {
         let served = [Rpc::Generate, Rpc::Describe, Rpc::Digest, Rpc::GetInfo];
         for rpc in served {
@@ -242,118 +243,118 @@ impl Metrics {
         let version = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
         registry.register(
             "weightinit_build",
-            "Always 1; the version label says which server this is.",
+            "Always 1; the version label says which server this is",
             version,
         );
         registry.register(
             "weightinit_uptime_seconds",
-            "Seconds since the server started.",
+            "Seconds since the server started",
             self.uptime.clone(),
         );
         registry.register(
             "weightinit_draining",
-            "1 once shutdown began (no new connections; streams finishing), else 0.",
+            "1 once shutdown began (no new connections; streams finishing), else 0",
             self.draining.clone(),
         );
         registry.register(
             "weightinit_requests",
-            "RPCs finished, by method and gRPC status code.",
+            "RPCs finished, by method and gRPC status code",
             self.requests.clone(),
         );
         registry.register(
             "weightinit_errors",
-            "RPCs that failed, by gRPC status code (all methods).",
+            "RPCs that failed, by gRPC status code (all methods)",
             self.errors.clone(),
         );
         registry.register(
             "weightinit_rpc_duration_seconds",
             "Time from a request's arrival to the end of its response (streams: the last \
-             message queued).",
+             message queued)",
             self.durations.clone(),
         );
         registry.register(
             "weightinit_generated_bytes",
-            "Tensor bytes generated (Generate: streamed; Digest: hashed on the server).",
+            "Tensor bytes generated (Generate: streamed; Digest: hashed on the server)",
             self.generated_bytes.clone(),
         );
         registry.register(
             "weightinit_sent_bytes",
-            "Tensor bytes handed to the transport in Generate chunks.",
+            "Tensor bytes handed to the transport in Generate chunks",
             self.sent_bytes.clone(),
         );
         registry.register(
             "weightinit_inflight_streams",
-            "Generate and Digest streams running now (each holds a stream slot).",
+            "Generate and Digest streams running now (each holds a stream slot)",
             self.inflight_streams.clone(),
         );
         registry.register(
             "weightinit_max_concurrent_streams",
-            "The stream slots (--max-concurrent-streams).",
+            "The stream slots (--max-concurrent-streams)",
             self.max_concurrent_streams.clone(),
         );
         registry.register(
             "weightinit_streams_rejected",
             "Generate and Digest refused with RESOURCE_EXHAUSTED because every stream slot \
-             was taken.",
+             was taken",
             self.streams_rejected.clone(),
         );
         registry.register(
             "weightinit_stream_idle_timeouts",
             "Generate streams closed because the client read nothing for \
-             --stream-idle-timeout.",
+             --stream-idle-timeout",
             self.stream_idle_timeouts.clone(),
         );
         registry.register(
             "weightinit_busy_workers",
-            "Generation workers running a job now.",
+            "Generation workers running a job now",
             self.busy_workers.clone(),
         );
         registry.register(
             "weightinit_workers",
-            "Generation worker threads (--workers).",
+            "Generation worker threads (--workers)",
             self.workers.clone(),
         );
         registry.register(
             "weightinit_connections_open",
-            "gRPC connections open now.",
+            "gRPC connections open now",
             self.connections_open.clone(),
         );
         registry.register(
             "weightinit_connection_limit",
             "Most gRPC connections at once (--max-connections, lowered to fit the open-files \
-             limit).",
+             limit)",
             self.connection_limit.clone(),
         );
         registry.register(
             "weightinit_connections_accepted",
-            "gRPC connections accepted.",
+            "gRPC connections accepted",
             self.connections_accepted.clone(),
         );
         registry.register(
             "weightinit_connections_rejected",
-            "Connections closed at once because the connection limit was reached.",
+            "Connections closed at once because the connection limit was reached",
             self.connections_rejected.clone(),
         );
         registry.register(
             "weightinit_tls_handshake_failures",
             "TLS handshakes that failed or timed out (untrusted or missing client \
-             certificates, plaintext clients).",
+             certificates, plaintext clients)",
             self.tls_handshake_failures.clone(),
         );
         registry.register(
             "weightinit_reloads",
             "Reloads of the TLS and token files (SIGHUP), by result; a failed one changes \
-             nothing.",
+             nothing",
             self.reloads.clone(),
         );
         registry.register(
             "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
+            "Resident memory size in bytes",
             self.resident_memory.clone(),
         );
         registry.register(
             "process_open_fds",
-            "Number of open file descriptors.",
+            "Number of open file descriptors",
             self.open_fds.clone(),
         );
     }
