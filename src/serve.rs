@@ -214,3 +214,20 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, FromArgMatches};
+
+    use super::*;
+
+    #[test]
+    fn flags_default_to_the_library_defaults() {
+        // Without their variables, so that a WEIGHTINIT_* set around the test changes nothing.
+        let command = ServeArgs::augment_args(clap::Command::new("weightinit"))
+            .mut_args(|arg| arg.env(None::<&str>));
+        let matches = command.get_matches_from(["weightinit"]);
+        let args = ServeArgs::from_arg_matches(&matches).unwrap();
+        assert_eq!(ServeConfig::from(args), ServeConfig::default());
+    }
+}

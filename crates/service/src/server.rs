@@ -24,7 +24,7 @@ use weightinit_engine::Limits;
 
 /// Everything a server can be told. The `weightinit serve` flags and their WEIGHTINIT_*
 /// variables (src/serve.rs of the root package) fill it in.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeConfig {
     pub addr: SocketAddr,
     /// Generation worker threads; `None` = one per core.
