@@ -3,18 +3,19 @@
 
 #![forbid(unsafe_code)]
 
+mod serve;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use serve::ServeArgs;
 use weightinit::client::describe::{self, DescribeArgs};
 use weightinit::client::fetch::{self, FetchArgs, FetchError};
 use weightinit::client::health;
 use weightinit::client::target::ClientSecurity;
 use weightinit::engine::Isa;
-use weightinit::service::server::Reloader;
-use weightinit::service::{ServeConfig, Server};
 
 #[derive(Parser)]
 #[command(
@@ -49,7 +50,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the gRPC API (what `weightinit` alone does, with defaults).
-    Serve(ServeConfig),
+    Serve(ServeArgs),
     /// Exit 0 exactly when the server reports SERVING (for container health checks).
     Healthcheck {
         #[arg(
@@ -61,7 +62,7 @@ enum Command {
         /// Service to ask about; "" is the whole server.
         #[arg(long, default_value = "")]
         service: String,
-        #[arg(long, default_value = "3s", value_parser = weightinit::service::server::parse_duration)]
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
         #[command(flatten)]
         security: ClientSecurity,
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli
         .command
-        .unwrap_or_else(|| Command::Serve(ServeConfig::default()));
+        .unwrap_or_else(|| Command::Serve(ServeArgs::from_env()));
     // The client commands report on their own; --local would log every RPC at info.
     let default_level = match command {
         Command::Fetch(_) | Command::Describe(_) => "warn",
@@ -90,7 +91,7 @@ fn main() -> ExitCode {
     tracing::debug!(isa = %Isa::active(), "engine instruction set");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match command {
-        Command::Serve(config) => runtime.block_on(serve(config)),
+        Command::Serve(args) => runtime.block_on(serve::run(args.into())),
         Command::Fetch(args) => match runtime.block_on(fetch::run(args)) {
             Err(error @ FetchError::Stopped(signal)) => {
                 eprintln!("weightinit: {error}");
@@ -125,88 +126,6 @@ fn exit<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
             eprintln!("weightinit: {error}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn serve(config: ServeConfig) -> ExitCode {
-    let (addr, metrics_addr) = (config.addr, config.metrics_addr);
-    let server = match Server::new(config) {
-        Ok(server) => server,
-        Err(error) => {
-            tracing::error!(%error, "invalid configuration");
-            return ExitCode::from(2);
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%addr, %error, "cannot listen");
-            return ExitCode::FAILURE;
-        }
-    };
-    let metrics_listener = match metrics_addr {
-        None => None,
-        Some(metrics_addr) => match tokio::net::TcpListener::bind(metrics_addr).await {
-            Ok(listener) => Some(listener),
-            Err(error) => {
-                tracing::error!(%metrics_addr, %error, "cannot listen for metrics");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    let addr = listener.local_addr().expect("bound address");
-    // Scripts and tests read the port from this first stdout line (and the metrics port
-    // from the second, when there is one): one write, so both are there when one is read.
-    let mut banner = format!("weightinit listening on {addr}\n");
-    let metrics_task = metrics_listener.map(|metrics_listener| {
-        let metrics_addr = metrics_listener.local_addr().expect("bound address");
-        banner.push_str(&format!(
-            "weightinit metrics on http://{metrics_addr}/metrics\n"
-        ));
-        tracing::info!(%metrics_addr, "metrics: GET /metrics");
-        server.serve_metrics(metrics_listener)
-    });
-    print!("{banner}");
-    tracing::info!(%addr, "serving");
-    let reload_task = tokio::spawn(reload_on_sighup(server.reloader()));
-    let result = server.run(listener, shutdown_signal()).await;
-    reload_task.abort();
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    match result {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            tracing::error!(%error, "server failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Reads the TLS and token files again on every SIGHUP (certificate or token rotation).
-async fn reload_on_sighup(reloader: Reloader) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    while hangup.recv().await.is_some() {
-        match reloader.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS and token files reloaded"),
-            Err(error) => {
-                tracing::error!(%error, "SIGHUP: reload failed; the previous files stay in use")
-            }
-        }
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

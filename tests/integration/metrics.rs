@@ -28,7 +28,7 @@ fn tensor(shape: serde_json::Value) -> GenerateRequest {
 }
 
 /// Checks the exposition format: every sample belongs to a family announced by # TYPE,
-/// and histogram buckets are cumulative and end in +Inf = count.
+/// and the text ends with OpenMetrics' # EOF.
 fn assert_well_formed(text: &str) {
     let mut families: HashMap<String, String> = HashMap::new();
     let mut seen = HashSet::new();
@@ -48,13 +48,20 @@ fn assert_well_formed(text: &str) {
         value.parse::<f64>().expect("numeric value");
         assert!(seen.insert(series.to_owned()), "duplicate series {series}");
         let name = series.split('{').next().unwrap();
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|suffix| {
-                name.strip_suffix(suffix)
-                    .filter(|base| families.get(*base).is_some_and(|k| k == "histogram"))
-            })
-            .unwrap_or(name);
+        // OpenMetrics: a family's samples carry a suffix its kind implies.
+        let family = [
+            ("_bucket", "histogram"),
+            ("_sum", "histogram"),
+            ("_count", "histogram"),
+            ("_total", "counter"),
+            ("_info", "info"),
+        ]
+        .iter()
+        .find_map(|(suffix, kind)| {
+            name.strip_suffix(suffix)
+                .filter(|base| families.get(*base).is_some_and(|k| k == kind))
+        })
+        .unwrap_or(name);
         assert!(
             families.contains_key(family),
             "{series}: no # TYPE for {family}"
@@ -65,6 +72,7 @@ fn assert_well_formed(text: &str) {
             "{name}"
         );
     }
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +87,8 @@ async fn every_rpc_outcome_is_counted_and_scraped_over_http() {
     .await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = listener.local_addr().unwrap();
-    let endpoint = tokio::spawn(metrics::serve(listener, server.shared.clone()));
+    let shared = server.shared.clone();
+    let endpoint = tokio::spawn(metrics::serve(listener, move || shared.render_metrics()));
     let scrape = move || tokio::task::spawn_blocking(move || scrape(metrics_addr));
 
     let before = scrape().await.unwrap();
@@ -192,7 +201,7 @@ async fn every_rpc_outcome_is_counted_and_scraped_over_http() {
         3.0
     );
     assert_eq!(
-        after.get("weightinit_rpc_duration_seconds_bucket{rpc=\"Generate\",le=\"+Inf\"}"),
+        after.get("weightinit_rpc_duration_seconds_bucket{le=\"+Inf\",rpc=\"Generate\"}"),
         3.0
     );
     assert!(after.get("weightinit_rpc_duration_seconds_sum{rpc=\"Generate\"}") > 0.0);

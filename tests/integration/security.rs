@@ -584,7 +584,7 @@ async fn certificates_and_token_rotate_without_a_restart() {
     );
     served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
 
-    let metrics = Metrics::parse(server.shared.metrics.render(&server.shared));
+    let metrics = Metrics::parse(server.shared.render_metrics());
     assert_eq!(metrics.get("weightinit_reloads_total{result=\"ok\"}"), 1.0);
     assert_eq!(
         metrics.get("weightinit_reloads_total{result=\"error\"}"),

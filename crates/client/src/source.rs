@@ -17,8 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::target::{ClientSecurity, Target, Unreachable};
 use weightinit_engine::Limits;
-use weightinit_service::handler::{Handler, Shared};
-use weightinit_service::pool::WorkerPool;
+use weightinit_service::handler::Handler;
 use weightinit_service::proto::weight_init_client::WeightInitClient;
 use weightinit_service::proto::weight_init_server::WeightInit;
 use weightinit_service::proto::{
@@ -209,10 +208,7 @@ impl Source {
     /// The service in this process, with the default limits and a worker per core.
     pub fn local() -> Self {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // A fetch runs one stream at a time, but an abandoned one may still hold its slot for
-        // a moment while the next starts.
-        let shared = Shared::new(Limits::default(), 8, Arc::new(WorkerPool::new(workers)));
-        Self::Local(Handler::new(Arc::new(shared)))
+        Self::Local(Handler::in_process(Limits::default(), workers))
     }
 }
 

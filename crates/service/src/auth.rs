@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
@@ -31,25 +32,38 @@ impl std::fmt::Debug for Token {
 }
 
 /// Why a token file cannot be used.
-#[derive(Debug)]
-pub struct TokenError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} holds no token", path.display())]
+    Empty { path: PathBuf },
+    #[error(
+        "the token in {} must be 1 to 4096 visible ASCII characters without spaces \
+         (it travels in an HTTP header)",
+        path.display()
+    )]
+    Invalid { path: PathBuf },
+}
 
 impl Token {
     /// The token in `path`: its content without surrounding whitespace (a trailing newline
     /// is usual), at least 1 and at most 4096 visible ASCII characters.
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let content = std::fs::read(path)
-            .map_err(|e| TokenError(format!("cannot read {}: {e}", path.display())))?;
+        let path_buf = || path.to_owned();
+        let content = std::fs::read(path).map_err(|source| TokenError::Read {
+            path: path_buf(),
+            source,
+        })?;
         let token = content.trim_ascii();
         if token.is_empty() {
-            return Err(TokenError(format!("{} holds no token", path.display())));
+            return Err(TokenError::Empty { path: path_buf() });
         }
         if token.len() > 4096 || !token.iter().all(u8::is_ascii_graphic) {
-            return Err(TokenError(format!(
-                "the token in {} must be 1 to 4096 visible ASCII characters without spaces \
-                 (it travels in an HTTP header)",
-                path.display()
-            )));
+            return Err(TokenError::Invalid { path: path_buf() });
         }
         if token.len() < 16 {
             tracing::warn!(
@@ -77,7 +91,7 @@ impl Token {
             return Err("the authorization header must be `Bearer <token>`");
         }
         let presented: [u8; 32] = Sha256::digest(value[scheme.len()..].trim_ascii()).into();
-        if constant_time_eq(&presented, &self.digest) {
+        if bool::from(presented.ct_eq(&self.digest)) {
             Ok(())
         } else {
             Err("the bearer token is not valid")
@@ -113,15 +127,6 @@ impl TokenFile {
             .unwrap_or_else(|e| e.into_inner())
             .check(header)
     }
-}
-
-/// Equality whose time does not depend on where the inputs differ.
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let difference = a
-        .iter()
-        .zip(b)
-        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
-    std::hint::black_box(difference) == 0
 }
 
 /// A gRPC service that answers UNAUTHENTICATED unless the request carries the token (when

@@ -10,7 +10,7 @@ use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
 
 use super::convert;
-use super::metrics::{Metrics, Rpc};
+use super::metrics::{Live, Metrics, Rpc};
 use super::pipeline::{Emit, Outcome, Pipeline};
 use super::pool::WorkerPool;
 use super::watchdog::{Watch, WatchedStream};
@@ -23,29 +23,32 @@ use weightinit_engine::{self as engine, DType, Limits, RequestPlan, Scheme};
 /// Messages buffered between the producer and tonic, per stream.
 const STREAM_BUFFER: usize = 2;
 
-/// How long a Generate stream may wait for its client to read, unless configured.
-pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// State shared by every RPC of one server.
 pub struct Shared {
     pub limits: Limits,
     pub max_concurrent_streams: u32,
-    pub pipeline: Pipeline,
     /// A Generate stream whose client reads nothing for this long is closed with
     /// DEADLINE_EXCEEDED; zero = never.
     pub stream_idle_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    pipeline: Pipeline,
     streams: Arc<Semaphore>,
 }
 
 impl Shared {
-    pub fn new(limits: Limits, max_concurrent_streams: u32, pool: Arc<WorkerPool>) -> Self {
-        let depth = pool.workers() + 1;
+    /// Starts `workers` generation threads.
+    pub fn new(
+        limits: Limits,
+        workers: usize,
+        max_concurrent_streams: u32,
+        stream_idle_timeout: Duration,
+    ) -> Self {
+        let pool = Arc::new(WorkerPool::new(workers));
         Self {
             limits,
             max_concurrent_streams,
-            pipeline: Pipeline::new(pool, depth),
-            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+            pipeline: Pipeline::new(pool, workers + 1),
+            stream_idle_timeout,
             metrics: Arc::new(Metrics::default()),
             streams: Arc::new(Semaphore::new(max_concurrent_streams as usize)),
         }
@@ -59,6 +62,16 @@ impl Shared {
     /// Workers generating or hashing right now.
     pub fn busy_workers(&self) -> usize {
         self.pipeline.pool.busy()
+    }
+
+    /// The metrics in the exposition format, with the gauges read from the live state.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&Live {
+            inflight_streams: self.active_streams(),
+            max_concurrent_streams: self.max_concurrent_streams,
+            busy_workers: self.busy_workers(),
+            workers: self.pipeline.pool.workers(),
+        })
     }
 
     fn plan(&self, request: &GenerateRequest) -> Result<RequestPlan, Status> {
@@ -186,6 +199,14 @@ pub struct Handler {
 impl Handler {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The service for use in this process, without a server around it (the client's
+    /// `--local`): `workers` threads; a few streams at once, since an abandoned stream may
+    /// still hold its slot for a moment while the next starts; and no idle limit, which
+    /// guards a server against remote clients, while here the only reader is this process.
+    pub fn in_process(limits: Limits, workers: usize) -> Self {
+        Self::new(Arc::new(Shared::new(limits, workers, 8, Duration::ZERO)))
     }
 }
 

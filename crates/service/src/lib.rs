@@ -1,31 +1,34 @@
 //! The weightinit gRPC service: a thin layer between protobuf and the engine.
 //!
+//! Public, for the command line, the client library and the tests:
 //! - [`proto`]: the generated types of `weightinit.v1` (with proto3 JSON).
 //! - [`convert`]: proto <-> engine types, and engine errors -> gRPC statuses.
 //! - [`codec`]: prost decoding that counts a request's tensors first.
-//! - [`pool`]: the worker threads that do the CPU work.
 //! - [`pipeline`]: a validated request streamed as headers, chunks and ends.
-//! - [`watchdog`]: the response stream, and the idle limit for clients that stop reading.
-//! - [`handler`]: the `weightinit.v1.WeightInit` RPCs.
-//! - [`auth`]: the optional bearer token.
-//! - [`tls`]: TLS and mutual TLS from PEM files, reloadable.
-//! - [`listener`]: accepting connections up to a limit.
-//! - [`metrics`]: counters and the Prometheus text endpoint.
-//! - [`server`]: configuration, health, reflection, reload and graceful shutdown.
+//! - [`handler`]: the `weightinit.v1.WeightInit` RPCs; [`handler::Handler::in_process`]
+//!   serves them in this process without a server around them.
+//! - [`metrics`]: counters, and the OpenMetrics endpoint (prometheus-client behind hyper).
+//! - [`server`]: [`ServeConfig`] (a plain struct; the flags live in the `weightinit` binary),
+//!   health, reflection, reload and graceful shutdown.
+//!
+//! Inside: `pool` (the worker threads that do the CPU work), `watchdog` (the response
+//! stream, and the idle limit for clients that stop reading), `auth` (the optional bearer
+//! token), `tls` (TLS and mutual TLS from PEM files, reloadable) and `listener` (accepting
+//! connections up to a limit).
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
+mod auth;
 pub mod codec;
 pub mod convert;
 pub mod handler;
-pub mod listener;
+mod listener;
 pub mod metrics;
 pub mod pipeline;
-pub mod pool;
+mod pool;
 pub mod proto;
 pub mod server;
-pub mod tls;
-pub mod watchdog;
+mod tls;
+mod watchdog;
 
 pub use server::{ServeConfig, Server};

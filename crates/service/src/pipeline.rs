@@ -62,7 +62,7 @@ pub enum Emit {
 pub type Sink = mpsc::Sender<Result<GenerateResponse, Status>>;
 
 pub struct Pipeline {
-    pub pool: Arc<WorkerPool>,
+    pub(crate) pool: Arc<WorkerPool>,
     /// Blocks generated ahead of the one being sent, per stream.
     depth: usize,
     /// Panel buffers of finished panels, reused: fresh ones would cost page faults and zeroing
@@ -97,7 +97,7 @@ enum BlockHash {
 }
 
 impl Pipeline {
-    pub fn new(pool: Arc<WorkerPool>, depth: usize) -> Self {
+    pub(crate) fn new(pool: Arc<WorkerPool>, depth: usize) -> Self {
         Self {
             pool,
             depth,

@@ -18,85 +18,44 @@ use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
 use super::metrics::{self, Metrics};
-use super::pool::WorkerPool;
 use super::tls::Tls;
 use crate::proto::{self, weight_init_server::WeightInitServer};
 use weightinit_engine::Limits;
 
-/// Everything `weightinit serve` can be told; each flag has a WEIGHTINIT_* twin.
-#[derive(clap::Args, Clone, Debug)]
+/// Everything a server can be told. The `weightinit serve` flags and their WEIGHTINIT_*
+/// variables (src/serve.rs of the root package) fill it in.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeConfig {
-    /// Address to listen on.
-    #[arg(long, env = "WEIGHTINIT_ADDR", default_value = "0.0.0.0:50051")]
     pub addr: SocketAddr,
-    /// Generation worker threads [default: all cores].
-    #[arg(long, env = "WEIGHTINIT_WORKERS")]
+    /// Generation worker threads; `None` = one per core.
     pub workers: Option<usize>,
-    /// Chunk payload size when a request leaves chunk_bytes at 0.
-    #[arg(long, env = "WEIGHTINIT_DEFAULT_CHUNK_BYTES", default_value_t = Limits::default().default_chunk_bytes)]
     pub default_chunk_bytes: u32,
-    /// Largest chunk payload a request may ask for (grpcurl refuses messages over 4 MiB).
-    #[arg(long, env = "WEIGHTINIT_MAX_CHUNK_BYTES", default_value_t = Limits::default().max_chunk_bytes)]
     pub max_chunk_bytes: u32,
-    /// Largest output of one request, in bytes.
-    #[arg(long, env = "WEIGHTINIT_MAX_REQUEST_BYTES", default_value_t = Limits::default().max_request_bytes)]
     pub max_request_bytes: u64,
-    /// Most tensors in one request.
-    #[arg(long, env = "WEIGHTINIT_MAX_TENSORS", default_value_t = Limits::default().max_tensors)]
     pub max_tensors: u32,
     /// Most Generate and Digest streams at once; beyond it: RESOURCE_EXHAUSTED.
-    #[arg(long, env = "WEIGHTINIT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
-    /// Largest tensor rank.
-    #[arg(long, env = "WEIGHTINIT_MAX_RANK", default_value_t = Limits::default().max_rank)]
     pub max_rank: u32,
-    /// Longest tensor name, in UTF-8 bytes.
-    #[arg(long, env = "WEIGHTINIT_MAX_NAME_BYTES", default_value_t = Limits::default().max_name_bytes)]
     pub max_name_bytes: u32,
-    /// Largest rows x cols of orthogonal and sparse, which compute the whole matrix first.
-    #[arg(long, env = "WEIGHTINIT_MAX_MATRIX_ELEMENTS", default_value_t = Limits::default().max_matrix_elements)]
     pub max_matrix_elements: u64,
-    /// How long in-flight streams may run after SIGTERM/SIGINT, e.g. 30s, 500ms, 2m.
-    #[arg(long, env = "WEIGHTINIT_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    /// How long in-flight streams may run once shutdown begins.
     pub shutdown_grace: Duration,
-    /// HTTP/2 flow-control window per stream, in bytes.
-    #[arg(long, env = "WEIGHTINIT_STREAM_WINDOW_BYTES", default_value_t = 8 << 20)]
     pub stream_window_bytes: u32,
-    /// HTTP/2 flow-control window per connection, in bytes.
-    #[arg(long, env = "WEIGHTINIT_CONNECTION_WINDOW_BYTES", default_value_t = 16 << 20)]
     pub connection_window_bytes: u32,
-    /// PEM certificate (chain) of the server; with --tls-key the port speaks TLS only.
-    #[arg(long, env = "WEIGHTINIT_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "WEIGHTINIT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS).
-    #[arg(long, env = "WEIGHTINIT_TLS_CLIENT_CA")]
+    /// With it, clients must present a certificate signed by one of its CAs.
     pub tls_client_ca: Option<PathBuf>,
-    /// File holding the bearer token that WeightInit and reflection calls must carry as
-    /// `authorization: Bearer <token>` (health stays open for probes).
-    #[arg(long, env = "WEIGHTINIT_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
-    /// Serve Prometheus metrics over HTTP on this address (GET /metrics) [default: off].
-    #[arg(long, env = "WEIGHTINIT_METRICS_ADDR")]
+    /// Where `weightinit serve` serves /metrics; `Server` itself only offers
+    /// [`Server::serve_metrics`].
     pub metrics_addr: Option<SocketAddr>,
-    /// Close a Generate stream whose client has read nothing for this long (DEADLINE_EXCEEDED);
-    /// 0 = never.
-    #[arg(long, env = "WEIGHTINIT_STREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    /// Zero = never.
     pub stream_idle_timeout: Duration,
-    /// Most client connections at once; further ones are closed as soon as accepted.
-    #[arg(long, env = "WEIGHTINIT_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
-    /// Most RPCs at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-    #[arg(long, env = "WEIGHTINIT_MAX_CONNECTION_STREAMS", default_value_t = 128)]
     pub max_connection_streams: u32,
-    /// Largest request message, in bytes; larger ones are refused before they are decoded.
-    #[arg(long, env = "WEIGHTINIT_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
-    /// Ping each connection this often (HTTP/2 keepalive); one that does not answer within
-    /// 20 s is closed with its streams. 0 = no pings.
-    #[arg(long, env = "WEIGHTINIT_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
+    /// Zero = no pings.
     pub keepalive: Duration,
 }
 
@@ -105,42 +64,45 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        use clap::{Args, Command, FromArgMatches};
-        let matches =
-            ServeConfig::augment_args(Command::new("weightinit")).get_matches_from(["weightinit"]);
-        ServeConfig::from_arg_matches(&matches).expect("defaults parse")
+        let limits = Limits::default();
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            workers: None,
+            default_chunk_bytes: limits.default_chunk_bytes,
+            max_chunk_bytes: limits.max_chunk_bytes,
+            max_request_bytes: limits.max_request_bytes,
+            max_tensors: limits.max_tensors,
+            max_concurrent_streams: 256,
+            max_rank: limits.max_rank,
+            max_name_bytes: limits.max_name_bytes,
+            max_matrix_elements: limits.max_matrix_elements,
+            shutdown_grace: Duration::from_secs(30),
+            stream_window_bytes: 8 << 20,
+            connection_window_bytes: 16 << 20,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth_token_file: None,
+            metrics_addr: None,
+            stream_idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_connection_streams: 128,
+            max_message_bytes: 4 << 20,
+            keepalive: Duration::from_secs(60),
+        }
     }
 }
 
-/// Parses `30s`, `500ms`, `2m` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((text, "s"), |i| text.split_at(i));
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?}"))?;
-    let seconds = match unit {
-        "ms" => value / 1e3,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("unknown unit in {text:?}: use ms, s or m")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+/// A configuration that cannot work; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Limit(String),
+    #[error("{0}")]
+    Tls(String),
+    #[error("--auth-token-file: {0}")]
+    Token(#[from] TokenError),
 }
-
-/// A configuration that cannot work.
-#[derive(Debug)]
-pub struct ConfigError(String);
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 impl ServeConfig {
     fn limits(&self) -> Result<Limits, ConfigError> {
@@ -154,23 +116,23 @@ impl ServeConfig {
             max_matrix_elements: self.max_matrix_elements,
         };
         if limits.default_chunk_bytes < 8 || limits.default_chunk_bytes > limits.max_chunk_bytes {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::Limit(format!(
                 "--default-chunk-bytes must be between 8 and --max-chunk-bytes ({}), got {}",
                 limits.max_chunk_bytes, limits.default_chunk_bytes
             )));
         }
         if self.max_concurrent_streams == 0 || self.workers == Some(0) {
-            return Err(ConfigError(
+            return Err(ConfigError::Limit(
                 "--max-concurrent-streams and --workers must be at least 1".into(),
             ));
         }
         if self.max_connections == 0 || self.max_connection_streams == 0 {
-            return Err(ConfigError(
+            return Err(ConfigError::Limit(
                 "--max-connections and --max-connection-streams must be at least 1".into(),
             ));
         }
         if self.max_message_bytes < 1024 {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::Limit(format!(
                 "--max-message-bytes must be at least 1024, got {}",
                 self.max_message_bytes
             )));
@@ -185,18 +147,14 @@ impl ServeConfig {
             self.tls_client_ca.as_deref(),
         )
         .map(|tls| tls.map(Arc::new))
-        .map_err(ConfigError)
+        .map_err(ConfigError::Tls)
     }
 
     fn token(&self) -> Result<Option<Arc<TokenFile>>, ConfigError> {
-        self.auth_token_file
-            .as_deref()
-            .map(|path| {
-                TokenFile::open(path)
-                    .map(Arc::new)
-                    .map_err(|e| ConfigError(token_error(&e)))
-            })
-            .transpose()
+        let Some(path) = &self.auth_token_file else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(TokenFile::open(path)?)))
     }
 
     fn worker_count(&self) -> usize {
@@ -220,9 +178,12 @@ impl Server {
         let limits = config.limits()?;
         let tls = config.tls()?;
         let token = config.token()?;
-        let pool = Arc::new(WorkerPool::new(config.worker_count()));
-        let mut shared = Shared::new(limits, config.max_concurrent_streams, pool);
-        shared.stream_idle_timeout = config.stream_idle_timeout;
+        let shared = Shared::new(
+            limits,
+            config.worker_count(),
+            config.max_concurrent_streams,
+            config.stream_idle_timeout,
+        );
         Ok(Self {
             config,
             shared: Arc::new(shared),
@@ -248,7 +209,8 @@ impl Server {
     /// Serves the metrics endpoint on `listener` (see [`metrics::serve`]) until the returned
     /// task is aborted.
     pub fn serve_metrics(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(metrics::serve(listener, self.shared()))
+        let shared = self.shared();
+        tokio::spawn(metrics::serve(listener, move || shared.render_metrics()))
     }
 
     /// Serves on `listener` until `shutdown` completes, then reports NOT_SERVING, stops
@@ -370,7 +332,7 @@ impl Reloader {
         let token = self
             .token
             .as_ref()
-            .map(|token| token.reload().map_err(|e| token_error(&e)));
+            .map(|token| token.reload().map_err(|e| ConfigError::from(e).to_string()));
         let errors: Vec<String> = [tls, token]
             .into_iter()
             .flatten()
@@ -383,10 +345,6 @@ impl Reloader {
             Err(errors.join("; "))
         }
     }
-}
-
-fn token_error(error: &TokenError) -> String {
-    format!("--auth-token-file: {}", error.0)
 }
 
 /// Health of the whole server ("") and of the WeightInit service.
@@ -409,16 +367,6 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("2h").is_err());
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn defaults_are_the_documented_ones() {

@@ -324,7 +324,7 @@ pub fn scrape(addr: SocketAddr) -> Metrics {
     assert!(
         headers
             .to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
         "{headers}"
     );
     Metrics::parse(body)
