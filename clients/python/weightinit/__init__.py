@@ -21,13 +21,24 @@ import os
 
 __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
-from .client import Client, IntegrityError, describe, digest, fetch, read_stream
+from .client import (
+    LOCAL,
+    Client,
+    IntegrityError,
+    RequestRefused,
+    describe,
+    digest,
+    fetch,
+    read_stream,
+)
 from .request import to_message
 from .security import Security
 
 __all__ = [
     "Client",
     "IntegrityError",
+    "LOCAL",
+    "RequestRefused",
     "Security",
     "describe",
     "digest",

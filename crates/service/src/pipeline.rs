@@ -85,11 +85,25 @@ struct Block {
     hash: BlockHash,
 }
 
-enum BlockHash {
+pub enum BlockHash {
     /// The whole tensor fits in one block: its BLAKE3 hash.
     Root(blake3::Hash),
     /// One block of several: its subtree's chaining value.
     Subtree(ChainingValue),
+}
+
+impl BlockHash {
+    /// The hash of `data`, the block at `offset` of a `total`-byte tensor cut into
+    /// [`BLOCK_BYTES`] blocks.
+    pub fn of(total: u64, offset: u64, data: &[u8]) -> Self {
+        if total <= BLOCK_BYTES as u64 {
+            Self::Root(blake3::hash(data))
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            hasher.set_input_offset(offset).update(data);
+            Self::Subtree(hasher.finalize_non_root())
+        }
+    }
 }
 
 impl Pipeline {
@@ -202,16 +216,7 @@ fn block(
     emit: Emit,
     make: impl FnOnce(&mut [u8]),
 ) -> Block {
-    let only_block = tensor.byte_length() <= BLOCK_BYTES as u64;
-    let hash = |data: &[u8]| {
-        if only_block {
-            BlockHash::Root(blake3::hash(data))
-        } else {
-            let mut hasher = blake3::Hasher::new();
-            hasher.set_input_offset(offset).update(data);
-            BlockHash::Subtree(hasher.finalize_non_root())
-        }
-    };
+    let hash = |data: &[u8]| BlockHash::of(tensor.byte_length(), offset, data);
     match emit {
         Emit::Chunks => {
             let mut data = vec![0u8; len];
@@ -318,14 +323,15 @@ impl Pipeline {
     }
 }
 
-struct Tree {
+/// A tensor's BLAKE3 hash put together from its blocks' hashes, pushed in order.
+pub struct Tree {
     blocks: u64,
     stack: Vec<(ChainingValue, u64)>,
     root: Option<blake3::Hash>,
 }
 
 impl Tree {
-    fn new(blocks: u64) -> Self {
+    pub fn new(blocks: u64) -> Self {
         Self {
             blocks,
             stack: Vec::new(),
@@ -333,7 +339,7 @@ impl Tree {
         }
     }
 
-    fn push(&mut self, hash: BlockHash) {
+    pub fn push(&mut self, hash: BlockHash) {
         let mut cv = match hash {
             BlockHash::Root(root) => {
                 debug_assert_eq!(self.blocks, 1);
@@ -355,7 +361,7 @@ impl Tree {
     }
 
     /// The tensor's BLAKE3 hash, once every block is in.
-    fn root(mut self) -> blake3::Hash {
+    pub fn root(mut self) -> blake3::Hash {
         if let Some(root) = self.root {
             return root;
         }

@@ -1,0 +1,107 @@
+//! Generation in the caller's process, for the Python package's `target="local"`: the same
+//! validation, plans and BLAKE3 digests as the server, written straight into the caller's
+//! memory on all cores instead of being streamed.
+
+use blake3::Hash;
+use prost::Message;
+use rayon::prelude::*;
+
+use weightinit_engine::{Limits, RequestError, RequestPlan, TensorPlan};
+use weightinit_service::convert;
+use weightinit_service::pipeline::{BLOCK_BYTES, BlockHash, Tree};
+use weightinit_service::proto::{DescribeResponse, GenerateRequest};
+
+/// Why an in-process call cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("the request is not an encoded GenerateRequest: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// What a server would refuse with INVALID_ARGUMENT or RESOURCE_EXHAUSTED.
+    #[error(transparent)]
+    Refused(#[from] RequestError),
+    #[error("the request has {count} tensors, not one at index {index}")]
+    NoTensor { index: usize, count: usize },
+    #[error("tensor {name:?} is {expected} bytes, its destination {actual}")]
+    Length {
+        name: String,
+        expected: u64,
+        actual: usize,
+    },
+}
+
+/// A validated request, planned once and then generated tensor by tensor.
+#[derive(Debug)]
+pub struct LocalPlan {
+    plan: RequestPlan,
+}
+
+impl LocalPlan {
+    /// Decodes and validates an encoded GenerateRequest as a server with the default limits
+    /// does (the limits of one process's memory are the caller's own business).
+    pub fn decode(request: &[u8]) -> Result<Self, LocalError> {
+        let request = GenerateRequest::decode(request)?;
+        let plan = convert::request(&request)?.plan(&Limits::default())?;
+        Ok(Self { plan })
+    }
+
+    /// The tensors' headers as an encoded DescribeResponse, as Describe answers.
+    pub fn describe(&self) -> Vec<u8> {
+        DescribeResponse {
+            tensors: self.plan.tensors.iter().map(convert::header).collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Writes tensor `index`'s output bytes into `out`, which must be exactly their length,
+    /// in parallel on rayon's pool.
+    pub fn fill(&self, index: usize, out: &mut [u8]) -> Result<(), LocalError> {
+        let tensor = self.tensor(index)?;
+        if tensor.byte_length() != out.len() as u64 {
+            return Err(LocalError::Length {
+                name: tensor.name.clone(),
+                expected: tensor.byte_length(),
+                actual: out.len(),
+            });
+        }
+        // A few pieces per thread balance the load; whole blocks keep every piece
+        // element-aligned, and large ones keep a transposing view's columns long runs.
+        let pieces = 4 * rayon::current_num_threads();
+        let piece = out
+            .len()
+            .div_ceil(pieces)
+            .next_multiple_of(BLOCK_BYTES)
+            .max(BLOCK_BYTES);
+        out.par_chunks_mut(piece)
+            .enumerate()
+            .for_each(|(i, part)| tensor.fill((i * piece) as u64, part));
+        Ok(())
+    }
+
+    /// Tensor `index`'s BLAKE3 digest, as a server's Digest computes it: block by block in
+    /// a reused buffer, so memory stays small whatever the tensor's size.
+    pub fn digest(&self, index: usize) -> Result<Hash, LocalError> {
+        let tensor = self.tensor(index)?;
+        let total = tensor.byte_length();
+        let blocks = total.div_ceil(BLOCK_BYTES as u64);
+        let hashes: Vec<BlockHash> = (0..blocks)
+            .into_par_iter()
+            .map_init(Vec::new, |buffer, block| {
+                let offset = block * BLOCK_BYTES as u64;
+                let len = (total - offset).min(BLOCK_BYTES as u64) as usize;
+                buffer.resize(len, 0);
+                tensor.fill(offset, buffer);
+                BlockHash::of(total, offset, buffer)
+            })
+            .collect();
+        let mut tree = Tree::new(blocks);
+        hashes.into_iter().for_each(|hash| tree.push(hash));
+        Ok(tree.root())
+    }
+
+    fn tensor(&self, index: usize) -> Result<&TensorPlan, LocalError> {
+        self.plan.tensors.get(index).ok_or(LocalError::NoTensor {
+            index,
+            count: self.plan.tensors.len(),
+        })
+    }
+}
