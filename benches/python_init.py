@@ -24,21 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 import weightinit
+from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 REPEATS = 3
 SEED = 42
 
 
-def best(run):
-    """The best wall time of REPEATS runs of `run()`, in seconds."""
+def best(run, *args, **kwargs):
+    """The best wall time of REPEATS calls of run(*args, **kwargs), in seconds."""
     times = []
     for _ in range(REPEATS):
         start = time.perf_counter()
-        run()
+        run(*args, **kwargs)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -67,7 +66,9 @@ def torch_init(model):
 
 
 def server():
-    binary = Path(os.environ.get("WEIGHTINIT_BIN", REPO / "target" / "release" / "weightinit"))
+    binary = Path(
+        os.environ.get("WEIGHTINIT_BIN", REPO / "target" / "release" / "weightinit")
+    )
     process = subprocess.Popen(
         [str(binary), "serve", "--addr", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
@@ -86,33 +87,49 @@ def report(name, seconds, baseline):
     print(f"{name:<44} {seconds:7.3f} s   {baseline / seconds:5.2f}x torch", flush=True)
 
 
+def where(target):
+    return "local" if target == weightinit.LOCAL else "loopback"
+
+
+def llama_rows(dtype, address):
+    """torch's init of the Llama against init_module in this process and over loopback."""
+    model = llama(dtype)
+    params = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(f"Llama {params / 1e6:.0f}M parameters, {dtype}: {size:.0f} MiB")
+    baseline = best(torch_init, model)
+    report("  torch _init_weights", baseline, baseline)
+    for target in (weightinit.LOCAL, address):
+        seconds = best(weightinit.torch.init_module, model, SEED, target, recipe="hf")
+        report(f"  init_module {where(target)}", seconds, baseline)
+    print(f"  peak RSS so far {peak_rss_mib():.0f} MiB")
+
+
+def stream_rows(address):
+    """A raw [8192, 8192] float32 tensor into numpy against torch's xavier_uniform_."""
+    shape = [8192, 8192]
+    request = {
+        "seed": SEED,
+        "tensors": [{"name": "w", "shape": shape, "init": {"xavierUniform": {}}}],
+    }
+    tensor = torch.empty(shape)
+    baseline = best(torch.nn.init.xavier_uniform_, tensor)
+    print(f"[8192, 8192] float32 xavier_uniform ({tensor.nbytes / 2**20:.0f} MiB)")
+    report("  torch.nn.init.xavier_uniform_", baseline, baseline)
+    out = np.empty(shape, np.float32)
+    for target in (weightinit.LOCAL, address):
+        seconds = best(weightinit.fetch, request, target, out={"w": out})
+        report(f"  fetch into numpy {where(target)}", seconds, baseline)
+
+
 def main():
     process, address = server()
+    threads = f"{torch.get_num_threads()} threads, {os.cpu_count()} cores"
     try:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+        print(f"torch {torch.__version__}, {threads}")
         for dtype in (torch.float32, torch.bfloat16):
-            model = llama(dtype)
-            params = sum(p.numel() for p in model.parameters())
-            size_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-            print(f"Llama {params / 1e6:.0f}M parameters, {dtype}: {size_mib:.0f} MiB")
-            baseline = best(lambda: torch_init(model))
-            report("  torch _init_weights", baseline, baseline)
-            for target in ("local", address):
-                seconds = best(lambda t=target: weightinit.torch.init_module(model, SEED, t, recipe="hf"))
-                report(f"  init_module {'local' if target == 'local' else 'loopback'}", seconds, baseline)
-            print(f"  peak RSS so far {peak_rss_mib():.0f} MiB")
-            del model
-
-        shape = [8192, 8192]
-        request = {"seed": SEED, "tensors": [{"name": "w", "shape": shape, "init": {"xavierUniform": {}}}]}
-        tensor = torch.empty(shape)
-        baseline = best(lambda: torch.nn.init.xavier_uniform_(tensor))
-        print(f"[8192, 8192] float32 xavier_uniform ({tensor.nbytes / 2**20:.0f} MiB)")
-        report("  torch.nn.init.xavier_uniform_", baseline, baseline)
-        out = np.empty(shape, np.float32)
-        for target in ("local", address):
-            seconds = best(lambda t=target: weightinit.fetch(request, t, out={"w": out}))
-            report(f"  fetch into numpy {'local' if target == 'local' else 'loopback'}", seconds, baseline)
+            llama_rows(dtype, address)
+        stream_rows(address)
         print(f"peak RSS {peak_rss_mib():.0f} MiB")
     finally:
         process.terminate()

@@ -109,7 +109,12 @@ def test_bad_arguments_name_themselves():
         weightinit.Client("local", security=weightinit.Security(token="t0k3n-for-nobody"))
     with pytest.raises(weightinit.RequestRefused, match=r"^tensors\[1\]\.init\.uniform"):
         weightinit.fetch(
-            {"seed": 1, "tensors": [REQUEST["tensors"][0], {"name": "u", "shape": [2],
-             "init": {"uniform": {"low": 1, "high": 0}}}]},
+            {
+                "seed": 1,
+                "tensors": [
+                    REQUEST["tensors"][0],
+                    {"name": "u", "shape": [2], "init": {"uniform": {"low": 1, "high": 0}}},
+                ],
+            },
             "local",
         )

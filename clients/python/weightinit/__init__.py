@@ -35,9 +35,9 @@ from .request import to_message
 from .security import Security
 
 __all__ = [
+    "LOCAL",
     "Client",
     "IntegrityError",
-    "LOCAL",
     "RequestRefused",
     "Security",
     "describe",
