@@ -1,6 +1,8 @@
 """target="local": the engine in this process, writing into the caller's arrays and torch
 parameters the very bytes a server sends, and refusing what it cannot write to."""
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,21 @@ def test_bad_arguments_name_themselves():
             },
             "local",
         )
+
+
+def _digest_in_child(queue):
+    queue.put(weightinit.digest(REQUEST, "local"))
+
+
+def test_a_forked_child_generates_too():
+    """The parent's threads do not survive fork(): the child must not wait on them."""
+    expected = weightinit.digest(REQUEST, "local")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_digest_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == expected
+    finally:
+        child.join(10)
+        child.kill()

@@ -2,9 +2,12 @@
 //! validation, plans and BLAKE3 digests as the server, written straight into the caller's
 //! memory on all cores instead of being streamed.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use blake3::Hash;
 use prost::Message;
 use rayon::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuildError, ThreadPoolBuilder};
 
 use weightinit_engine::{Limits, RequestError, RequestPlan, TensorPlan};
 use weightinit_service::convert;
@@ -19,6 +22,8 @@ pub enum LocalError {
     /// What a server would refuse with INVALID_ARGUMENT or RESOURCE_EXHAUSTED.
     #[error(transparent)]
     Refused(#[from] RequestError),
+    #[error("cannot start the generation threads: {0}")]
+    Threads(#[from] ThreadPoolBuildError),
     #[error("the request has {count} tensors, not one at index {index}")]
     NoTensor { index: usize, count: usize },
     #[error("tensor {name:?} is {expected} bytes, its destination {actual}")]
@@ -63,17 +68,20 @@ impl LocalPlan {
                 actual: out.len(),
             });
         }
+        let pool = pool()?;
         // A few pieces per thread balance the load; whole blocks keep every piece
         // element-aligned, and large ones keep a transposing view's columns long runs.
-        let pieces = 4 * rayon::current_num_threads();
+        let pieces = 4 * pool.current_num_threads();
         let piece = out
             .len()
             .div_ceil(pieces)
             .next_multiple_of(BLOCK_BYTES)
             .max(BLOCK_BYTES);
-        out.par_chunks_mut(piece)
-            .enumerate()
-            .for_each(|(i, part)| tensor.fill((i * piece) as u64, part));
+        pool.install(|| {
+            out.par_chunks_mut(piece)
+                .enumerate()
+                .for_each(|(i, part)| tensor.fill((i * piece) as u64, part));
+        });
         Ok(())
     }
 
@@ -83,16 +91,18 @@ impl LocalPlan {
         let tensor = self.tensor(index)?;
         let total = tensor.byte_length();
         let blocks = total.div_ceil(BLOCK_BYTES as u64);
-        let hashes: Vec<BlockHash> = (0..blocks)
-            .into_par_iter()
-            .map_init(Vec::new, |buffer, block| {
-                let offset = block * BLOCK_BYTES as u64;
-                let len = (total - offset).min(BLOCK_BYTES as u64) as usize;
-                buffer.resize(len, 0);
-                tensor.fill(offset, buffer);
-                BlockHash::of(total, offset, buffer)
-            })
-            .collect();
+        let hashes: Vec<BlockHash> = pool()?.install(|| {
+            (0..blocks)
+                .into_par_iter()
+                .map_init(Vec::new, |buffer, block| {
+                    let offset = block * BLOCK_BYTES as u64;
+                    let len = (total - offset).min(BLOCK_BYTES as u64) as usize;
+                    buffer.resize(len, 0);
+                    tensor.fill(offset, buffer);
+                    BlockHash::of(total, offset, buffer)
+                })
+                .collect()
+        });
         let mut tree = Tree::new(blocks);
         hashes.into_iter().for_each(|hash| tree.push(hash));
         Ok(tree.root())
@@ -104,4 +114,25 @@ impl LocalPlan {
             count: self.plan.tensors.len(),
         })
     }
+}
+
+/// This process's generation threads. Threads do not survive fork(), and Python programs fork
+/// (DataLoader workers, multiprocessing): a forked child starts its own pool rather than wait
+/// forever on its parent's, whose threads it does not have.
+fn pool() -> Result<Arc<ThreadPool>, ThreadPoolBuildError> {
+    static POOL: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut current = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((owner, pool)) = current.as_ref()
+        && *owner == pid
+    {
+        return Ok(Arc::clone(pool));
+    }
+    let pool = Arc::new(ThreadPoolBuilder::new().build()?);
+    // The parent's pool cannot be shut down from here: dropping it would signal threads
+    // this process does not have.
+    if let Some(inherited) = current.replace((pid, Arc::clone(&pool))) {
+        std::mem::forget(inherited);
+    }
+    Ok(pool)
 }
