@@ -112,5 +112,5 @@ def test_both_targets_refuse_alike(target):
         with pytest.raises(weightinit.RequestRefused) as raised:
             weightinit.describe(request, where, timeout=TIMEOUT)
         errors.append(raised.value)
-    assert errors[0].field == errors[1].field == "tensors[0].shape"
+    assert errors[0].field == errors[1].field == "tensors[0].fan_in"
     assert errors[0].details() == errors[1].details()
