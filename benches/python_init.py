@@ -5,9 +5,11 @@
 On a 317M-parameter Llama (transformers LlamaConfig: hidden 1024, 24 layers, intermediate
 2048, vocab 32000), built on the meta device and materialized with to_empty, in float32 and
 bfloat16, best of 3 each:
-- torch: transformers' own init of the model (`_init_weights` on every module, as
-  `init_weights()` runs it), the baseline;
-- local: `weightinit.torch.init_module(model, seed, "local", recipe="hf")`, in this process;
+- torch: the baseline, in two flavours: transformers' own init of the model (`_init_weights`
+  on every module, as `init_weights()` runs it: normal(0, 0.02) for every matrix), and
+  PyTorch's layer defaults (`reset_parameters()` of every module: kaiming_uniform for Linear);
+- local: `weightinit.torch.init_module(model, seed, "local", recipe=...)` with the recipe that
+  draws the same distributions ("hf", "torch"), in this process;
 - loopback: the same over loopback from a release server this script starts.
 Then a raw [8192, 8192] float32 xavier_uniform tensor into numpy (local and loopback) against
 `torch.nn.init.xavier_uniform_`. Prints one line per measurement, the ratios against torch
@@ -20,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +63,23 @@ def llama(dtype):
     return model.to_empty(device="cpu")
 
 
-def torch_init(model):
+def hf_init(model):
     with torch.no_grad():
         model.apply(model._init_weights)
+
+
+def torch_init(model):
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+
+# recipe: the torch init that draws what init_module with that recipe draws.
+BASELINES = {
+    "hf": ("_init_weights", hf_init),
+    "torch": ("reset_parameters", torch_init),
+}
 
 
 def server():
@@ -97,11 +114,14 @@ def llama_rows(dtype, address):
     params = sum(p.numel() for p in model.parameters())
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(f"Llama {params / 1e6:.0f}M parameters, {dtype}: {size:.0f} MiB")
-    baseline = best(torch_init, model)
-    report("  torch _init_weights", baseline, baseline)
-    for target in (weightinit.LOCAL, address):
-        seconds = best(weightinit.torch.init_module, model, SEED, target, recipe="hf")
-        report(f"  init_module {where(target)}", seconds, baseline)
+    for recipe, (name, init) in BASELINES.items():
+        baseline = best(init, model)
+        report(f"  torch {name}", baseline, baseline)
+        for target in (weightinit.LOCAL, address):
+            seconds = best(
+                weightinit.torch.init_module, model, SEED, target, recipe=recipe
+            )
+            report(f"  init_module recipe={recipe} {where(target)}", seconds, baseline)
     print(f"  peak RSS so far {peak_rss_mib():.0f} MiB")
 
 
@@ -123,6 +143,8 @@ def stream_rows(address):
 
 
 def main():
+    # init_module's note that it leaves the rotary buffers as they are, once per call.
+    warnings.simplefilter("ignore", UserWarning)
     process, address = server()
     threads = f"{torch.get_num_threads()} threads, {os.cpu_count()} cores"
     try:
