@@ -75,10 +75,11 @@ def torch_init(model):
                 module.reset_parameters()
 
 
-# recipe: the torch init that draws what init_module with that recipe draws.
+# recipe: the torch init that draws what init_module with that recipe (and rules) draws.
+# PyTorch's defaults know no LlamaRMSNorm; its reset_parameters() fills ones.
 BASELINES = {
-    "hf": ("_init_weights", hf_init),
-    "torch": ("reset_parameters", torch_init),
+    "hf": ("_init_weights", hf_init, None),
+    "torch": ("reset_parameters", torch_init, [("*norm.weight", {"ones": {}})]),
 }
 
 
@@ -114,7 +115,7 @@ def llama_rows(dtype, address):
     params = sum(p.numel() for p in model.parameters())
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(f"Llama {params / 1e6:.0f}M parameters, {dtype}: {size:.0f} MiB")
-    for recipe, (name, init) in BASELINES.items():
+    for recipe, (name, init, rules) in BASELINES.items():
         baseline = best(init, model)
         report(f"  torch {name}", baseline, baseline)
         for target in (weightinit.LOCAL, address):
