@@ -120,7 +120,7 @@ def llama_rows(dtype, address):
         report(f"  torch {name}", baseline, baseline)
         for target in (weightinit.LOCAL, address):
             seconds = best(
-                weightinit.torch.init_module, model, SEED, target, recipe=recipe
+                weightinit.torch.init_module, model, SEED, target, rules, recipe=recipe
             )
             report(f"  init_module recipe={recipe} {where(target)}", seconds, baseline)
     print(f"  peak RSS so far {peak_rss_mib():.0f} MiB")
