@@ -136,3 +136,67 @@ fn pool() -> Result<Arc<ThreadPool>, ThreadPoolBuildError> {
     }
     Ok(pool)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weightinit_service::proto::{Init, TensorSpec, init};
+
+    fn request(shape: Vec<u64>, permute: Vec<u32>) -> Vec<u8> {
+        GenerateRequest {
+            seed: 9,
+            tensors: vec![TensorSpec {
+                name: "w".to_owned(),
+                shape,
+                permute,
+                init: Some(Init {
+                    scheme: Some(init::Scheme::XavierNormal(Default::default())),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn the_digest_is_blake3_of_the_filled_bytes() {
+        // One block, several blocks with a short last one, and a transposing view.
+        for (shape, permute) in [
+            (vec![64, 32], vec![]),
+            (vec![1000, 777], vec![]),
+            (vec![777, 1000], vec![1, 0]),
+        ] {
+            let plan = LocalPlan::decode(&request(shape.clone(), permute)).unwrap();
+            let mut out = vec![0u8; shape.iter().product::<u64>() as usize * 4];
+            plan.fill(0, &mut out).unwrap();
+            assert_eq!(plan.digest(0).unwrap(), blake3::hash(&out), "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn bad_calls_are_errors() {
+        let plan = LocalPlan::decode(&request(vec![4, 4], vec![])).unwrap();
+        assert!(matches!(
+            plan.fill(0, &mut [0u8; 63]),
+            Err(LocalError::Length {
+                expected: 64,
+                actual: 63,
+                ..
+            })
+        ));
+        assert!(matches!(
+            plan.digest(1),
+            Err(LocalError::NoTensor { index: 1, count: 1 })
+        ));
+        assert!(matches!(
+            LocalPlan::decode(&[0xff]),
+            Err(LocalError::Decode(_))
+        ));
+        let refused = LocalPlan::decode(&request(vec![4], vec![])).unwrap_err();
+        assert!(
+            matches!(&refused, LocalError::Refused(e) if e.field() == "tensors[0].fan_in"),
+            "{refused}"
+        );
+    }
+}
