@@ -70,3 +70,9 @@ def target(tmp_path_factory):
     """The address of a plaintext server started with `serve --addr 127.0.0.1:0`."""
     with serve(tmp_path_factory.mktemp("server") / "stderr.log") as address:
         yield address
+
+
+@pytest.fixture(params=["local", "server"])
+def both(request):
+    """Each target in turn: "local" (the engine in this process) and the real server."""
+    return "local" if request.param == "local" else request.getfixturevalue("target")

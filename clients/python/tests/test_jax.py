@@ -51,7 +51,9 @@ def test_eight_devices():
 
 
 @pytest.mark.parametrize("kind", SHARDINGS)
-def test_make_array_equals_the_full_tensor(kind, target):
+def test_make_array_equals_the_full_tensor(kind, both):
+    """From the server and from "local": each device's block is the full tensor's."""
+    target = both
     sharding = SHARDINGS[kind]()
     array = wj.make_array("w", SHAPE, INIT, sharding, seed=SEED, target=target)
     full = full_tensor(target)

@@ -1,5 +1,5 @@
-"""Every case of the public vectors, fetched from the real server, plus its Digest and Describe,
-and the errors a bad request gets."""
+"""Every case of the public vectors, fetched from the real server and generated in this process
+("local"), plus its Digest and Describe, and the errors a bad request gets from either."""
 
 import json
 
@@ -35,7 +35,8 @@ def _floats(value, count):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case["case"] for case in CASES])
-def test_vector_case(case, target):
+def test_vector_case(case, both):
+    target = both
     result = weightinit.fetch(case["request"], target, timeout=TIMEOUT)
     assert list(result) == [expect["name"] for expect in case["expect"]]
     for expect in case["expect"]:
@@ -55,8 +56,9 @@ def test_vector_case(case, target):
         assert header["dtype"] != "DTYPE_UNSPECIFIED" and header["resolved"]["scheme"]
 
 
-def test_small_chunks_into_caller_buffers(target):
+def test_small_chunks_into_caller_buffers(both):
     """Many chunks per tensor, written straight into preallocated arrays."""
+    target = both
     case = CASES[0]
     request = dict(case["request"], chunkBytes=1000)
     headers = weightinit.describe(request, target, timeout=TIMEOUT)
@@ -93,7 +95,22 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize(
     "call", [weightinit.fetch, weightinit.digest, weightinit.describe], ids=lambda f: f.__name__
 )
-def test_bad_request_is_invalid_argument(call, request_, target):
-    with pytest.raises(grpc.RpcError) as raised:
-        call(request_, target, timeout=TIMEOUT)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+def test_bad_request_is_invalid_argument(call, request_, both):
+    with pytest.raises(weightinit.RequestRefused) as raised:
+        call(request_, both, timeout=TIMEOUT)
+    error = raised.value
+    assert isinstance(error, ValueError) and isinstance(error, grpc.RpcError)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(f"{error.field}: ") and error.field
+
+
+def test_both_targets_refuse_alike(target):
+    """The local engine's refusal is the server's, word for word."""
+    request = BAD_REQUESTS["fanless-xavier"]
+    errors = []
+    for where in ("local", target):
+        with pytest.raises(weightinit.RequestRefused) as raised:
+            weightinit.describe(request, where, timeout=TIMEOUT)
+        errors.append(raised.value)
+    assert errors[0].field == errors[1].field == "tensors[0].fan_in"
+    assert errors[0].details() == errors[1].details()

@@ -6,6 +6,8 @@
     with weightinit.Client("127.0.0.1:50051", timeout=120) as client:   # one channel, reused
         arrays = client.fetch(request)
 
+    arrays = weightinit.fetch(request, "local")    # no server: the engine in this process
+
 `security=weightinit.Security(...)` adds TLS, mutual TLS or a bearer token to any call.
 `weightinit.torch` (imported on first use) initializes torch modules in place; `weightinit.jax`,
 `weightinit.flax` and `weightinit.keras` do the same for sharded jax.Arrays, Flax parameters and
@@ -21,13 +23,24 @@ import os
 
 __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
-from .client import Client, IntegrityError, describe, digest, fetch, read_stream
+from .client import (
+    LOCAL,
+    Client,
+    IntegrityError,
+    RequestRefused,
+    describe,
+    digest,
+    fetch,
+    read_stream,
+)
 from .request import to_message
 from .security import Security
 
 __all__ = [
+    "LOCAL",
     "Client",
     "IntegrityError",
+    "RequestRefused",
     "Security",
     "describe",
     "digest",

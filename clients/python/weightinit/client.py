@@ -1,28 +1,37 @@
 """Calls to a weightinit server: tensors (Generate), digests (Digest), descriptions (Describe).
 
 A `Client` keeps one channel to its target open across calls and gives every call a deadline.
+The target "local" is no server: the engine runs in this process (weightinit._native, on all
+cores, without the GIL), writing the same bytes straight into the destination arrays.
 The module-level fetch(), digest() and describe() share one Client per target and Security, so
 repeated calls reuse their connection too. Plaintext, or TLS, mutual TLS and a bearer token as a
 `Security` passed as `security=` says.
 """
 
+import contextlib
+import ctypes
 import importlib.util
 import math
 import os
 import threading
 
 import blake3
+import grpc
 import numpy as np
 
 from weightinit.v1 import weightinit_pb2 as pb
 from weightinit.v1 import weightinit_pb2_grpc as pb_grpc
 
+from . import _native
 from .request import to_dict, to_message
 from .security import Security, explained, open_channel
 
 # Largest response message accepted; well above any chunk the server may send (grpc's own
 # default, 4 MiB, is below what a client may ask for with chunk_bytes).
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+
+# The target that runs the engine in this process instead of calling a server.
+LOCAL = "local"
 
 # Seconds a call may take unless told otherwise: long enough to stream a large model's shard,
 # short enough that a call to a server that hangs fails instead of waiting forever.
@@ -42,8 +51,36 @@ class IntegrityError(Exception):
     """The Generate stream broke the protocol, or a tensor's bytes do not match its digest."""
 
 
+class RequestRefused(grpc.RpcError, ValueError):
+    """The request is invalid (INVALID_ARGUMENT) or over a limit (RESOURCE_EXHAUSTED), refused
+    before any data by the server or, for target "local", by the engine in this process.
+
+    `field` is the path of the field at fault, such as "tensors[0].shape"; code() and details()
+    answer as grpc's own error does, so handlers written for grpc.RpcError keep working.
+    """
+
+    def __init__(self, code, field, message):
+        super().__init__(message)
+        self.field = field
+        self._code = grpc.StatusCode[code]
+        self._details = message
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+def _refused(error):
+    """The server's INVALID_ARGUMENT as a RequestRefused; its details read "field: reason"."""
+    details = error.details() or ""
+    return RequestRefused("INVALID_ARGUMENT", details.split(": ", 1)[0], details)
+
+
 class Client:
-    """A connection to the weightinit server at `target` ("host:port"), reused by every call.
+    """A connection to the weightinit server at `target` ("host:port"), reused by every call;
+    target "local" runs the engine in this process instead (no channel, no deadline).
 
     security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
         Its files are read once, here, before anything is dialed (ValueError if unusable).
@@ -61,10 +98,15 @@ class Client:
             raise ValueError(
                 f"timeout: must be a positive number of seconds or None, got {timeout}"
             )
-        options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
         self.target = target
         self.timeout = timeout
         self._security = security
+        if target == LOCAL:
+            if security not in (None, Security()):
+                raise ValueError('security: target "local" runs in this process, over no network')
+            self._channel = None
+            return
+        options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
         self._channel, self._metadata = open_channel(target, security, options)
         self._stub = pb_grpc.WeightInitStub(self._channel)
 
@@ -76,7 +118,8 @@ class Client:
 
     def close(self):
         """Closes the channel; calls in flight are cancelled."""
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def _deadline(self, timeout):
         return self.timeout if timeout is None else timeout
@@ -85,7 +128,9 @@ class Client:
         """Generates every tensor of `request` and returns them; see weightinit.fetch().
         timeout: seconds for this call (default: the client's)."""
         message = to_message(request)
-        with explained(self.target, self._security):
+        if self._channel is None:
+            return _generate_here(message, out)
+        with self._explained():
             responses = self._stub.Generate(
                 message, timeout=self._deadline(timeout), metadata=self._metadata
             )
@@ -94,7 +139,10 @@ class Client:
     def digest(self, request, timeout=None):
         """Returns {name: hex BLAKE3 digest}; see weightinit.digest()."""
         message = to_message(request)
-        with explained(self.target, self._security):
+        if self._channel is None:
+            plan = _native.Plan(message.SerializeToString())
+            return {t.name: plan.digest(i).hex() for i, t in enumerate(message.tensors)}
+        with self._explained():
             response = self._stub.Digest(
                 message, timeout=self._deadline(timeout), metadata=self._metadata
             )
@@ -103,11 +151,40 @@ class Client:
     def describe(self, request, timeout=None):
         """Returns {name: TensorHeader in proto3 JSON form}; see weightinit.describe()."""
         message = to_message(request)
-        with explained(self.target, self._security):
-            response = self._stub.Describe(
-                message, timeout=self._deadline(timeout), metadata=self._metadata
+        if self._channel is None:
+            response = pb.DescribeResponse.FromString(
+                _native.Plan(message.SerializeToString()).describe()
             )
+        else:
+            with self._explained():
+                response = self._stub.Describe(
+                    message, timeout=self._deadline(timeout), metadata=self._metadata
+                )
         return {header.name: to_dict(header) for header in response.tensors}
+
+    @contextlib.contextmanager
+    def _explained(self):
+        """A server that cannot be reached as ServerUnreachable, a refused request as
+        RequestRefused; other errors as grpc raised them."""
+        try:
+            with explained(self.target, self._security):
+                yield
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise _refused(error) from error
+            raise
+
+
+def _generate_here(message, out):
+    """fetch() for target "local": each tensor generated in this process into its destination."""
+    out = _destinations(out, [tensor.name for tensor in message.tensors])
+    plan = _native.Plan(message.SerializeToString())
+    results = {}
+    for index, header in enumerate(pb.DescribeResponse.FromString(plan.describe()).tensors):
+        destination = _Destination(header, out.get(header.name))
+        plan.fill(index, _address(destination.buffer), destination.length)
+        results[header.name] = destination.value()
+    return results
 
 
 _SHARED = {}
@@ -155,7 +232,8 @@ def _file_stamp(security):
 
 
 def fetch(request, target, out=None, timeout=None, *, security=None):
-    """Generates every tensor of `request` on the server at `target` and returns them.
+    """Generates every tensor of `request` on the server at `target` and returns them;
+    target "local" generates them in this process instead (the same bytes, on all cores).
 
     request: a GenerateRequest, or a dict in its proto3 JSON form.
     out: optional {tensor name: destination}; a destination is a writable C-contiguous buffer
@@ -170,8 +248,8 @@ def fetch(request, target, out=None, timeout=None, *, security=None):
     (float32, float64 or float16), except bfloat16: a torch.bfloat16 tensor when torch is
     importable, otherwise a numpy uint16 array of the raw bfloat16 bit patterns.
 
-    Raises grpc.RpcError when the server rejects the request (INVALID_ARGUMENT for a bad one),
-    IntegrityError when what arrives is not what the server promised, ValueError for a request
+    Raises RequestRefused (a ValueError and a grpc.RpcError) for a request the server or the
+    local engine refuses, naming the field; grpc.RpcError for other server errors; IntegrityError when what arrives is not what the server promised, ValueError for a request
     or security options that cannot work (before anything is dialed).
     """
     message = to_message(request)
@@ -186,10 +264,7 @@ def read_stream(responses, request, out=None):
     """
     message = to_message(request)
     names = [tensor.name for tensor in message.tensors]
-    out = dict(out or {})
-    unknown = sorted(set(out) - set(names))
-    if unknown:
-        raise ValueError(f"out names tensors that are not in the request: {unknown}")
+    out = _destinations(out, names)
 
     results = {}
     receiver = None
@@ -216,14 +291,20 @@ def read_stream(responses, request, out=None):
     return results
 
 
-class _Receiver:
-    """Receives one tensor's chunks into its destination and checks them against its header."""
+def _destinations(out, names):
+    """`out` as a dict, refused if it names a tensor that is not in the request."""
+    out = dict(out or {})
+    unknown = sorted(set(out) - set(names))
+    if unknown:
+        raise ValueError(f"out names tensors that are not in the request: {unknown}")
+    return out
 
-    def __init__(self, header, index, name, dest):
-        if header.index != index or header.name != name:
-            raise IntegrityError(
-                f"header for tensor {header.index} {header.name!r}, expected {index} {name!r}"
-            )
+
+class _Destination:
+    """Where one tensor's bytes go: the caller's buffer, or a new array of the header's shape."""
+
+    def __init__(self, header, dest):
+        name = header.name
         dtype = _NUMPY_DTYPES.get(header.dtype)
         if dtype is None:
             raise IntegrityError(f"{name!r}: unknown dtype {header.dtype}")
@@ -234,10 +315,25 @@ class _Receiver:
                 f"{name!r}: byte_length {header.byte_length} does not fit output shape {shape}"
             )
         self.name = name
-        self.index = index
         self.bfloat16 = header.dtype == pb.DTYPE_BFLOAT16 and dest is None
         self.result = np.empty(shape, dtype) if dest is None else dest
         self.buffer = _byte_view(self.result, self.length, name)
+
+    def value(self):
+        """What fetch() returns for the tensor once its bytes are in."""
+        return _as_bfloat16(self.result) if self.bfloat16 else self.result
+
+
+class _Receiver(_Destination):
+    """Receives one tensor's chunks into its destination and checks them against its header."""
+
+    def __init__(self, header, index, name, dest):
+        if header.index != index or header.name != name:
+            raise IntegrityError(
+                f"header for tensor {header.index} {header.name!r}, expected {index} {name!r}"
+            )
+        super().__init__(header, dest)
+        self.index = index
         self.hasher = blake3.blake3()
         self.received = 0
 
@@ -272,7 +368,7 @@ class _Receiver:
                 f"{self.name!r}: BLAKE3 of the received bytes is {digest.hex()}, "
                 f"the server's is {end.blake3.hex()}"
             )
-        return _as_bfloat16(self.result) if self.bfloat16 else self.result
+        return self.value()
 
 
 def _byte_view(dest, length, name):
@@ -287,6 +383,12 @@ def _byte_view(dest, length, name):
         raise ValueError(f"out[{name!r}] has {view.nbytes} bytes, the tensor {length}")
     # memoryview cannot cast an empty view with a 0 in its shape; nothing is written there anyway.
     return view.cast("B") if length else memoryview(bytearray())
+
+
+def _address(view):
+    """The address of a writable byte view's first byte (0 for an empty one), for
+    weightinit._native to write to while `view` keeps the buffer exported."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.nbytes else 0
 
 
 def _as_bfloat16(bits):

@@ -3,6 +3,7 @@
 //! - [`source`]: the request file and the server, remote or in this process (`--local`).
 //! - [`fetch`]: streams a request's tensors to disk, verifying and resuming.
 //! - [`output`]: the safetensors, npy and raw writers.
+//! - [`local`]: in-process generation into the caller's memory (the Python package's).
 //! - [`describe`]: a request's resolved tensors as a table.
 //! - [`retry`]: which failures to retry, and the backoff.
 //! - [`progress`]: the progress line and notes on stderr.
@@ -15,6 +16,7 @@
 pub mod describe;
 pub mod fetch;
 pub mod health;
+pub mod local;
 pub mod output;
 pub mod progress;
 pub mod retry;

@@ -80,7 +80,6 @@ enum Stop {
     WorkerFailed,
 }
 
-/// What a job hands back: the block's bytes (for Generate) and its hash.
 /// What a job made: a whole number of blocks (the tensor's last one may be short).
 struct Block {
     /// The bytes, when they are to be sent.
@@ -89,11 +88,25 @@ struct Block {
     hashes: Vec<BlockHash>,
 }
 
-enum BlockHash {
+pub enum BlockHash {
     /// The whole tensor fits in one block: its BLAKE3 hash.
     Root(blake3::Hash),
     /// One block of several: its subtree's chaining value.
     Subtree(ChainingValue),
+}
+
+impl BlockHash {
+    /// The hash of `data`, the block at `offset` of a `total`-byte tensor cut into
+    /// [`BLOCK_BYTES`] blocks.
+    pub fn of(total: u64, offset: u64, data: &[u8]) -> Self {
+        if total <= BLOCK_BYTES as u64 {
+            Self::Root(blake3::hash(data))
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            hasher.set_input_offset(offset).update(data);
+            Self::Subtree(hasher.finalize_non_root())
+        }
+    }
 }
 
 impl Pipeline {
@@ -225,19 +238,12 @@ fn block(
     emit: Emit,
     make: impl FnOnce(&mut [u8]),
 ) -> Block {
-    let only_block = tensor.byte_length() <= BLOCK_BYTES as u64;
+    let total = tensor.byte_length();
     let hash = |data: &[u8]| -> Vec<BlockHash> {
-        if only_block {
-            return vec![BlockHash::Root(blake3::hash(data))];
-        }
         let starts = (offset..).step_by(BLOCK_BYTES);
         data.chunks(BLOCK_BYTES)
             .zip(starts)
-            .map(|(part, start)| {
-                let mut hasher = blake3::Hasher::new();
-                hasher.set_input_offset(start).update(part);
-                BlockHash::Subtree(hasher.finalize_non_root())
-            })
+            .map(|(part, start)| BlockHash::of(total, start, part))
             .collect()
     };
     match emit {
@@ -346,14 +352,15 @@ impl Pipeline {
     }
 }
 
-struct Tree {
+/// A tensor's BLAKE3 hash put together from its blocks' hashes, pushed in order.
+pub struct Tree {
     blocks: u64,
     stack: Vec<(ChainingValue, u64)>,
     root: Option<blake3::Hash>,
 }
 
 impl Tree {
-    fn new(blocks: u64) -> Self {
+    pub fn new(blocks: u64) -> Self {
         Self {
             blocks,
             stack: Vec::new(),
@@ -361,7 +368,7 @@ impl Tree {
         }
     }
 
-    fn push(&mut self, hash: BlockHash) {
+    pub fn push(&mut self, hash: BlockHash) {
         let mut cv = match hash {
             BlockHash::Root(root) => {
                 debug_assert_eq!(self.blocks, 1);
@@ -383,7 +390,7 @@ impl Tree {
     }
 
     /// The tensor's BLAKE3 hash, once every block is in.
-    fn root(mut self) -> blake3::Hash {
+    pub fn root(mut self) -> blake3::Hash {
         if let Some(root) = self.root {
             return root;
         }

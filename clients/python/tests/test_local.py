@@ -1,0 +1,140 @@
+"""target="local": the engine in this process, writing into the caller's arrays and torch
+parameters the very bytes a server sends, and refusing what it cannot write to."""
+
+import multiprocessing
+
+import numpy as np
+import pytest
+import torch
+
+import weightinit
+
+REQUEST = {
+    "seed": 11,
+    "tensors": [
+        {"name": "w", "shape": [300, 700], "init": {"kaimingUniform": {"a": 2.23606797749979}}},
+        {"name": "b", "shape": [700], "init": {"normal": {"std": 0.02}}, "dtype": "DTYPE_BFLOAT16"},
+        {"name": "e", "shape": [0, 4], "init": {"zeros": {}}},
+    ],
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(1000, 64),
+        torch.nn.Linear(64, 256),
+        torch.nn.LayerNorm(256),
+        torch.nn.Conv1d(256, 32, 3),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_init_module_local_writes_the_servers_bytes(dtype, target):
+    local, remote = _model().to(dtype), _model().to(dtype)
+    weightinit.torch.init_module(local, 7, "local")
+    weightinit.torch.init_module(remote, 7, target)
+    for (name, mine), theirs in zip(local.named_parameters(), remote.parameters()):
+        assert torch.equal(_bytes(mine), _bytes(theirs)), name
+
+
+def _bytes(tensor):
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def test_local_digest_is_blake3_of_the_fetched_bytes(target):
+    import blake3
+
+    fetched = weightinit.fetch(REQUEST, "local")
+    digests = weightinit.digest(REQUEST, "local")
+    assert digests == weightinit.digest(REQUEST, target)
+    for name, value in fetched.items():
+        raw = value.view(torch.int16).numpy() if isinstance(value, torch.Tensor) else value
+        assert blake3.blake3(raw.tobytes()).hexdigest() == digests[name]
+
+
+def test_large_tensors_span_many_blocks_and_threads(target):
+    """Several MiB, a transposing view and a shard: the parallel pieces meet exactly."""
+    request = {
+        "seed": 3,
+        "tensors": [
+            {"name": "big", "shape": [1500, 1700], "init": {"xavierNormal": {}}},
+            {"name": "t", "shape": [900, 1100], "init": {"uniform": {}}, "permute": [1, 0]},
+            {
+                "name": "s",
+                "shape": [1024, 2048],
+                "init": {"heNormal": {}},
+                "layout": "LAYOUT_KERAS",
+                "slice": {"shard": {"dim": 1, "index": 1, "count": 3}},
+            },
+        ],
+    }
+    assert weightinit.digest(request, "local") == weightinit.digest(request, target)
+    local, remote = weightinit.fetch(request, "local"), weightinit.fetch(request, target)
+    for name in remote:
+        assert local[name].tobytes() == remote[name].tobytes(), name
+
+
+def test_into_caller_buffers():
+    headers = weightinit.describe(REQUEST, "local")
+    out = {"w": np.empty((300, 700), np.float32), "b": bytearray(1400)}
+    result = weightinit.fetch(REQUEST, "local", out=out)
+    assert result["w"] is out["w"] and result["b"] is out["b"]
+    assert int(headers["w"]["byteLength"]) == out["w"].nbytes
+    assert out["w"].tobytes() == weightinit.fetch(REQUEST, "local")["w"].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("dest", "message"),
+    [
+        (np.empty((300, 699), np.float32), r"out\['w'\] has 838800 bytes, the tensor 840000"),
+        (np.empty((700, 300), np.float32).T, r"out\['w'\] must be writable and C-contiguous"),
+        (bytes(840000), r"out\['w'\] must be writable and C-contiguous"),
+    ],
+)
+def test_destinations_are_checked_before_anything_is_written(dest, message):
+    with pytest.raises(ValueError, match=message):
+        weightinit.fetch(REQUEST, "local", out={"w": dest})
+
+
+def test_a_destination_that_is_no_buffer_is_a_type_error():
+    with pytest.raises(TypeError, match=r"out\['w'\] is a list, not a buffer"):
+        weightinit.fetch(REQUEST, "local", out={"w": [0.0] * 210000})
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match=r"out names tensors that are not in the request"):
+        weightinit.fetch(REQUEST, "local", out={"x": np.empty(1)})
+    with pytest.raises(ValueError, match=r"seed: must be in 0\.\.2\*\*64-1"):
+        weightinit.fetch({**REQUEST, "seed": -1}, "local")
+    with pytest.raises(ValueError, match=r'security: target "local" runs in this process'):
+        weightinit.Client("local", security=weightinit.Security(token="t0k3n-for-nobody"))
+    with pytest.raises(weightinit.RequestRefused, match=r"^tensors\[1\]\.init\.uniform"):
+        weightinit.fetch(
+            {
+                "seed": 1,
+                "tensors": [
+                    REQUEST["tensors"][0],
+                    {"name": "u", "shape": [2], "init": {"uniform": {"low": 1, "high": 0}}},
+                ],
+            },
+            "local",
+        )
+
+
+def _digest_in_child(queue):
+    queue.put(weightinit.digest(REQUEST, "local"))
+
+
+def test_a_forked_child_generates_too():
+    """The parent's threads do not survive fork(): the child must not wait on them."""
+    expected = weightinit.digest(REQUEST, "local")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_digest_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == expected
+    finally:
+        child.join(10)
+        child.kill()
