@@ -10,6 +10,7 @@ pub mod fans;
 pub mod isa;
 pub mod keystream;
 pub mod normal;
+mod param;
 pub mod plan;
 pub mod request;
 pub mod scheme;

@@ -4,7 +4,6 @@ use super::distribution::{Sampler, Scratch};
 use super::dtype::DType;
 use super::isa::Isa;
 use super::keystream::Keystream;
-use super::request::TensorSpec;
 use super::scheme::Resolved;
 use super::slice::{Placement, Selection, TILE_ELEMENTS, TileSink};
 use super::structured::Structured;
@@ -33,21 +32,22 @@ impl TensorPlan {
     pub(super) fn new(
         index: u32,
         seed: u64,
-        spec: &TensorSpec,
+        name: &str,
+        shape: &[u64],
         dtype: DType,
         resolved: Resolved,
         selection: Selection,
     ) -> Self {
         Self {
             index,
-            name: spec.name.clone(),
-            shape: spec.shape.clone(),
+            name: name.to_owned(),
+            shape: shape.to_vec(),
             dtype,
-            keystream: Keystream::new(seed, &spec.name),
+            keystream: Keystream::new(seed, name),
             sampler: resolved.distribution.sampler(),
             structured: resolved
                 .structure
-                .map(|structure| Structured::new(structure, &spec.shape)),
+                .map(|structure| Structured::new(structure, shape)),
             resolved,
             selection,
         }

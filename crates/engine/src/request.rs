@@ -322,7 +322,8 @@ impl Request {
         Ok(TensorPlan::new(
             index as u32,
             self.seed,
-            spec,
+            &spec.name,
+            &spec.shape,
             dtype,
             resolved,
             selection,

@@ -13,7 +13,7 @@ use super::distribution::{Distribution, Sampler, Scratch};
 use super::fans::Layout;
 use super::keystream::Keystream;
 use super::normal::MAX_BLOCK;
-use super::scheme::{SchemeError, SchemeField, invalid, non_negative, param};
+use super::param::{SchemeError, SchemeField, invalid, non_negative, param};
 
 /// The first keystream word of sparse's zero selection: above every element word, since an
 /// element count times a dtype size (at least 2 bytes) fits in u64.
