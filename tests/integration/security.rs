@@ -570,14 +570,14 @@ async fn certificates_and_token_rotate_without_a_restart() {
     // Files that do not load are refused by name, and what was loaded stays in use.
     std::fs::write(&files.cert, "not a certificate\n").unwrap();
     std::fs::write(&files.token, "\n").unwrap();
-    let error = server.reloader.reload().unwrap_err();
+    let error = server.reloader.reload().unwrap_err().to_string();
     assert!(
         error.contains("--tls-cert") && error.contains("--auth-token-file"),
         "{error}"
     );
     served_to(server.addr, &new, NEXT_TOKEN).await.unwrap();
     std::fs::write(&files.cert, std::fs::read(&old.client_cert).unwrap()).unwrap();
-    let error = server.reloader.reload().unwrap_err();
+    let error = server.reloader.reload().unwrap_err().to_string();
     assert!(
         error.contains("does not belong to the certificate"),
         "{error}"

@@ -18,7 +18,7 @@ use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
 use super::metrics::{self, Metrics};
-use super::tls::Tls;
+use super::tls::{Tls, TlsError};
 use crate::proto::{self, weight_init_server::WeightInitServer};
 use weightinit_engine::Limits;
 
@@ -98,8 +98,8 @@ impl Default for ServeConfig {
 pub enum ConfigError {
     #[error("{0}")]
     Limit(String),
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("--auth-token-file: {0}")]
     Token(#[from] TokenError),
 }
@@ -327,13 +327,16 @@ pub struct Reloader {
 impl Reloader {
     /// Reloads every file; each part that fails keeps what it had, and the error names
     /// its flag. New connections and calls see the new files, open connections keep theirs.
-    pub fn reload(&self) -> Result<(), String> {
-        let tls = self.tls.as_ref().map(|tls| tls.reload());
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|tls| tls.reload().map_err(ConfigError::from));
         let token = self
             .token
             .as_ref()
-            .map(|token| token.reload().map_err(|e| ConfigError::from(e).to_string()));
-        let errors: Vec<String> = [tls, token]
+            .map(|token| token.reload().map_err(ConfigError::from));
+        let errors: Vec<ConfigError> = [tls, token]
             .into_iter()
             .flatten()
             .filter_map(Result::err)
@@ -342,10 +345,15 @@ impl Reloader {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("; "))
+            Err(ReloadError(errors))
         }
     }
 }
+
+/// The parts of a reload that failed (each kept what it had).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct ReloadError(pub Vec<ConfigError>);
 
 /// Health of the whole server ("") and of the WeightInit service.
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

@@ -24,7 +24,7 @@ use tokio_rustls::rustls::crypto::{CryptoProvider, ring};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 
@@ -47,6 +47,65 @@ pub struct Tls {
     config: RwLock<Arc<ServerConfig>>,
 }
 
+/// Why the TLS files cannot be used; the message names the flag and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Flags that do not go together.
+    #[error("{0}")]
+    Flags(&'static str),
+    #[error("{flag} {}: cannot read: {source}", path.display())]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{flag} {}: no PEM block of type {labels} found", path.display())]
+    NoPem {
+        flag: &'static str,
+        path: PathBuf,
+        labels: String,
+    },
+    /// A file whose content rustls refuses.
+    #[error("{flag} {}: {source}", path.display())]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("--tls-cert {} / --tls-key {}: {}", cert.display(), key.display(), pair_reason(source))]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error(transparent)]
+    Protocol(#[from] rustls::Error),
+}
+
+impl TlsError {
+    fn file(
+        flag: &'static str,
+        path: &Path,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::File {
+            flag,
+            path: path.to_owned(),
+            source: source.into(),
+        }
+    }
+}
+
+/// What is wrong with a certificate and key, in words for the commonest case.
+fn pair_reason(error: &rustls::Error) -> String {
+    match error.to_string() {
+        text if text.contains("KeyMismatch") || text.contains("key mismatch") => {
+            "the private key does not belong to the certificate".to_owned()
+        }
+        text => text,
+    }
+}
+
 impl Tls {
     /// TLS as `--tls-cert`, `--tls-key` and `--tls-client-ca` say; `None` when none of them
     /// is given (plaintext).
@@ -54,23 +113,26 @@ impl Tls {
         cert: Option<&Path>,
         key: Option<&Path>,
         client_ca: Option<&Path>,
-    ) -> Result<Option<Self>, String> {
+    ) -> Result<Option<Self>, TlsError> {
         let (cert, key) = match (cert, key) {
             (None, None) => {
                 return match client_ca {
                     None => Ok(None),
-                    Some(_) => Err(
-                        "--tls-client-ca needs TLS: give --tls-cert and --tls-key as well"
-                            .to_owned(),
-                    ),
+                    Some(_) => Err(TlsError::Flags(
+                        "--tls-client-ca needs TLS: give --tls-cert and --tls-key as well",
+                    )),
                 };
             }
             (Some(cert), Some(key)) => (cert, key),
             (Some(_), None) => {
-                return Err("--tls-cert needs --tls-key (the certificate's private key)".into());
+                return Err(TlsError::Flags(
+                    "--tls-cert needs --tls-key (the certificate's private key)",
+                ));
             }
             (None, Some(_)) => {
-                return Err("--tls-key needs --tls-cert (the certificate it belongs to)".into());
+                return Err(TlsError::Flags(
+                    "--tls-key needs --tls-cert (the certificate it belongs to)",
+                ));
             }
         };
         let files = Files {
@@ -91,7 +153,7 @@ impl Tls {
     }
 
     /// Reads the files again; on success new handshakes use them, on failure nothing changes.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let config = load(&self.files)?;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(())
@@ -121,7 +183,7 @@ impl Tls {
 
 /// A rustls configuration from the files, checked whole: readable PEM of the right kinds, a
 /// key that belongs to the certificate, a CA that can verify clients.
-fn load(files: &Files) -> Result<Arc<ServerConfig>, String> {
+fn load(files: &Files) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_pem = read_pem("--tls-cert", &files.cert, &["CERTIFICATE"])?;
     let key_pem = read_pem(
         "--tls-key",
@@ -130,30 +192,23 @@ fn load(files: &Files) -> Result<Arc<ServerConfig>, String> {
     )?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
+        .map_err(|e| TlsError::file("--tls-cert", &files.cert, e))?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| format!("--tls-key {}: {e}", files.key.display()))?;
+        .map_err(|e| TlsError::file("--tls-key", &files.key, e))?;
     let provider = Arc::new(ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .with_safe_default_protocol_versions()?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => builder.with_client_cert_verifier(client_verifier(path, provider)?),
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|error| {
-        let reason = match error.to_string() {
-            text if text.contains("KeyMismatch") || text.contains("key mismatch") => {
-                "the private key does not belong to the certificate".to_owned()
-            }
-            text => text,
-        };
-        format!(
-            "--tls-cert {} / --tls-key {}: {reason}",
-            files.cert.display(),
-            files.key.display()
-        )
-    })?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Pair {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
+        })?;
     // gRPC runs over HTTP/2 only; clients such as grpc-go insist on negotiating it.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
@@ -163,25 +218,26 @@ fn load(files: &Files) -> Result<Arc<ServerConfig>, String> {
 fn client_verifier(
     path: &Path,
     provider: Arc<CryptoProvider>,
-) -> Result<Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>, String> {
+) -> Result<Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>, TlsError> {
     let flag = "--tls-client-ca";
     let pem = read_pem(flag, path, &["CERTIFICATE"])?;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+        let cert = cert.map_err(|e| TlsError::file(flag, path, e))?;
+        roots.add(cert).map_err(|e| TlsError::file(flag, path, e))?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map_err(|e| format!("{flag} {}: {e}", path.display()))
+        .map_err(|e| TlsError::file(flag, path, e))
 }
 
 /// Reads a PEM file that must hold at least one block whose label is one of `labels`.
-fn read_pem(flag: &str, path: &Path, labels: &[&str]) -> Result<Vec<u8>, String> {
-    let content =
-        std::fs::read(path).map_err(|e| format!("{flag} {}: cannot read: {e}", path.display()))?;
+fn read_pem(flag: &'static str, path: &Path, labels: &[&str]) -> Result<Vec<u8>, TlsError> {
+    let content = std::fs::read(path).map_err(|source| TlsError::Read {
+        flag,
+        path: path.to_owned(),
+        source,
+    })?;
     let text = String::from_utf8_lossy(&content);
     let found = text.lines().any(|line| {
         line.strip_prefix("-----BEGIN ")
@@ -189,11 +245,11 @@ fn read_pem(flag: &str, path: &Path, labels: &[&str]) -> Result<Vec<u8>, String>
             .is_some_and(|label| labels.contains(&label))
     });
     if !found {
-        return Err(format!(
-            "{flag} {}: no PEM block of type {} found",
-            path.display(),
-            labels.join(" or ")
-        ));
+        return Err(TlsError::NoPem {
+            flag,
+            path: path.to_owned(),
+            labels: labels.join(" or "),
+        });
     }
     Ok(content)
 }
