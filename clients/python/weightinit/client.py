@@ -24,7 +24,7 @@ from weightinit.v1 import weightinit_pb2 as pb
 
 from . import _native
 from .request import to_dict, to_message
-from .security import Security, ServerUnreachable, native_options
+from .security import Security, ServerUnreachable, explain, native_options
 
 # The target that runs the engine in this process instead of calling a server.
 LOCAL = "local"
@@ -87,16 +87,19 @@ class CallFailed(grpc.RpcError):
 def _failed(code, message, unreachable):
     """The exception of a failed call, for weightinit._native: `code` is the status code's
     name in CamelCase (None when the stream broke the protocol or a digest), `unreachable`
-    whether the server could not be reached (the message then names the cause and fix)."""
+    (cause, detail, "HOST:PORT") when the server could not be reached."""
     if code is None:
         return IntegrityError(message)
     status = grpc.StatusCode[_SNAKE.sub("_", code).upper()]
-    if unreachable:
-        return ServerUnreachable(message, status)
+    error = CallFailed(status, message)
+    if unreachable is not None:
+        unreachable = ServerUnreachable(explain(*unreachable) or message, error)
+        unreachable.__cause__ = error
+        return unreachable
     if status == grpc.StatusCode.INVALID_ARGUMENT:
         # The server's refusal reads "field: reason".
         return RequestRefused(status.name, message.split(": ", 1)[0], message)
-    return CallFailed(status, message)
+    return error
 
 
 _SNAKE = re.compile(r"(?<=[a-z])(?=[A-Z])")

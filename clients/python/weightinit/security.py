@@ -51,17 +51,17 @@ _TARGET_USAGE = (
 class ServerUnreachable(grpc.RpcError, ConnectionError):
     """A call could not reach its server; the message names the address, the cause and the fix.
 
-    A grpc.RpcError answering code() and details() as grpc's own error does, so handlers
-    written for grpc.RpcError keep working.
+    Raised from the grpc.RpcError it explains (its __cause__), and answers code() and details()
+    as that error does, so handlers written for grpc.RpcError keep working.
     """
 
-    def __init__(self, message: str, code: grpc.StatusCode):
+    def __init__(self, message: str, error: grpc.RpcError):
         super().__init__(message)
-        self._code = code
+        self._error = error
 
     def code(self) -> grpc.StatusCode:
-        """The status code of the failed call (UNAVAILABLE, or as the transport ended it)."""
-        return self._code
+        """The status code of the failed call (UNAVAILABLE)."""
+        return self._error.code()
 
     def details(self) -> str:
         """This error's explanation."""
@@ -150,6 +150,35 @@ def address(target: str, security: "Security | None" = None) -> str:
             f"signed the server's certificate; for plaintext write '{host}:{port}'"
         )
     return f"{host}:{port}"
+
+
+def explain(cause, detail, addr):
+    """What to tell about a server at `addr` ("HOST:PORT") that could not be reached, for the
+    causes weightinit._native names (None for the others: its own message says them)."""
+    host, port = addr.rsplit(":", 1)
+    if cause == "refused":
+        return (
+            f"connection refused at {addr}: no server listens there; start one (weightinit serve "
+            f"--addr 0.0.0.0:{port}) or pass the address a server prints when it starts"
+        )
+    if cause == "unknown_host":
+        return f"unknown host {host} in target {addr!r} ({detail}); check the name, or give an IP"
+    if cause == "speaks_plaintext":
+        return (
+            f"TLS mismatch at {addr}: the server speaks plaintext, this client TLS; call it "
+            "without tls_ca, tls_cert, tls_key and tls_server_name in security"
+        )
+    if cause == "certificate":
+        return (
+            f"TLS at {addr}: the server's certificate does not verify against tls_ca ({detail}); "
+            "pass the CA that signed it, and tls_server_name if the certificate's name differs"
+        )
+    if cause == "speaks_tls":
+        return (
+            f"TLS mismatch at {addr}: the server speaks TLS, this client plaintext; pass "
+            "security=Security(tls_ca=...) with the CA that signed the server's certificate"
+        )
+    return None
 
 
 def native_options(target, security=None):

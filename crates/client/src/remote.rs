@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 use crate::source;
-use crate::target::{Target, Unreachable, tls_endpoint};
+use crate::target::{Cause, Target, Unreachable, tls_endpoint};
 use weightinit_service::proto::weight_init_client::WeightInitClient;
 use weightinit_service::proto::{
     GenerateRequest, GenerateResponse, TensorHeader, generate_response::Item,
@@ -46,6 +46,25 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
+    /// For a server that could not be reached: which of the causes the Python package words
+    /// itself ("refused", "unknown_host", "speaks_tls", "speaks_plaintext", "certificate",
+    /// else "other"), the system's or TLS library's words, and the `HOST:PORT` dialled.
+    pub fn unreachable(&self) -> Option<(&'static str, String, String)> {
+        let Self::Unreachable { unreachable, .. } = self else {
+            return None;
+        };
+        let (kind, detail) = match &unreachable.cause {
+            Cause::Refused => ("refused", String::new()),
+            Cause::UnknownHost(detail) => ("unknown_host", detail.clone()),
+            Cause::ServerSpeaksTls => ("speaks_tls", String::new()),
+            Cause::ServerSpeaksPlaintext => ("speaks_plaintext", String::new()),
+            Cause::Certificate(error) => ("certificate", format!("{error:?}")),
+            _ => ("other", String::new()),
+        };
+        let target = &unreachable.target;
+        Some((kind, detail, format!("{}:{}", target.host, target.port)))
+    }
+
     /// The gRPC status code the failure stands for (none for integrity errors).
     pub fn code(&self) -> Option<Code> {
         match self {

@@ -260,18 +260,17 @@ impl From<RemoteError> for Interrupted {
 }
 
 /// A failed call as the Python package's exception: weightinit.client builds it from the
-/// status code's name (None for an integrity error), the message, and whether the server
-/// could not be reached.
+/// status code's name (None for an integrity error), the message, and when the server could
+/// not be reached, the cause (see [`RemoteError::unreachable`]).
 fn failed(py: Python<'_>, error: impl Into<Interrupted>) -> PyErr {
     let error = match error.into() {
         Interrupted::Python(error) => return error,
         Interrupted::Remote(error) => error,
     };
     let code = error.code().map(|code| format!("{code:?}"));
-    let unreachable = matches!(error, RemoteError::Unreachable { .. });
     py.import("weightinit.client")
         .and_then(|client| client.getattr("_failed"))
-        .and_then(|build| build.call1((code, error.to_string(), unreachable)))
+        .and_then(|build| build.call1((code, error.to_string(), error.unreachable())))
         .map_or_else(|failed| failed, PyErr::from_value)
 }
 
