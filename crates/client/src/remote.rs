@@ -158,6 +158,16 @@ impl Remote {
                 unreachable,
                 code: Code::Unavailable,
             },
+            // A status with a source is the transport's, not the server's: the connection
+            // broke (with TLS 1.3, how a server refusing the client's certificate shows).
+            None if std::error::Error::source(&status).is_some()
+                && matches!(
+                    status.code(),
+                    Code::Unknown | Code::Cancelled | Code::Internal
+                ) =>
+            {
+                RemoteError::Status(Status::unavailable(status.message()))
+            }
             None => RemoteError::Status(status),
         }
     }
