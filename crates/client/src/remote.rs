@@ -35,12 +35,9 @@ pub enum RemoteError {
     /// The server answered with an error status.
     #[error("{}", .0.message())]
     Status(Status),
-    /// The connection failed; the address, the cause and the fix.
-    #[error("{unreachable}")]
-    Unreachable {
-        unreachable: Unreachable,
-        code: Code,
-    },
+    /// The connection failed (UNAVAILABLE); the address, the cause and the fix.
+    #[error("{0}")]
+    Unreachable(Box<Unreachable>),
     #[error(transparent)]
     Integrity(#[from] IntegrityError),
 }
@@ -50,7 +47,7 @@ impl RemoteError {
     /// itself ("refused", "unknown_host", "speaks_tls", "speaks_plaintext", "certificate",
     /// else "other"), the system's or TLS library's words, and the `HOST:PORT` dialled.
     pub fn unreachable(&self) -> Option<(&'static str, String, String)> {
-        let Self::Unreachable { unreachable, .. } = self else {
+        let Self::Unreachable(unreachable) = self else {
             return None;
         };
         let (kind, detail) = match &unreachable.cause {
@@ -70,7 +67,7 @@ impl RemoteError {
         match self {
             Self::Options(_) => Some(Code::InvalidArgument),
             Self::Status(status) => Some(status.code()),
-            Self::Unreachable { code, .. } => Some(*code),
+            Self::Unreachable(_) => Some(Code::Unavailable),
             Self::Integrity(_) => None,
         }
     }
@@ -154,10 +151,7 @@ impl Remote {
         let explained =
             Unreachable::explain_pem(&status, &self.target, self.ca.as_deref(), self.identity);
         match explained.await {
-            Some(unreachable) => RemoteError::Unreachable {
-                unreachable,
-                code: Code::Unavailable,
-            },
+            Some(unreachable) => RemoteError::Unreachable(Box::new(unreachable)),
             // A status with a source is the transport's, not the server's: the connection
             // broke (with TLS 1.3, how a server refusing the client's certificate shows).
             None if std::error::Error::source(&status).is_some()
@@ -387,4 +381,106 @@ impl<D: AsMut<[u8]>> Receiver<D> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weightinit_service::proto::{Chunk, TensorEnd};
+
+    fn header(index: u32, name: &str, byte_length: u64) -> GenerateResponse {
+        let header = TensorHeader {
+            index,
+            name: name.to_owned(),
+            byte_length,
+            ..Default::default()
+        };
+        GenerateResponse {
+            item: Some(Item::Header(header)),
+        }
+    }
+
+    fn chunk(tensor_index: u32, offset: u64, data: &[u8]) -> GenerateResponse {
+        let chunk = Chunk {
+            tensor_index,
+            offset,
+            data: data.to_vec().into(),
+        };
+        GenerateResponse {
+            item: Some(Item::Chunk(chunk)),
+        }
+    }
+
+    fn end(tensor_index: u32, data: &[u8]) -> GenerateResponse {
+        let end = TensorEnd {
+            tensor_index,
+            blake3: blake3::hash(data).as_bytes().to_vec(),
+            byte_length: data.len() as u64,
+        };
+        GenerateResponse {
+            item: Some(Item::End(end)),
+        }
+    }
+
+    /// Feeds `stream`, which has at most one header and that first, to a receiver of tensor
+    /// "w" into a 6-byte destination.
+    fn receive(stream: Vec<GenerateResponse>) -> Result<Vec<u8>, IntegrityError> {
+        let mut out = vec![0u8; 6];
+        let mut receiver = Receiver::new(vec!["w".to_owned()]);
+        let mut stream = stream.into_iter();
+        if let Some(first) = stream.next()
+            && receiver.receive(first)?.is_some()
+        {
+            receiver.open(&mut out[..])?;
+        }
+        for response in stream {
+            assert!(receiver.receive(response)?.is_none(), "one header only");
+        }
+        receiver.finish()?;
+        drop(receiver);
+        Ok(out)
+    }
+
+    #[test]
+    fn chunks_land_in_place() {
+        let stream = vec![
+            header(0, "w", 6),
+            chunk(0, 0, b"abcd"),
+            chunk(0, 4, b"ef"),
+            end(0, b"abcdef"),
+        ];
+        assert_eq!(receive(stream).unwrap(), b"abcdef");
+    }
+
+    #[test]
+    fn broken_streams_are_integrity_errors() {
+        let cases = [
+            (
+                vec![header(0, "w", 6), chunk(0, 2, b"cd")],
+                "chunk at offset 2, expected 0",
+            ),
+            (
+                vec![header(0, "w", 6), chunk(0, 0, b"abcdefg")],
+                "run past byte_length 6",
+            ),
+            (vec![header(1, "w", 6)], "expected 0 \"w\""),
+            (vec![chunk(0, 0, b"ab")], "chunk outside a tensor"),
+            (
+                vec![header(0, "w", 6), chunk(0, 0, b"abcdef"), end(0, b"abcdeg")],
+                "BLAKE3",
+            ),
+            (
+                vec![header(0, "w", 6), chunk(0, 0, b"abc")],
+                "stream ended after 0 of 1",
+            ),
+            (
+                vec![GenerateResponse { item: None }],
+                "empty GenerateResponse",
+            ),
+        ];
+        for (stream, says) in cases {
+            let error = receive(stream).unwrap_err().to_string();
+            assert!(error.contains(says), "{error:?} does not say {says:?}");
+        }
+    }
 }
