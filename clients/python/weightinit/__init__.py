@@ -31,7 +31,6 @@ from .client import (
     describe,
     digest,
     fetch,
-    read_stream,
 )
 from .request import to_message
 from .security import Security
@@ -45,7 +44,6 @@ __all__ = [
     "describe",
     "digest",
     "fetch",
-    "read_stream",
     "to_message",
 ]
 

@@ -1,6 +1,8 @@
 """Calls to a weightinit server: tensors (Generate), digests (Digest), descriptions (Describe).
 
 A `Client` keeps one channel to its target open across calls and gives every call a deadline.
+Calls run in Rust (weightinit._native.Remote, tonic): a Generate stream is checked, hashed and
+copied once into the destination arrays there, without the GIL.
 The target "local" is no server: the engine runs in this process (weightinit._native, on all
 cores, without the GIL), writing the same bytes straight into the destination arrays.
 The module-level fetch(), digest() and describe() share one Client per target and Security, so
@@ -8,27 +10,21 @@ repeated calls reuse their connection too. Plaintext, or TLS, mutual TLS and a b
 `Security` passed as `security=` says.
 """
 
-import contextlib
 import ctypes
 import importlib.util
 import math
 import os
+import re
 import threading
 
-import blake3
 import grpc
 import numpy as np
 
 from weightinit.v1 import weightinit_pb2 as pb
-from weightinit.v1 import weightinit_pb2_grpc as pb_grpc
 
 from . import _native
 from .request import to_dict, to_message
-from .security import Security, explained, open_channel
-
-# Largest response message accepted; well above any chunk the server may send (grpc's own
-# default, 4 MiB, is below what a client may ask for with chunk_bytes).
-MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+from .security import Security, ServerUnreachable, explain, native_options
 
 # The target that runs the engine in this process instead of calling a server.
 LOCAL = "local"
@@ -72,10 +68,41 @@ class RequestRefused(grpc.RpcError, ValueError):
         return self._details
 
 
-def _refused(error):
-    """The server's INVALID_ARGUMENT as a RequestRefused; its details read "field: reason"."""
-    details = error.details() or ""
-    return RequestRefused("INVALID_ARGUMENT", details.split(": ", 1)[0], details)
+class CallFailed(grpc.RpcError):
+    """A call the server (or the transport) ended with an error status; code() and details()
+    answer as grpc's own error does, so handlers written for grpc.RpcError keep working."""
+
+    def __init__(self, code, details):
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+def _failed(code, message, unreachable):
+    """The exception of a failed call, for weightinit._native: `code` is the status code's
+    name in CamelCase (None when the stream broke the protocol or a digest), `unreachable`
+    (cause, detail, "HOST:PORT") when the server could not be reached."""
+    if code is None:
+        return IntegrityError(message)
+    status = grpc.StatusCode[_SNAKE.sub("_", code).upper()]
+    error = CallFailed(status, message)
+    if unreachable is not None:
+        unreachable = ServerUnreachable(explain(*unreachable) or message, error)
+        unreachable.__cause__ = error
+        return unreachable
+    if status == grpc.StatusCode.INVALID_ARGUMENT:
+        # The server's refusal reads "field: reason".
+        return RequestRefused(status.name, message.split(": ", 1)[0], message)
+    return error
+
+
+_SNAKE = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
 
 class Client:
@@ -86,7 +113,7 @@ class Client:
         Its files are read once, here, before anything is dialed (ValueError if unusable).
     timeout: the default deadline of each call in seconds; None for no deadline.
 
-    A Client is thread-safe (gRPC channels are) and a context manager that closes its channel.
+    A Client is thread-safe and a context manager that closes its channel.
     A server that cannot be reached raises weightinit.security.ServerUnreachable, which names the
     address, the cause and the fix.
     """
@@ -104,11 +131,10 @@ class Client:
         if target == LOCAL:
             if security not in (None, Security()):
                 raise ValueError('security: target "local" runs in this process, over no network')
-            self._channel = None
+            self._remote = None
             return
-        options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-        self._channel, self._metadata = open_channel(target, security, options)
-        self._stub = pb_grpc.WeightInitStub(self._channel)
+        url, options = native_options(target, security)
+        self._remote = _native.Remote(url, **options)
 
     def __enter__(self):
         return self
@@ -117,9 +143,13 @@ class Client:
         self.close()
 
     def close(self):
-        """Closes the channel; calls in flight are cancelled."""
-        if self._channel is not None:
-            self._channel.close()
+        """Closes the channel once no call uses it any more."""
+        self._remote = None
+
+    def _open(self):
+        if self._remote is None:
+            raise ValueError(f"the Client of {self.target} is closed")
+        return self._remote
 
     def _deadline(self, timeout):
         return self.timeout if timeout is None else timeout
@@ -128,51 +158,44 @@ class Client:
         """Generates every tensor of `request` and returns them; see weightinit.fetch().
         timeout: seconds for this call (default: the client's)."""
         message = to_message(request)
-        if self._channel is None:
+        if self.target == LOCAL:
             return _generate_here(message, out)
-        with self._explained():
-            responses = self._stub.Generate(
-                message, timeout=self._deadline(timeout), metadata=self._metadata
-            )
-            return read_stream(responses, message, out)
+        names = [tensor.name for tensor in message.tensors]
+        out = _destinations(out, names)
+        # Kept here, exported, until the call returns: Rust writes into their buffers.
+        destinations = []
+
+        def open_tensor(encoded):
+            header = pb.TensorHeader.FromString(encoded)
+            destination = _Destination(header, out.get(header.name))
+            destinations.append(destination)
+            return _address(destination.buffer), destination.length
+
+        self._open().generate(
+            message.SerializeToString(), names, self._deadline(timeout), open_tensor
+        )
+        return {d.name: d.value() for d in destinations}
 
     def digest(self, request, timeout=None):
         """Returns {name: hex BLAKE3 digest}; see weightinit.digest()."""
         message = to_message(request)
-        if self._channel is None:
+        if self.target == LOCAL:
             plan = _native.Plan(message.SerializeToString())
             return {t.name: plan.digest(i).hex() for i, t in enumerate(message.tensors)}
-        with self._explained():
-            response = self._stub.Digest(
-                message, timeout=self._deadline(timeout), metadata=self._metadata
-            )
+        response = pb.DigestResponse.FromString(
+            self._open().digest(message.SerializeToString(), self._deadline(timeout))
+        )
         return {message.tensors[d.tensor_index].name: d.blake3.hex() for d in response.digests}
 
     def describe(self, request, timeout=None):
         """Returns {name: TensorHeader in proto3 JSON form}; see weightinit.describe()."""
         message = to_message(request)
-        if self._channel is None:
-            response = pb.DescribeResponse.FromString(
-                _native.Plan(message.SerializeToString()).describe()
-            )
+        if self.target == LOCAL:
+            encoded = _native.Plan(message.SerializeToString()).describe()
         else:
-            with self._explained():
-                response = self._stub.Describe(
-                    message, timeout=self._deadline(timeout), metadata=self._metadata
-                )
+            encoded = self._open().describe(message.SerializeToString(), self._deadline(timeout))
+        response = pb.DescribeResponse.FromString(encoded)
         return {header.name: to_dict(header) for header in response.tensors}
-
-    @contextlib.contextmanager
-    def _explained(self):
-        """A server that cannot be reached as ServerUnreachable, a refused request as
-        RequestRefused; other errors as grpc raised them."""
-        try:
-            with explained(self.target, self._security):
-                yield
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise _refused(error) from error
-            raise
 
 
 def _generate_here(message, out):
@@ -200,7 +223,7 @@ def shared_client(target, security=None):
     picked up by the next call.
     """
     security = security or Security()
-    # A forked child gets a channel of its own: gRPC channels do not survive fork.
+    # A forked child gets a channel of its own: connections and threads do not survive fork.
     key = (target, security, os.getpid())
     stamp = _file_stamp(security)
     with _SHARED_LOCK:
@@ -249,46 +272,12 @@ def fetch(request, target, out=None, timeout=None, *, security=None):
     importable, otherwise a numpy uint16 array of the raw bfloat16 bit patterns.
 
     Raises RequestRefused (a ValueError and a grpc.RpcError) for a request the server or the
-    local engine refuses, naming the field; grpc.RpcError for other server errors; IntegrityError when what arrives is not what the server promised, ValueError for a request
+    local engine refuses, naming the field; grpc.RpcError for other server errors (ServerUnreachable when it cannot be reached);
+    IntegrityError when what arrives is not what the server promised; ValueError for a request
     or security options that cannot work (before anything is dialed).
     """
     message = to_message(request)
     return shared_client(target, security).fetch(message, out, timeout)
-
-
-def read_stream(responses, request, out=None):
-    """Assembles the GenerateResponse stream `responses` of `request`; see fetch().
-
-    Checks that tensors arrive in request order, that each tensor's chunks are contiguous and add
-    up to its byte length, and that the BLAKE3 digest of its bytes equals the one in TensorEnd.
-    """
-    message = to_message(request)
-    names = [tensor.name for tensor in message.tensors]
-    out = _destinations(out, names)
-
-    results = {}
-    receiver = None
-    for response in responses:
-        item = response.WhichOneof("item")
-        if item == "header":
-            if receiver is not None:
-                raise IntegrityError(f"tensor {receiver.name!r} has no end before the next header")
-            if len(results) == len(names):
-                raise IntegrityError("header of a tensor beyond the request's")
-            name = names[len(results)]
-            receiver = _Receiver(response.header, len(results), name, out.get(name))
-        elif item is None:
-            raise IntegrityError("empty GenerateResponse")
-        elif receiver is None:
-            raise IntegrityError(f"{item} outside a tensor (no header before it)")
-        elif item == "chunk":
-            receiver.write(response.chunk)
-        else:
-            results[receiver.name] = receiver.finish(response.end)
-            receiver = None
-    if receiver is not None or len(results) != len(names):
-        raise IntegrityError(f"stream ended after {len(results)} of {len(names)} tensors")
-    return results
 
 
 def _destinations(out, names):
@@ -322,53 +311,6 @@ class _Destination:
     def value(self):
         """What fetch() returns for the tensor once its bytes are in."""
         return _as_bfloat16(self.result) if self.bfloat16 else self.result
-
-
-class _Receiver(_Destination):
-    """Receives one tensor's chunks into its destination and checks them against its header."""
-
-    def __init__(self, header, index, name, dest):
-        if header.index != index or header.name != name:
-            raise IntegrityError(
-                f"header for tensor {header.index} {header.name!r}, expected {index} {name!r}"
-            )
-        super().__init__(header, dest)
-        self.index = index
-        self.hasher = blake3.blake3()
-        self.received = 0
-
-    def write(self, chunk):
-        """Copies one chunk into place, once, and adds it to the digest."""
-        if chunk.tensor_index != self.index:
-            raise IntegrityError(f"chunk of tensor {chunk.tensor_index} inside {self.name!r}")
-        if chunk.offset != self.received:
-            raise IntegrityError(
-                f"{self.name!r}: chunk at offset {chunk.offset}, expected {self.received}"
-            )
-        data = chunk.data
-        stop = self.received + len(data)
-        if stop > self.length:
-            raise IntegrityError(f"{self.name!r}: chunks run past byte_length {self.length}")
-        self.buffer[self.received : stop] = data
-        self.hasher.update(data)
-        self.received = stop
-
-    def finish(self, end):
-        """Checks the tensor is complete and its digest matches; returns the result."""
-        if end.tensor_index != self.index:
-            raise IntegrityError(f"end of tensor {end.tensor_index} inside {self.name!r}")
-        if end.byte_length != self.length or self.received != self.length:
-            raise IntegrityError(
-                f"{self.name!r}: received {self.received} bytes, end says {end.byte_length}, "
-                f"header said {self.length}"
-            )
-        digest = self.hasher.digest()
-        if end.blake3 != digest:
-            raise IntegrityError(
-                f"{self.name!r}: BLAKE3 of the received bytes is {digest.hex()}, "
-                f"the server's is {end.blake3.hex()}"
-            )
-        return self.value()
 
 
 def _byte_view(dest, length, name):

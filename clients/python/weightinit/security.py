@@ -10,8 +10,6 @@ the fix, as the CLI does.
 
 import os
 import re
-import socket
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +46,6 @@ _TARGET_USAGE = (
     "write 'HOST:PORT' or 'http://HOST:PORT' (plaintext), or 'https://HOST:PORT' with "
     "security=Security(tls_ca=...), e.g. '127.0.0.1:50051'"
 )
-# The HTTP/2 connection preface: a TLS server answers it with a TLS record.
-_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class ServerUnreachable(grpc.RpcError, ConnectionError):
@@ -156,44 +152,28 @@ def address(target: str, security: "Security | None" = None) -> str:
     return f"{host}:{port}"
 
 
-@contextmanager
-def explained(target: str, security: "Security | None" = None):
-    """Re-raises a grpc.RpcError that says the server at `target` could not be reached as a
-    ServerUnreachable naming the address, the cause and the fix; other errors pass unchanged."""
-    try:
-        yield
-    except grpc.RpcError as error:
-        message = _unreachable(error, address(target, security), security or Security())
-        if message is None:
-            raise
-        raise ServerUnreachable(message, error) from error
-
-
-def _unreachable(error, addr, security):
-    """What a failed call's error says about the connection to `addr`, or None."""
-    if not isinstance(error, grpc.Call) or error.code() != grpc.StatusCode.UNAVAILABLE:
-        return None
-    details = error.details() or ""
+def explain(cause, detail, addr):
+    """What to tell about a server at `addr` ("HOST:PORT") that could not be reached, for the
+    causes weightinit._native names (None for the others: its own message says them)."""
     host, port = addr.rsplit(":", 1)
-    tls = security.tls_ca is not None
-    if "Connection refused" in details:
+    if cause == "refused":
         return (
             f"connection refused at {addr}: no server listens there; start one (weightinit serve "
             f"--addr 0.0.0.0:{port}) or pass the address a server prints when it starts"
         )
-    if "resolving" in details or "DNS resolution failed" in details:
-        return f"unknown host {host} in target {addr!r} ({details}); check the name, or give an IP"
-    if tls and "WRONG_VERSION_NUMBER" in details:
+    if cause == "unknown_host":
+        return f"unknown host {host} in target {addr!r} ({detail}); check the name, or give an IP"
+    if cause == "speaks_plaintext":
         return (
             f"TLS mismatch at {addr}: the server speaks plaintext, this client TLS; call it "
             "without tls_ca, tls_cert, tls_key and tls_server_name in security"
         )
-    if tls and "CERTIFICATE_VERIFY_FAILED" in details:
+    if cause == "certificate":
         return (
-            f"TLS at {addr}: the server's certificate does not verify against tls_ca ({details}); "
+            f"TLS at {addr}: the server's certificate does not verify against tls_ca ({detail}); "
             "pass the CA that signed it, and tls_server_name if the certificate's name differs"
         )
-    if not tls and _speaks_tls(host, int(port)):
+    if cause == "speaks_tls":
         return (
             f"TLS mismatch at {addr}: the server speaks TLS, this client plaintext; pass "
             "security=Security(tls_ca=...) with the CA that signed the server's certificate"
@@ -201,49 +181,22 @@ def _unreachable(error, addr, security):
     return None
 
 
-def _speaks_tls(host, port):
-    """Whether the server answers the HTTP/2 preface with a TLS record (an HTTP/2 server sends a
-    SETTINGS frame, whose first byte is 0); grpc reports that mismatch only as "Socket closed"."""
-    try:
-        with socket.create_connection((host.strip("[]"), port), timeout=2) as connection:
-            connection.sendall(_HTTP2_PREFACE)
-            head = connection.recv(2)
-    except OSError:
-        return False
-    return len(head) == 2 and head[0] in (0x15, 0x16) and head[1] == 0x03
+def native_options(target, security=None):
+    """The URL to dial for `target` and the keyword arguments of weightinit._native.Remote:
+    the PEM bytes and token of `security` (None for plaintext).
 
-
-def open_channel(target, security=None, options=()):
-    """Opens a channel to `target` ("HOST:PORT", "http://HOST:PORT" or "https://HOST:PORT", see
-    address()) as `security` (a Security, None for plaintext) says.
-
-    Returns (channel, metadata): the metadata to send with every call, the bearer token if any.
     The target and every file are checked first, so a bad one fails here, not in a handshake.
     """
     security = security or Security()
-    target = address(target, security)
-    # Per-call metadata rather than grpc.access_token_call_credentials: grpc refuses call
-    # credentials on a plaintext channel (calls fail UNAUTHENTICATED in the client), while the
-    # server accepts a token over plaintext too. One way then serves both.
-    metadata = ()
-    token = _token(security)
-    if token is not None:
-        metadata = (("authorization", f"Bearer {token}"),)
-
-    options = list(options)
-    if security.tls_ca is None:
-        return grpc.insecure_channel(target, options=options), metadata
-    identity = {}
+    hostport = address(target, security)
+    tls = security.tls_ca is not None
+    options = {"token": _token(security), "tls_server_name": security.tls_server_name}
+    if tls:
+        options["tls_ca"] = _pem(security.tls_ca, "tls_ca", _CERTIFICATE, "certificate")
     if security.tls_cert is not None:
-        identity = {
-            "certificate_chain": _pem(security.tls_cert, "tls_cert", _CERTIFICATE, "certificate"),
-            "private_key": _pem(security.tls_key, "tls_key", _PRIVATE_KEY, "private key"),
-        }
-    root = _pem(security.tls_ca, "tls_ca", _CERTIFICATE, "certificate")
-    credentials = grpc.ssl_channel_credentials(root_certificates=root, **identity)
-    if security.tls_server_name is not None:
-        options.append(("grpc.ssl_target_name_override", security.tls_server_name))
-    return grpc.secure_channel(target, credentials, options=options), metadata
+        options["tls_cert"] = _pem(security.tls_cert, "tls_cert", _CERTIFICATE, "certificate")
+        options["tls_key"] = _pem(security.tls_key, "tls_key", _PRIVATE_KEY, "private key")
+    return f"{'https' if tls else 'http'}://{hostport}", options
 
 
 def _token(security):

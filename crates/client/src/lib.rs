@@ -4,6 +4,8 @@
 //! - [`fetch`]: streams a request's tensors to disk, verifying and resuming.
 //! - [`output`]: the safetensors, npy and raw writers.
 //! - [`local`]: in-process generation into the caller's memory (the Python package's).
+//! - [`remote`]: calls to a server with a receive into the caller's memory (the Python
+//!   package's).
 //! - [`describe`]: a request's resolved tensors as a table.
 //! - [`retry`]: which failures to retry, and the backoff.
 //! - [`progress`]: the progress line and notes on stderr.
@@ -19,6 +21,7 @@ pub mod health;
 pub mod local;
 pub mod output;
 pub mod progress;
+pub mod remote;
 pub mod retry;
 pub mod source;
 pub mod target;

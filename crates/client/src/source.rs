@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio_stream::Stream;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::target::{ClientSecurity, Target, Unreachable};
@@ -185,20 +185,9 @@ impl Source {
             source,
         };
         let target = security.target(url, "--server").map_err(error)?;
-        let channel = security
-            .endpoint(&target)
-            .map_err(error)?
-            .connect_timeout(Duration::from_secs(5))
-            // A peer that vanished without closing the connection is noticed within seconds.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            // Windows as large as the server's keep a loopback or LAN stream from stalling.
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(16 << 20)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let endpoint = security.endpoint(&target).map_err(error)?;
         Ok(Self::Remote(Box::new(Remote {
-            client: WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            client: client(endpoint),
             authorization: security.authorization().map_err(error)?,
             target,
             security: security.clone(),
@@ -210,6 +199,22 @@ impl Source {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self::Local(Handler::in_process(Limits::default(), workers))
     }
+}
+
+/// A client of the server at `endpoint`, tuned for streaming large tensors; it connects on
+/// first use and reconnects after a failure. Must be called within a tokio runtime.
+pub fn client(endpoint: Endpoint) -> WeightInitClient<Channel> {
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        // A peer that vanished without closing the connection is noticed within seconds.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // Windows as large as the server's keep a loopback or LAN stream from stalling.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// The messages of one Generate stream, whichever server sends them.

@@ -9,7 +9,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -145,6 +145,21 @@ impl Unreachable {
         target: &Target,
         security: &ClientSecurity,
     ) -> Option<Self> {
+        let ca = security
+            .tls_ca
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok());
+        Self::explain_pem(status, target, ca.as_deref(), security.tls_cert.is_some()).await
+    }
+
+    /// [`Self::explain`] for a client given its CA as PEM bytes, and whether it has a
+    /// certificate of its own.
+    pub async fn explain_pem(
+        status: &Status,
+        target: &Target,
+        ca: Option<&[u8]>,
+        identity: bool,
+    ) -> Option<Self> {
         if let Some(found) = Self::diagnose(status, target) {
             return Some(found);
         }
@@ -154,11 +169,9 @@ impl Unreachable {
         ) {
             return None;
         }
-        let cause = match (target.tls, &security.tls_ca) {
+        let cause = match (target.tls, ca) {
             (false, _) if speaks_tls(target).await => Cause::ServerSpeaksTls,
-            (true, Some(ca))
-                if security.tls_cert.is_none() && asks_for_certificate(target, ca).await =>
-            {
+            (true, Some(ca)) if !identity && asks_for_certificate(target, ca).await => {
                 Cause::ClientCertificate(AlertDescription::CertificateRequired)
             }
             _ => return None,
@@ -236,7 +249,7 @@ impl Cause {
 
 /// Whether the TLS server at `target` asks for a client certificate in its handshake
 /// (verified against `ca`, as the call was).
-async fn asks_for_certificate(target: &Target, ca: &Path) -> bool {
+async fn asks_for_certificate(target: &Target, pem: &[u8]) -> bool {
     use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,11 +271,8 @@ async fn asks_for_certificate(target: &Target, ca: &Path) -> bool {
         }
     }
 
-    let Ok(pem) = std::fs::read(ca) else {
-        return false;
-    };
     let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).flatten());
+    roots.add_parsable_certificates(CertificateDer::pem_slice_iter(pem).flatten());
     let asked = Arc::new(Asked::default());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let Ok(builder) =
@@ -429,24 +439,16 @@ impl ClientSecurity {
 
     /// An endpoint for `target` with TLS configured as asked.
     pub fn endpoint(&self, target: &Target) -> Result<Endpoint, Error> {
-        let endpoint = Endpoint::from_shared(target.url.clone())?;
-        if !target.tls {
-            return Ok(endpoint);
-        }
-        let mut config = ClientTlsConfig::new();
-        if let Some(path) = &self.tls_ca {
-            config = config.ca_certificate(Certificate::from_pem(read("--tls-ca", path)?));
-        }
-        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            config = config.identity(Identity::from_pem(
-                read("--tls-cert", cert)?,
-                read("--tls-key", key)?,
-            ));
-        }
-        if let Some(name) = &self.tls_server_name {
-            config = config.domain_name(name.clone());
-        }
-        Ok(endpoint.tls_config(config)?)
+        let ca = self
+            .tls_ca
+            .as_ref()
+            .map(|path| read("--tls-ca", path))
+            .transpose()?;
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
+            _ => None,
+        };
+        tls_endpoint(target, ca, identity, self.tls_server_name.clone())
     }
 
     /// The `authorization` value to send, if a token file is configured.
@@ -460,6 +462,32 @@ impl ClientSecurity {
             .map_err(|_| format!("--auth-token-file {}: not a valid token", path.display()))?;
         Ok(Some(value))
     }
+}
+
+/// An endpoint for `target`, with TLS from PEM bytes when it is a TLS target: the CA,
+/// the client's (certificate, key) for mutual TLS, and the name the server's certificate must
+/// have if not the target's host.
+pub fn tls_endpoint(
+    target: &Target,
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    server_name: Option<String>,
+) -> Result<Endpoint, Error> {
+    let endpoint = Endpoint::from_shared(target.url.clone())?;
+    if !target.tls {
+        return Ok(endpoint);
+    }
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = ca {
+        config = config.ca_certificate(Certificate::from_pem(ca));
+    }
+    if let Some((cert, key)) = identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    if let Some(name) = server_name {
+        config = config.domain_name(name);
+    }
+    Ok(endpoint.tls_config(config)?)
 }
 
 fn read(flag: &str, path: &PathBuf) -> Result<Vec<u8>, Error> {
