@@ -607,7 +607,12 @@ fn sigterm_under_load_finishes_streams_in_flight_refuses_new_ones_and_exits_zero
         assert!(result.is_ok(), "{result:?}");
     }
     for (what, code, took) in &refusals {
-        assert_eq!(*code, Code::Unavailable, "{what}");
+        // An RPC that races the server's GOAWAY on its open connection is refused by the
+        // client's HTTP/2 layer, which tonic reports as INTERNAL rather than UNAVAILABLE;
+        // either way it is refused at once and never served.
+        let refused = *code == Code::Unavailable
+            || (*what == "new RPC on an open connection" && *code == Code::Internal);
+        assert!(refused, "{what}: {code:?}");
         assert!(*took < Duration::from_secs(2), "{what} took {took:?}");
     }
     assert_eq!(code, 0);
