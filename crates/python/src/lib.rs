@@ -188,10 +188,8 @@ impl Remote {
         request: &[u8],
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (deadline, timeout) = deadline(timeout);
-        let response = wait(py, deadline, self.0.digest(decode(request)?, timeout))
-            .map_err(|error| failed(py, error))?;
-        Ok(PyBytes::new(py, &response))
+        let request = decode(request)?;
+        unary(py, timeout, |timeout| self.0.digest(request, timeout))
     }
 
     /// The encoded DescribeResponse of an encoded GenerateRequest.
@@ -201,15 +199,27 @@ impl Remote {
         request: &[u8],
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (deadline, timeout) = deadline(timeout);
-        let response = wait(py, deadline, self.0.describe(decode(request)?, timeout))
-            .map_err(|error| failed(py, error))?;
-        Ok(PyBytes::new(py, &response))
+        let request = decode(request)?;
+        unary(py, timeout, |timeout| self.0.describe(request, timeout))
     }
 }
 
 fn decode(request: &[u8]) -> PyResult<GenerateRequest> {
     GenerateRequest::decode(request).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// A unary call's encoded response as bytes, waited for as [`wait`] does.
+fn unary<'py, F>(
+    py: Python<'py>,
+    timeout: Option<f64>,
+    call: impl FnOnce(Option<Duration>) -> F,
+) -> PyResult<Bound<'py, PyBytes>>
+where
+    F: Future<Output = Result<Vec<u8>, RemoteError>> + Send,
+{
+    let (deadline, timeout) = deadline(timeout);
+    let response = wait(py, deadline, call(timeout)).map_err(|error| failed(py, error))?;
+    Ok(PyBytes::new(py, &response))
 }
 
 /// When a call with `timeout` seconds must be over, and the timeout to send the server.
