@@ -11,7 +11,7 @@ use rayon::{ThreadPool, ThreadPoolBuildError, ThreadPoolBuilder};
 
 use weightinit_engine::{Limits, RequestError, RequestPlan, TensorPlan};
 use weightinit_service::convert;
-use weightinit_service::pipeline::{BLOCK_BYTES, BlockHash, Tree};
+use weightinit_service::pipeline::{BLOCK_BYTES, BlockHash, Tree, row_job_bytes};
 use weightinit_service::proto::{DescribeResponse, GenerateRequest};
 
 /// Why an in-process call cannot run.
@@ -69,14 +69,11 @@ impl LocalPlan {
             });
         }
         let pool = pool()?;
-        // A few pieces per thread balance the load; whole blocks keep every piece
-        // element-aligned, and large ones keep a transposing view's columns long runs.
+        // A few pieces per thread balance the load; whole jobs (as the server's) keep every
+        // piece element-aligned and a transposed matrix's columns long runs.
         let pieces = 4 * pool.current_num_threads();
-        let piece = out
-            .len()
-            .div_ceil(pieces)
-            .next_multiple_of(BLOCK_BYTES)
-            .max(BLOCK_BYTES);
+        let job = job_bytes(tensor);
+        let piece = out.len().div_ceil(pieces).next_multiple_of(job).max(job);
         pool.install(|| {
             out.par_chunks_mut(piece)
                 .enumerate()
@@ -90,21 +87,23 @@ impl LocalPlan {
     pub fn digest(&self, index: usize) -> Result<Hash, LocalError> {
         let tensor = self.tensor(index)?;
         let total = tensor.byte_length();
-        let blocks = total.div_ceil(BLOCK_BYTES as u64);
-        let hashes: Vec<BlockHash> = pool()?.install(|| {
-            (0..blocks)
+        let job = job_bytes(tensor) as u64;
+        let hashes: Vec<Vec<BlockHash>> = pool()?.install(|| {
+            (0..total.div_ceil(job))
                 .into_par_iter()
-                .map_init(Vec::new, |buffer, block| {
-                    let offset = block * BLOCK_BYTES as u64;
-                    let len = (total - offset).min(BLOCK_BYTES as u64) as usize;
-                    buffer.resize(len, 0);
+                .map_init(Vec::new, |buffer, j| {
+                    let offset = j * job;
+                    buffer.resize((total - offset).min(job) as usize, 0);
                     tensor.fill(offset, buffer);
-                    BlockHash::of(total, offset, buffer)
+                    BlockHash::of_blocks(total, offset, buffer)
                 })
                 .collect()
         });
-        let mut tree = Tree::new(blocks);
-        hashes.into_iter().for_each(|hash| tree.push(hash));
+        let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
+        hashes
+            .into_iter()
+            .flatten()
+            .for_each(|hash| tree.push(hash));
         Ok(tree.root())
     }
 
@@ -114,6 +113,11 @@ impl LocalPlan {
             count: self.plan.tensors.len(),
         })
     }
+}
+
+/// Bytes made at once, as the server's jobs: one block, or a transposed matrix's batch of rows.
+fn job_bytes(tensor: &TensorPlan) -> usize {
+    row_job_bytes(tensor).unwrap_or(BLOCK_BYTES)
 }
 
 /// This process's generation threads. Threads do not survive fork(), and Python programs fork

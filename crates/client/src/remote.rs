@@ -7,7 +7,7 @@ use std::time::Duration;
 use prost::Message;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::source;
 use crate::target::{Cause, Target, Unreachable, tls_endpoint};
@@ -173,11 +173,8 @@ impl Remote {
         timeout: Option<Duration>,
     ) -> Result<Streaming<GenerateResponse>, RemoteError> {
         let request = self.request(message, timeout);
-        let response = self.client.clone().generate(request).await;
-        match response {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.failed(status).await),
-        }
+        self.answer(self.client.clone().generate(request).await)
+            .await
     }
 
     /// The encoded DigestResponse of `message`.
@@ -187,11 +184,8 @@ impl Remote {
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, RemoteError> {
         let request = self.request(message, timeout);
-        let response = self.client.clone().digest(request).await;
-        match response {
-            Ok(response) => Ok(response.into_inner().encode_to_vec()),
-            Err(status) => Err(self.failed(status).await),
-        }
+        let response = self.answer(self.client.clone().digest(request).await);
+        Ok(response.await?.encode_to_vec())
     }
 
     /// The encoded DescribeResponse of `message`.
@@ -201,9 +195,14 @@ impl Remote {
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, RemoteError> {
         let request = self.request(message, timeout);
-        let response = self.client.clone().describe(request).await;
+        let response = self.answer(self.client.clone().describe(request).await);
+        Ok(response.await?.encode_to_vec())
+    }
+
+    /// The message a call answered with, or its failure explained.
+    async fn answer<T>(&self, response: Result<Response<T>, Status>) -> Result<T, RemoteError> {
         match response {
-            Ok(response) => Ok(response.into_inner().encode_to_vec()),
+            Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(self.failed(status).await),
         }
     }

@@ -96,6 +96,16 @@ pub enum BlockHash {
 }
 
 impl BlockHash {
+    /// The hashes of the blocks of `data`, which starts at `offset` (a block boundary) of a
+    /// `total`-byte tensor.
+    pub fn of_blocks(total: u64, offset: u64, data: &[u8]) -> Vec<Self> {
+        let starts = (offset..).step_by(BLOCK_BYTES);
+        data.chunks(BLOCK_BYTES)
+            .zip(starts)
+            .map(|(part, start)| Self::of(total, start, part))
+            .collect()
+    }
+
     /// The hash of `data`, the block at `offset` of a `total`-byte tensor cut into
     /// [`BLOCK_BYTES`] blocks.
     pub fn of(total: u64, offset: u64, data: &[u8]) -> Self {
@@ -215,7 +225,7 @@ impl Pipeline {
 /// that hold a batch of rows, so that a job generates its columns as long keystream runs and
 /// writes them straight in output order, where hashing finds them still in cache. `None` for
 /// other tensors (one block per job), and for views made in panels.
-fn row_job_bytes(tensor: &TensorPlan) -> Option<usize> {
+pub fn row_job_bytes(tensor: &TensorPlan) -> Option<usize> {
     let rows = tensor.row_batch()?;
     let bytes = rows * tensor.tile_columns()? * tensor.dtype.size() as u64;
     let bytes = bytes.next_multiple_of(BLOCK_BYTES as u64);
@@ -239,13 +249,7 @@ fn block(
     make: impl FnOnce(&mut [u8]),
 ) -> Block {
     let total = tensor.byte_length();
-    let hash = |data: &[u8]| -> Vec<BlockHash> {
-        let starts = (offset..).step_by(BLOCK_BYTES);
-        data.chunks(BLOCK_BYTES)
-            .zip(starts)
-            .map(|(part, start)| BlockHash::of(total, start, part))
-            .collect()
-    };
+    let hash = |data: &[u8]| BlockHash::of_blocks(total, offset, data);
     match emit {
         Emit::Chunks => {
             let mut data = vec![0u8; len];
