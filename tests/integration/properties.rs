@@ -453,35 +453,21 @@ fn permuted_views_and_their_slices_equal_numpy_transpose() {
             "case {case}: range [{a}, {b})"
         );
 
-        // Made by column ranges and put together, as the server's panels do.
-        if let Some(columns) = plan.tile_columns() {
-            let cuts = rng.random_range(1..=3u64).min(columns);
-            let ranges: Vec<_> = (0..cuts)
-                .map(|j| columns * j / cuts..columns * (j + 1) / cuts)
-                .collect();
-            let (first, count) = (a as u64, (b - a) as u64);
-            let parts: Vec<_> = ranges
-                .iter()
-                .map(|r| {
-                    let mut data = vec![0u8; plan.columns_bytes(first, count, r)];
-                    plan.fill_columns(first, count, r.clone(), &mut data);
-                    (r.clone(), data)
-                })
-                .collect();
-            let borrowed: Vec<_> = parts
-                .iter()
-                .map(|(r, d)| (r.clone(), d.as_slice()))
-                .collect();
-            // The parts hold [first, first + count); assemble any sub-range of it.
-            let c = rng.random_range(a..=b);
-            let mut assembled = vec![0u8; (b - c) * size];
-            plan.assemble(first, c as u64, &borrowed, &mut assembled);
-            assert_eq!(
-                assembled,
-                whole[c * size..b * size],
-                "case {case}: assembled"
-            );
-        }
+        // Made by column ranges on several threads into one buffer, as the server's panels do.
+        let parts = rng.random_range(1..=3u64);
+        let (first, count) = (a as u64, (b - a) as u64);
+        let (output, writers) = plan.shared_output(first, count, Vec::new(), parts);
+        std::thread::scope(|scope| {
+            for mut writer in writers {
+                scope.spawn(move || plan.fill_columns(&mut writer));
+            }
+        });
+        let shared = output.into_vec().ok().expect("every writer is done");
+        assert_eq!(
+            shared,
+            whole[a * size..b * size],
+            "case {case}: made by {parts} column writers"
+        );
     }
 }
 

@@ -1,5 +1,8 @@
 //! A validated tensor that can produce any element-aligned byte range of its output.
 
+use std::marker::PhantomData;
+use std::sync::Arc;
+
 use super::distribution::{Sampler, Scratch};
 use super::dtype::DType;
 use super::isa::Isa;
@@ -73,7 +76,15 @@ impl TensorPlan {
         let (first, count) = (offset / size as u64, (out.len() / size) as u64);
         if let Some(columns) = self.selection.tile_columns() {
             let lead = self.selection.row_offset(first);
-            return self.fill_tiles(first, count, 0..columns, lead, out);
+            let target = Target {
+                ptr: out.as_mut_ptr(),
+                len: out.len(),
+                width: columns,
+                lead,
+                columns: 0..columns,
+                _out: PhantomData,
+            };
+            return self.fill_tiles(first, count, target);
         }
         let isa = Isa::active();
         let mut buffers = Box::new(Buffers::default());
@@ -99,86 +110,79 @@ impl TensorPlan {
         self.selection.row_batch()
     }
 
-    /// For a tiled view: the part of output elements `[first, first + count)` that lies in
-    /// output columns `columns`, as whole rows of `columns` (from the row of `first` to the row
-    /// of the last element) written row-major into `out`; places of elements outside the range
-    /// are left as they are. [`Self::assemble`] puts such parts together.
-    pub fn fill_columns(
+    /// A buffer for output elements `[first, first + count)` of a transposing view (the bytes
+    /// of `buffer`, resized), and `parts` writers that fill it at once from several threads,
+    /// each its own range of output columns in every row ([`Self::fill_columns`]). Made so, a
+    /// panel of many rows has long keystream runs for its columns and needs no copy to put its
+    /// parts together. For a view made of runs, one writer holds everything.
+    pub fn shared_output(
         &self,
         first: u64,
         count: u64,
-        columns: std::ops::Range<u64>,
-        out: &mut [u8],
-    ) {
-        self.fill_tiles(first, count, columns, 0, out);
+        mut buffer: Vec<u8>,
+        parts: u64,
+    ) -> (SharedOutput, Vec<ColumnWriter>) {
+        assert!(
+            first + count <= self.selection.len(),
+            "elements out of range"
+        );
+        buffer.resize(count as usize * self.dtype.size(), 0);
+        let width = self.selection.tile_columns().unwrap_or(1);
+        let mut buffer = Arc::new(SharedBuffer {
+            ptr: std::ptr::null_mut(),
+            len: buffer.len(),
+            data: buffer,
+            first,
+            count,
+            width,
+            lead: self.selection.row_offset(first),
+        });
+        let unique = Arc::get_mut(&mut buffer).expect("not shared yet");
+        // Derived while the buffer is still uniquely borrowed; `data` is not touched again
+        // until `SharedOutput::into_vec` has it back.
+        unique.ptr = unique.data.as_mut_ptr();
+        let parts = parts.clamp(1, width);
+        let writers = (0..parts)
+            .map(|j| ColumnWriter {
+                buffer: Arc::clone(&buffer),
+                columns: width * j / parts..width * (j + 1) / parts,
+            })
+            .collect();
+        (SharedOutput { buffer }, writers)
     }
 
-    /// Bytes of the rows [`Self::fill_columns`] writes for `columns`.
-    pub fn columns_bytes(&self, first: u64, count: u64, columns: &std::ops::Range<u64>) -> usize {
-        let n = self.selection.tile_columns().unwrap_or(1);
-        let lead = self.selection.row_offset(first);
-        let rows = if count == 0 {
-            0
-        } else {
-            (lead + count).div_ceil(n)
+    /// Fills `writer`'s columns of its buffer ([`Self::shared_output`] of this tensor).
+    pub fn fill_columns(&self, writer: &mut ColumnWriter) {
+        let buffer = &*writer.buffer;
+        let target = Target {
+            ptr: buffer.ptr,
+            len: buffer.len,
+            width: buffer.width,
+            lead: buffer.lead,
+            columns: writer.columns.clone(),
+            _out: PhantomData,
         };
-        (rows * (columns.end - columns.start)) as usize * self.dtype.size()
-    }
-
-    /// Writes output elements `[first, first + out.len() / size)` from `parts`: what
-    /// [`Self::fill_columns`] wrote, from element `origin` on, for each part's columns (a
-    /// range that covers this one).
-    pub fn assemble(
-        &self,
-        origin: u64,
-        first: u64,
-        parts: &[(std::ops::Range<u64>, &[u8])],
-        out: &mut [u8],
-    ) {
-        let size = self.dtype.size();
-        let n = self.selection.tile_columns().unwrap_or(1);
-        // Positions counted from the start of the parts' first row.
-        let lo = first - origin + self.selection.row_offset(origin);
-        let hi = lo + (out.len() / size) as u64;
-        if lo == hi {
-            return;
-        }
-        for (columns, data) in parts {
-            let width = columns.end - columns.start;
-            for row in lo / n..=(hi - 1) / n {
-                let start = (row * n + columns.start).max(lo);
-                let stop = (row * n + columns.end).min(hi);
-                if start >= stop {
-                    continue;
-                }
-                let from = (row * width + start - row * n - columns.start) as usize * size;
-                let to = (start - lo) as usize * size;
-                let len = (stop - start) as usize * size;
-                out[to..to + len].copy_from_slice(&data[from..from + len]);
-            }
+        if self.selection.tile_columns().is_some() {
+            self.fill_tiles(buffer.first, buffer.count, target);
+        } else {
+            // SAFETY: a view made of runs has one column, so this is the buffer's only writer,
+            // and `ptr` is valid for `len` bytes while a writer holds the buffer.
+            let out = unsafe { std::slice::from_raw_parts_mut(buffer.ptr, buffer.len) };
+            self.fill(buffer.first * self.dtype.size() as u64, out);
         }
     }
 
-    /// Tiles of a transposing view: columns generated as runs, rows copied out of cache.
-    /// `lead`: elements of the first row before `first` that `out` does not hold.
-    fn fill_tiles(
-        &self,
-        first: u64,
-        count: u64,
-        columns: std::ops::Range<u64>,
-        lead: u64,
-        out: &mut [u8],
-    ) {
+    /// Tiles of a transposing view: columns generated as runs, rows copied out of cache into
+    /// `target`'s columns of output elements `[first, first + count)`.
+    fn fill_tiles(&self, first: u64, count: u64, target: Target<'_>) {
         let size = self.dtype.size();
+        let columns = target.columns.clone();
         let mut writer = TileWriter {
             plan: self,
             isa: Isa::active(),
             buffers: Box::default(),
             tile: vec![0; TILE_ELEMENTS as usize * size],
-            out,
-            width: columns.end - columns.start,
-            column0: columns.start,
-            lead,
+            target,
             size,
         };
         self.selection
@@ -247,13 +251,42 @@ struct TileWriter<'a> {
     isa: Isa,
     buffers: Box<Buffers>,
     tile: Vec<u8>,
-    out: &'a mut [u8],
-    /// Elements per output row in `out`, and the output column of its first.
-    width: u64,
-    column0: u64,
-    /// Elements of `out`'s first row that precede it.
-    lead: u64,
+    target: Target<'a>,
     size: usize,
+}
+
+/// Where a tile's rows go: output elements `[first, first + len / size)` of whole rows of
+/// `width` elements, in a buffer that other threads may be writing too, each in its own
+/// columns. Every write is checked to fall in `columns` and in the buffer, which is what keeps
+/// writers that share a buffer from ever writing the same bytes.
+struct Target<'a> {
+    ptr: *mut u8,
+    /// Bytes at `ptr`.
+    len: usize,
+    width: u64,
+    /// Elements of the first row that precede the buffer's first element.
+    lead: u64,
+    columns: std::ops::Range<u64>,
+    _out: PhantomData<&'a mut [u8]>,
+}
+
+impl Target<'_> {
+    /// The first of the `p.n` elements placement `p` writes.
+    fn at<const N: usize>(&self, p: &Placement) -> *mut [u8; N] {
+        assert!(
+            self.columns.start <= p.column && p.column + p.n <= self.columns.end,
+            "a placement outside its writer's columns"
+        );
+        let to = (p.row * self.width + p.column)
+            .checked_sub(self.lead)
+            .expect("a placement before the buffer") as usize;
+        assert!(
+            (to + p.n as usize) * N <= self.len,
+            "a placement past the buffer"
+        );
+        // SAFETY: in bounds, as just checked.
+        unsafe { self.ptr.add(to * N).cast() }
+    }
 }
 
 impl TileSink for TileWriter<'_> {
@@ -306,42 +339,47 @@ impl TileWriter<'_> {
     #[inline(always)]
     fn place_as<const N: usize>(&mut self, rows: &[Placement], step: usize, avx2: bool) {
         let (tile, _) = self.tile.as_chunks::<N>();
-        let (out, _) = self.out.as_chunks_mut::<N>();
-        let (width, column0, lead) = (self.width, self.column0, self.lead);
-        let to = |p: &Placement| (p.row * width + p.column - column0 - lead) as usize;
+        let target = &self.target;
         let mut rest = rows;
         while !rest.is_empty() {
             if let Some(group) = rest.first_chunk::<8>()
                 && group.iter().enumerate().all(|(j, p)| {
                     p.at == group[0].at + j && p.n == group[0].n && p.column == group[0].column
                 })
-                && let Ok(mut targets) =
-                    out.get_disjoint_mut(group.map(|p| to(&p)..to(&p) + p.n as usize))
             {
+                let targets = group.map(|p| target.at::<N>(&p));
                 let (at, n) = (group[0].at, group[0].n as usize);
                 let mut k = 0;
                 #[cfg(target_arch = "x86_64")]
                 if avx2 && N == 4 {
                     while k + 8 <= n {
                         // SAFETY: `avx2` is set only by the copies compiled for AVX2 and AVX-512,
-                        // which `Isa::active` chose because the CPU has them.
-                        unsafe { transpose_8x8(tile, at + k * step, step, k, &mut targets) };
+                        // which `Isa::active` chose because the CPU has them; each target holds
+                        // `n` elements (checked by `Target::at`).
+                        unsafe { transpose_8x8(tile, at + k * step, step, k, &targets) };
                         k += 8;
                     }
                 }
                 for k in k..n {
                     let column: &[[u8; N]; 8] =
                         tile[at + k * step..][..8].try_into().expect("8 elements");
-                    for (target, element) in targets.iter_mut().zip(column) {
-                        target[k] = *element;
+                    for (target, element) in targets.iter().zip(column) {
+                        // SAFETY: `k < n`, the elements each target holds.
+                        unsafe { target.add(k).write(*element) };
                     }
                 }
                 rest = &rest[8..];
             } else {
                 let p = rest[0];
-                let target = &mut out[to(&p)..to(&p) + p.n as usize];
-                for (slot, element) in target.iter_mut().zip(tile[p.at..].iter().step_by(step)) {
-                    *slot = *element;
+                let row = target.at::<N>(&p);
+                for (k, element) in tile[p.at..]
+                    .iter()
+                    .step_by(step)
+                    .take(p.n as usize)
+                    .enumerate()
+                {
+                    // SAFETY: `k < p.n`, the elements the target holds.
+                    unsafe { row.add(k).write(*element) };
                 }
                 rest = &rest[1..];
             }
@@ -351,15 +389,18 @@ impl TileWriter<'_> {
 
 /// `targets[j][k + kk] = tile[at + kk * step + j]` for j, kk in 0..8: an 8 x 8 block of 4-byte
 /// elements transposed in AVX2 registers (eight loads, 24 shuffles, eight stores).
+///
+/// # Safety
+/// Each target must be valid for writes of elements `k..k + 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-fn transpose_8x8<const N: usize>(
+unsafe fn transpose_8x8<const N: usize>(
     tile: &[[u8; N]],
     at: usize,
     step: usize,
     k: usize,
-    targets: &mut [&mut [[u8; N]]; 8],
+    targets: &[*mut [u8; N]; 8],
 ) {
     use std::arch::x86_64::*;
     assert_eq!(N, 4, "32-bit lanes");
@@ -408,10 +449,10 @@ fn transpose_8x8<const N: usize>(
         _mm256_permute2x128_si256::<0x31>(u[2], u[6]),
         _mm256_permute2x128_si256::<0x31>(u[3], u[7]),
     ];
-    for (target, row) in targets.iter_mut().zip(rows) {
-        let out = &mut target[k..k + 8];
-        // SAFETY: `out` is 8 elements of 4 bytes: the 32 bytes an unaligned store writes.
-        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), row) };
+    for (target, row) in targets.iter().zip(rows) {
+        // SAFETY: elements `k..k + 8` of 4 bytes (the caller's promise): the 32 bytes an
+        // unaligned store writes.
+        unsafe { _mm256_storeu_si256(target.add(k).cast(), row) };
     }
 }
 
@@ -431,3 +472,42 @@ impl Default for Buffers {
         }
     }
 }
+
+/// The buffer [`TensorPlan::shared_output`] fills, got back once every writer is done.
+pub struct SharedOutput {
+    buffer: Arc<SharedBuffer>,
+}
+
+impl SharedOutput {
+    /// The filled buffer, or `Err(self)` while a writer (done or not) still exists.
+    pub fn into_vec(self) -> Result<Vec<u8>, Self> {
+        Arc::try_unwrap(self.buffer)
+            .map(|buffer| buffer.data)
+            .map_err(|buffer| Self { buffer })
+    }
+}
+
+/// One thread's share of a [`SharedOutput`]: its output columns of every row.
+pub struct ColumnWriter {
+    buffer: Arc<SharedBuffer>,
+    columns: std::ops::Range<u64>,
+}
+
+struct SharedBuffer {
+    /// Written only through `ptr` while shared; read only when no writer is left.
+    data: Vec<u8>,
+    ptr: *mut u8,
+    len: usize,
+    first: u64,
+    count: u64,
+    width: u64,
+    lead: u64,
+}
+
+// SAFETY: while shared, the buffer is only written through `ptr` by `ColumnWriter`s (one thread
+// each, through `&mut`), each in its own columns (`Target::at` checks every write), so no two
+// threads touch the same bytes; `data` is read only after `Arc::try_unwrap`, when no writer
+// is left and their writes happen-before.
+unsafe impl Send for SharedBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for SharedBuffer {}

@@ -101,7 +101,7 @@ pub const TILE_ELEMENTS: u64 = 1 << 13;
 
 /// Longest run of a tile's column: whole groups of keystream blocks, short enough to leave
 /// room for many columns.
-const TILE_RUN: u64 = 256;
+const TILE_RUN: u64 = 128;
 
 /// Rows of a transposed matrix made at once ([`Selection::row_batch`]): runs of one group of
 /// the widest keystream kernel (16 blocks), and tiles wide enough for whole cache lines.

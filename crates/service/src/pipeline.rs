@@ -276,46 +276,39 @@ fn block(
     }
 }
 
-/// Up to [`PANEL_BYTES`] of a transposing view's output, made by column ranges.
+/// Up to [`PANEL_BYTES`] of a transposing view's output, made by column ranges straight into
+/// one buffer.
 struct Panel {
     tensor: Arc<TensorPlan>,
-    /// Output bytes `[start, stop)`.
+    /// Output bytes `[start, start + data.len())`.
     start: u64,
-    stop: u64,
-    /// Each column range and its rows, from [`TensorPlan::fill_columns`].
-    parts: Vec<(std::ops::Range<u64>, Vec<u8>)>,
-    /// Where the parts' buffers go when the panel is done.
+    data: Vec<u8>,
+    /// Where the buffer goes when the panel is done.
     spare: Spare,
 }
 
 impl Drop for Panel {
     fn drop(&mut self) {
         let mut spare = self.spare.lock().expect("spare buffers poisoned");
-        for (_, buffer) in self.parts.drain(..) {
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(buffer);
-            }
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(std::mem::take(&mut self.data));
         }
     }
 }
 
 impl Panel {
     fn holds(&self, offset: u64) -> bool {
-        (self.start..self.stop).contains(&offset)
+        (self.start..self.start + self.data.len() as u64).contains(&offset)
     }
 
-    /// The block at `offset`, put together from the panel's column ranges.
+    /// The block at `offset`, hashed where the panel holds it.
     fn block(&self, offset: u64, len: usize, emit: Emit) -> Block {
-        let size = self.tensor.dtype.size() as u64;
-        let parts: Vec<_> = self
-            .parts
-            .iter()
-            .map(|(columns, data)| (columns.clone(), data.as_slice()))
-            .collect();
-        block(&self.tensor, offset, len, emit, |data| {
-            self.tensor
-                .assemble(self.start / size, offset / size, &parts, data)
-        })
+        let from = (offset - self.start) as usize;
+        let data = &self.data[from..from + len];
+        Block {
+            hashes: BlockHash::of_blocks(self.tensor.byte_length(), offset, data),
+            data: (emit == Emit::Chunks).then(|| Bytes::copy_from_slice(data)),
+        }
     }
 }
 
@@ -324,33 +317,29 @@ impl Pipeline {
     async fn panel(&self, tensor: &Arc<TensorPlan>, offset: u64) -> Result<Arc<Panel>, Stop> {
         let size = tensor.dtype.size() as u64;
         let stop = (offset + PANEL_BYTES).min(tensor.byte_length());
-        let (first, count) = (offset / size, (stop - offset) / size);
-        let columns = tensor.tile_columns().unwrap_or(1);
-        let jobs = (2 * self.pool.workers() as u64).clamp(1, columns);
-        let pending: Vec<_> = (0..jobs)
-            .map(|j| {
-                let range = columns * j / jobs..columns * (j + 1) / jobs;
+        let reused = self.spare.lock().expect("spare buffers poisoned").pop();
+        let (output, writers) = tensor.shared_output(
+            offset / size,
+            (stop - offset) / size,
+            reused.unwrap_or_default(),
+            2 * self.pool.workers() as u64,
+        );
+        let pending: Vec<_> = writers
+            .into_iter()
+            .map(|mut writer| {
                 let tensor = Arc::clone(tensor);
-                let spare = Arc::clone(&self.spare);
-                self.pool.run(move || {
-                    let reused = spare.lock().expect("spare buffers poisoned").pop();
-                    let mut data = reused.unwrap_or_default();
-                    // Places outside the range keep whatever they held: they are never read.
-                    data.resize(tensor.columns_bytes(first, count, &range), 0);
-                    tensor.fill_columns(first, count, range.clone(), &mut data);
-                    (range, data)
-                })
+                self.pool.run(move || tensor.fill_columns(&mut writer))
             })
             .collect();
-        let mut parts = Vec::with_capacity(pending.len());
         for part in pending {
-            parts.push(part.await.map_err(|_| Stop::WorkerFailed)?);
+            part.await.map_err(|_| Stop::WorkerFailed)?;
         }
+        // Every writer has gone with its job.
+        let data = output.into_vec().map_err(|_| Stop::WorkerFailed)?;
         Ok(Arc::new(Panel {
             tensor: Arc::clone(tensor),
             start: offset,
-            stop,
-            parts,
+            data,
             spare: Arc::clone(&self.spare),
         }))
     }
