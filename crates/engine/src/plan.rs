@@ -76,14 +76,7 @@ impl TensorPlan {
         let (first, count) = (offset / size as u64, (out.len() / size) as u64);
         if let Some(columns) = self.selection.tile_columns() {
             let lead = self.selection.row_offset(first);
-            let target = Target {
-                ptr: out.as_mut_ptr(),
-                len: out.len(),
-                width: columns,
-                lead,
-                columns: 0..columns,
-                _out: PhantomData,
-            };
+            let target = Target::new(out.as_mut_ptr(), out.len(), columns, lead, 0..columns);
             return self.fill_tiles(first, count, target);
         }
         let isa = Isa::active();
@@ -98,7 +91,7 @@ impl TensorPlan {
     }
 
     /// The output's columns when it is a transposing view, best made in panels of many rows
-    /// split by columns ([`Self::fill_columns`], then [`Self::assemble`]) so that its columns
+    /// split by columns ([`Self::shared_output`], [`Self::fill_columns`]) so that its columns
     /// are generated as long keystream runs; `None` when [`Self::fill`] of any range is as fast.
     pub fn tile_columns(&self) -> Option<u64> {
         self.selection.tile_columns()
@@ -154,14 +147,13 @@ impl TensorPlan {
     /// Fills `writer`'s columns of its buffer ([`Self::shared_output`] of this tensor).
     pub fn fill_columns(&self, writer: &mut ColumnWriter) {
         let buffer = &*writer.buffer;
-        let target = Target {
-            ptr: buffer.ptr,
-            len: buffer.len,
-            width: buffer.width,
-            lead: buffer.lead,
-            columns: writer.columns.clone(),
-            _out: PhantomData,
-        };
+        let target = Target::new(
+            buffer.ptr,
+            buffer.len,
+            buffer.width,
+            buffer.lead,
+            writer.columns.clone(),
+        );
         if self.selection.tile_columns().is_some() {
             self.fill_tiles(buffer.first, buffer.count, target);
         } else {
@@ -271,6 +263,17 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
+    fn new(ptr: *mut u8, len: usize, width: u64, lead: u64, columns: std::ops::Range<u64>) -> Self {
+        Self {
+            ptr,
+            len,
+            width,
+            lead,
+            columns,
+            _out: PhantomData,
+        }
+    }
+
     /// The first of the `p.n` elements placement `p` writes.
     fn at<const N: usize>(&self, p: &Placement) -> *mut [u8; N] {
         assert!(
