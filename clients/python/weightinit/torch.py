@@ -1,34 +1,60 @@
-"""Initialize torch modules from a weightinit server: plain, wrapped, tied, sharded as DTensors.
+"""Initialize torch modules with their own init code, every random draw served by weightinit.
 
     import weightinit.torch
     weightinit.torch.init_module(model, seed=42, target="127.0.0.1:50051")
 
-Every parameter becomes one tensor of the request, named by its qualified parameter name
-(`0.weight`, `encoder.fc1.bias`, ...) without the attribute names of wrappers (torch.compile's
-`_orig_mod`, DDP's `module`, FSDP's and checkpoint wrappers'), so the same model and seed give the
-same bytes in every process, wrapped or not. `prefix=` puts a model's names in a namespace of
-their own.
+init_module runs the model's own initialization (transformers' weight init, an `init_weights()`
+method as torchtitan has, else each layer's `reset_parameters()`, or `init=` any callable) with
+every write into its parameters and buffers deferred. Each random draw becomes one tensor of a
+request, served deterministically (the same bytes in every process, layout and framework);
+everything else the code does is replayed as written: constants, copies of computed buffers (RoPE
+caches), padding rows, exact scalar scaling after a draw. What cannot be served or replayed exactly
+is refused, by parameter name, before anything is written.
 
-Parameters get PyTorch's own defaults by the layer that owns them (see `_default_spec`) unless a
-rule matches; any other parameter needs a rule, and init_module() names those that have none.
+Models that initialize in their constructor (nanoGPT, torchvision, timm, PEFT, most research code)
+are recorded as they are built and replayed later, into materialized and sharded parameters:
 
-DTensor parameters (FSDP2's fully_shard, tensor parallel's parallelize_module, distribute_tensor)
-are filled in place from their placements: each process fetches only the block it holds, once.
+    with weightinit.torch.recording():
+        with torch.device("meta"):
+            model = GPT(config)
+    fully_shard(model); model.to_empty(device="cpu")
+    weightinit.torch.init_module(model, seed=42, target="local")
+
+Tensors are named by their qualified names (`0.weight`, `encoder.fc1.bias`, ...) without the
+attribute names of wrappers (torch.compile's `_orig_mod`, DDP's `module`, FSDP's and checkpoint
+wrappers'), so the same model and seed give the same bytes in every process, wrapped or not.
+`prefix=` puts a model's names in a namespace of their own. DTensor parameters (FSDP2's
+fully_shard, tensor parallel's parallelize_module) are filled from their placements: each process
+fetches only the block it holds.
 """
 
+import inspect
 import math
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import blake3
 import numpy as np
 import torch
 from torch import nn
 
+from ._capture import Copy, Draw, Fill, InitRefused, Program, Refused, Scale, captured
 from ._rules import INIT_KEYS, SPEC_KEYS, rule_for
-from .client import Client, shared_client
+from .client import Client, RequestRefused, shared_client
 from .request import check_seed
+
+__all__ = [
+    "InitRefused",
+    "build_request",
+    "init_module",
+    "recording",
+    "shard_plan",
+    "tensor_digest",
+]
 
 # TensorSpec fields a rule may set: not those that say which tensor it is (a permuted view has
 # the same byte length as the parameter and would be written in place without an error).
@@ -42,35 +68,647 @@ _DTYPES = {
     torch.float16: "DTYPE_FLOAT16",
     torch.bfloat16: "DTYPE_BFLOAT16",
 }
+_RECORD = "_weightinit_record"
 
-_AFFINE = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-# Layers whose running statistics are buffers that reset_running_stats() rebuilds.
-_RUNNING_STATS = tuple(
-    getattr(nn, name)
-    for name in (
-        "BatchNorm1d",
-        "BatchNorm2d",
-        "BatchNorm3d",
-        "SyncBatchNorm",
-        "InstanceNorm1d",
-        "InstanceNorm2d",
-        "InstanceNorm3d",
+
+def init_module(
+    module: nn.Module,
+    seed: int,
+    target,
+    rules=None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    plan=None,
+    timeout: float | None = None,
+    *,
+    security=None,
+    prefix: str | None = None,
+    init: Callable[[nn.Module], object] | None = None,
+    buffer_device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Initializes `module` with its own init code, the random draws served from `target`.
+
+    seed: the experiment's seed, in 0..2**64-1 (an int, a NumPy integer or a 0-d torch integer).
+    target: "host:port", "local" (the engine in this process), or a weightinit.Client (then
+        `security` is the client's).
+    rules, prefix, init, buffer_device: see build_request().
+    dtype: a torch dtype to generate every draw in (default: each tensor's own dtype); the
+        values are then cast into the parameter.
+    timeout: seconds for the Generate call; None for the client's default deadline.
+    security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
+
+    The module must be materialized (`module.to_empty(device=...)` after building it on the meta
+    device), except when sharding with a plan, which reads shapes only. Models that declare tied
+    weights the way transformers does are tied again first (to_empty unties them); a tied
+    parameter is fetched once. Raises ValueError (InitRefused) naming every parameter and buffer
+    the init code leaves unwritten, or writes in a way weightinit cannot serve, before anything is
+    written.
+
+    Without rank, world_size or plan: writes every parameter and buffer the init writes, in
+    place (draws straight into CPU parameters' memory when the dtypes agree), and returns
+    {name: parameter}. A DTensor parameter gets the block its placements give this process;
+    its full_tensor() is then the single-process init.
+
+    Sharded, with rank and world_size and/or plan (plain tensors only): leaves the module
+    untouched and returns {name: local shard} of every parameter (names as
+    module.named_parameters() gives them). The default plan, from rank and world_size, shards
+    every parameter of rank >= 1 along dim 0 with torch.chunk semantics; plan(name, parameter)
+    returns a Slice in proto3 JSON form ({"shard": ...}, {"dims": ...} or {"flat": ...}), or
+    None for the whole tensor.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError("rank and world_size go together")
+    if world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if plan is None:
+            plan = shard_plan(rank, world_size)
+    planned = _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device)
+    client = _client(target, security)
+    if plan is not None:
+        shards = {}
+        for entry in planned.entries:
+            if not entry.is_buffer:
+                shards[entry.qualified] = torch.empty(entry.block_shape(), dtype=entry.dtype)
+        planned.write(client, timeout, {e: shards.get(e.qualified) for e in planned.entries})
+        return shards
+    with torch.no_grad():
+        planned.write(client, timeout, {e: _local_tensor(e.tensor) for e in planned.entries})
+    return {e.qualified: e.tensor for e in planned.entries if not e.is_buffer}
+
+
+def build_request(
+    module: nn.Module,
+    seed: int,
+    rules=None,
+    dtype: torch.dtype | None = None,
+    plan=None,
+    *,
+    prefix: str | None = None,
+    init: Callable[[nn.Module], object] | None = None,
+    buffer_device: torch.device | str | None = None,
+) -> dict:
+    """Returns the GenerateRequest, in proto3 JSON form, of the draws `module`'s init makes.
+
+    Runs the init code as init_module() does (writing nothing) and returns one tensor per
+    parameter or buffer whose last whole write is a random draw, named by its qualified name
+    without wrapper attributes (`_orig_mod.`, `module.`, ...); constants and computed values
+    are not requested.
+    init: the entry point, called as init(module); default: transformers' weight init for a
+        transformers model, an `init_weights()` method (torchtitan's convention; given
+        `buffer_device` when it takes one), else every module's `reset_parameters()`, children
+        first. What recording() recorded for a parameter takes precedence.
+    rules: a list of (pattern, value) matched against those names (before `prefix`); the first
+        pattern that matches replaces the tensor's draw (or whatever it received). A str pattern
+        is a glob matching the whole name ("*.bias"); a compiled re.Pattern is searched in the
+        name. A value whose keys are scheme names is the Init ({"xavierUniform": {}}); a value
+        whose keys are TensorSpec fields overrides them ({"init": {"normal": {"std": 0.02}},
+        "fanIn": "64"}). Mixing the two is a ValueError.
+    prefix: prepended with a dot to every tensor name, so that two models with the same
+        parameter names (an actor and a critic) get different weights.
+    dtype, plan: see init_module(). A DTensor parameter's slice is the block of it this process
+        holds, from its placements; plan does not apply to them.
+    """
+    return _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device).request
+
+
+@contextmanager
+def recording() -> Iterator[None]:
+    """Records what each parameter and buffer of the modules built inside receives from their
+    constructors (on the meta device or any other), by qualified name, on the outermost module
+    built. A later init_module() of that model (after fully_shard, parallelize_module, to_empty,
+    wrapping) replays it: the draws served, the rest as written. Values computed on a real device
+    (buffers, parameters made with torch.ones(...)) are kept; values computed on the meta device
+    are unknown and must be written by the model's init code or a rule."""
+    parents, children = {}, set()
+
+    def on_module(parent, name, child):
+        parents.setdefault(id(parent), parent)
+        if child is not None:
+            children.add(id(child))
+
+    def on_tensor(owner, name, tensor):
+        parents.setdefault(id(owner), owner)
+
+    from torch.nn.modules import module as torch_module
+
+    handles = [
+        torch_module.register_module_module_registration_hook(on_module),
+        torch_module.register_module_parameter_registration_hook(on_tensor),
+        torch_module.register_module_buffer_registration_hook(on_tensor),
+    ]
+    try:
+        with captured((), adopt=True) as capture, _transformers_init_on_meta():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    for key, root in parents.items():
+        if key not in children:
+            setattr(root, _RECORD, _recorded(root, capture))
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hex BLAKE3 of the tensor's elements (row-major, little-endian), as the Digest RPC
+    computes it for the same request: compare with weightinit.digest(). For a DTensor, the
+    digest of the block this process holds, which build_request() asks for."""
+    data = _local_tensor(tensor).detach().cpu().contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.view(torch.int16)
+    return blake3.blake3(data.numpy().reshape(-1).view(np.uint8)).hexdigest()
+
+
+def shard_plan(rank: int, world_size: int):
+    """The default sharding plan: dim 0 of every tensor of rank >= 1, torch.chunk semantics."""
+
+    def plan(name, param):
+        if param.dim() == 0:
+            return None
+        return {"shard": {"dim": 0, "index": rank, "count": world_size}}
+
+    return plan
+
+
+# ---- recording and running the model's own init ---------------------------------------------
+
+
+@contextmanager
+def _transformers_init_on_meta():
+    """transformers skips its weight init when a model is built on the meta device; while
+    recording nothing is written, so it runs, and the record holds what it would draw."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is None:
+        yield
+        return
+    model_class = modeling.PreTrainedModel
+    original = model_class.init_weights
+
+    def init_weights(self):
+        self.initialize_weights()
+        self.tie_weights(recompute_mapping=False)
+
+    model_class.init_weights = init_weights
+    try:
+        yield
+    finally:
+        model_class.init_weights = original
+
+
+def _recorded(root, capture):
+    """{qualified name: Program} of every parameter and buffer of `root` built while recording.
+    What no init code wrote is what the constructor made: kept when it was made on a real device
+    (as a constant when every element is the same), unknown (a meta Copy) on the meta device,
+    and nothing (None) when it is uninitialized memory (torch.empty)."""
+    programs = {}
+    for qualified, tensor in (
+        *root.named_parameters(remove_duplicate=False),
+        *root.named_buffers(remove_duplicate=False),
+    ):
+        tracked = capture.roots.get(id(tensor))
+        if tracked is not None and tracked.program.head is not None:
+            programs[qualified] = tracked.program
+        elif capture.made(tensor) != "empty":
+            programs[qualified] = Program(_made_value(tensor))
+    return programs
+
+
+def _made_value(tensor):
+    data = tensor.detach()
+    if data.is_meta:
+        return Copy(data)
+    flat = data.reshape(-1)
+    if flat.numel() and bool((flat == flat[0]).all()):
+        return Fill(flat[0].item())
+    return Copy(data.to("cpu", copy=True))
+
+
+def _records(module):
+    """{qualified name from `module`: Program} that recording() left on it and its submodules."""
+    programs = {}
+    for path, sub in module.named_modules():
+        for name, program in getattr(sub, _RECORD, {}).items():
+            programs[f"{path}.{name}" if path else name] = program
+    return programs
+
+
+def _own_init(module, init, buffer_device):
+    """The model's own init entry point, as a function of no arguments."""
+    if init is not None:
+        if not callable(init):
+            raise TypeError(f"init: must be callable as init(module), got {init!r}")
+        return lambda: init(module)
+    hf = _outermost(module, _is_transformers_model)
+    if hf:
+        return lambda: [_transformers_init(model) for model in hf]
+    method = getattr(module, "init_states", None) or getattr(module, "init_weights", None)
+    if callable(method):
+        if buffer_device is not None:
+            if "buffer_device" not in inspect.signature(method).parameters:
+                raise ValueError(
+                    f"buffer_device: {type(module).__name__}.{method.__name__}() takes no "
+                    "buffer_device"
+                )
+            return lambda: method(buffer_device=buffer_device)
+        return method
+    if buffer_device is not None:
+        raise ValueError(
+            "buffer_device: the model has no init_states() or init_weights() to give it to"
+        )
+    return lambda: _reset_all(module)
+
+
+def _outermost(module, predicate):
+    found = []
+    for path, sub in module.named_modules():
+        if predicate(sub) and not any(path.startswith(f"{p}.") or p == "" for p, _ in found):
+            found.append((path, sub))
+    return [sub for _, sub in found]
+
+
+def _is_transformers_model(module):
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(module, modeling.PreTrainedModel)
+
+
+def _transformers_init(model):
+    """What transformers' init_weights() does: its weight init over untied parameters (tied ones
+    are tied afterwards, so the source's init stands), the flags that make it skip modules and
+    tensors already initialized cleared first. Runs inside _restored(), which puts the ties back."""
+    for sub in model.modules():
+        sub.__dict__.pop("_is_hf_initialized", None)
+    for tensor in (*model.parameters(), *model.buffers()):
+        tensor.__dict__.pop("_is_hf_initialized", None)
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        path, _, local = target.rpartition(".")
+        owner = model.get_submodule(path)
+        param = owner._parameters.get(local)
+        if param is not None and param is model.get_parameter(source):
+            # The native init drew into a separate tensor that tying then discarded.
+            owner._parameters[local] = nn.Parameter(
+                torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                requires_grad=param.requires_grad,
+            )
+    model.initialize_weights()
+
+
+def _reset_all(module):
+    """torch's layer defaults: every module's reset_parameters() (MultiheadAttention's and
+    Transformer's _reset_parameters()), children before their parents, as construction runs them."""
+    for child in module.children():
+        _reset_all(child)
+    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+    if callable(reset):
+        reset()
+
+
+@contextmanager
+def _restored(module):
+    """Puts back every module's attributes, parameters and buffers as they were: the init code's
+    assignments (a buffer recomputed, a flag set) are replayed by init_module, not kept."""
+    saved = [
+        (sub, dict(sub.__dict__), dict(sub._parameters), dict(sub._buffers))
+        for sub in module.modules()
+    ]
+    try:
+        yield
+    finally:
+        for sub, attributes, params, buffers in saved:
+            sub.__dict__.clear()
+            sub.__dict__.update(attributes)
+            sub._parameters.clear()
+            sub._parameters.update(params)
+            sub._buffers.clear()
+            sub._buffers.update(buffers)
+
+
+def _run_own_init(module, tensors, init, buffer_device):
+    """{qualified name: Program} for `tensors` ({qualified: tensor}) from the model's init code,
+    what recording() left taking precedence."""
+    programs = _records(module)
+    if all(_known(programs.get(name)) for name in tensors):
+        return programs
+    entry = _own_init(module, init, buffer_device)
+    adapters = _peft_adapters(module) if init is None else {}
+    with _restored(module):
+        with captured([(t, name) for name, t in tensors.items()]) as capture:
+            entry()
+        # Tensors the init code replaced by new ones (torchtitan's freqs_cis) are copies.
+        current = dict(
+            (
+                *module.named_parameters(remove_duplicate=False),
+                *module.named_buffers(remove_duplicate=False),
+            )
+        )
+    merged = {}
+    for name, tensor in tensors.items():
+        now = current.get(name)
+        if now is not None and now is not tensor:
+            if isinstance(now, nn.Parameter):
+                ran = Program(Refused("setattr", "replaces the parameter by a new tensor"))
+            else:
+                ran = Program(_made_value(now))
+        else:
+            ran = capture.roots[id(tensor)].program
+        recorded = programs.get(name)
+        if name in adapters and not _known(recorded):
+            ran = Program(Refused("PEFT", adapters[name]))
+        if _known(recorded) or recorded is not None and ran.head is None and not ran.steps:
+            merged[name] = recorded
+        else:
+            merged[name] = ran
+    return merged
+
+
+def _peft_adapters(module):
+    """{qualified name: why} of PEFT adapter parameters: PEFT initializes them in its
+    constructor (LoRA's B as zeros, ...), which no entry point reruns; the base model's init
+    would draw them as the layers they wrap."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return {}
+    found = {}
+    for path, sub in module.named_modules():
+        if isinstance(sub, tuners.BaseTunerLayer):
+            for name, _ in sub.named_parameters(prefix=path):
+                if not name[len(path) :].startswith(".base_layer."):
+                    found[name] = (
+                        f"is an adapter of {type(sub).__name__}, which PEFT initializes when it "
+                        "builds the model: build it inside weightinit.torch.recording()"
+                    )
+    return found
+
+
+def _known(program):
+    if program is None or program.head is None:
+        return False
+    return not (isinstance(program.head, Copy) and program.head.source.is_meta)
+
+
+# ---- the plan: what is served, what is replayed ---------------------------------------------
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One parameter or buffer: its program, the request's tensor for its draw (None when it
+    is not drawn) and the block of it this process writes (ranges per dim, a flat (start, stop)
+    range, or None for the whole tensor)."""
+
+    qualified: str
+    name: str
+    tensor: torch.Tensor
+    program: Program
+    spec: dict | None
+    block: list | tuple | None
+    is_buffer: bool
+
+    @property
+    def dtype(self):
+        return self.tensor.dtype
+
+    def block_shape(self):
+        if self.block is None:
+            return tuple(self.tensor.shape)
+        if isinstance(self.block, tuple):
+            return (self.block[1] - self.block[0],)
+        return tuple(len(r) for r in self.block)
+
+    def take(self, source):
+        """The part of a full-shaped tensor this entry's block selects."""
+        if self.block is None:
+            return source
+        if isinstance(self.block, tuple):
+            return source.reshape(-1)[self.block[0] : self.block[1]]
+        return source[tuple(slice(r.start, r.stop) for r in self.block)]
+
+    def rows(self, dest, start, stop):
+        """The part of `dest` (this entry's block) holding rows [start, stop) of dim 0."""
+        if self.block is None:
+            return dest[start:stop]
+        if isinstance(self.block, tuple):
+            width = math.prod(self.tensor.shape[1:])
+            low, high = max(self.block[0], start * width), min(self.block[1], stop * width)
+            return dest[max(low - self.block[0], 0) : max(high - self.block[0], 0)]
+        first = self.block[0]
+        low, high = max(first.start, start), min(first.stop, stop)
+        return dest[max(low - first.start, 0) : max(high - first.start, 0)]
+
+
+@dataclass
+class _Plan:
+    request: dict
+    entries: list
+
+    def write(self, client, timeout, destinations):
+        """Serves the draws into `destinations` ({entry: tensor of its block}, None to skip),
+        then writes constants and copies and replays the exact steps."""
+        drawn = [e for e in self.entries if e.spec is not None and destinations.get(e) is not None]
+        out = {}
+        for entry in drawn:
+            view = _writable_view(destinations[entry], entry.spec["dtype"])
+            if view is not None:
+                out[entry.spec["name"]] = view
+        fetched = {}
+        if drawn:
+            request = {**self.request, "tensors": [e.spec for e in drawn]}
+            try:
+                fetched = client.fetch(request, out=out, timeout=timeout)
+            except RequestRefused as refused:
+                raise _named(refused, drawn) from refused
+            except BaseException as failed:
+                if out:
+                    failed.add_note(
+                        "weightinit.torch.init_module: nothing but the draws of "
+                        f"{', '.join(e.qualified for e in drawn if e.spec['name'] in out)} "
+                        "may have been written, in part"
+                    )
+                raise
+        for entry in self.entries:
+            dest = destinations.get(entry)
+            if dest is None:
+                continue
+            head = entry.program.head
+            if isinstance(head, Draw):
+                if entry.spec["name"] not in out:
+                    dest.copy_(_as_tensor(fetched[entry.spec["name"]]).reshape(dest.shape))
+            elif isinstance(head, Fill):
+                dest.fill_(head.value)
+            elif isinstance(head, Copy):
+                dest.copy_(entry.take(head.source).reshape(dest.shape))
+            for step in entry.program.steps:
+                if isinstance(step, Scale):
+                    getattr(dest, step.op)(step.value)
+                else:
+                    entry.rows(dest, step.start, step.stop).fill_(step.value)
+
+
+def _named(refused, drawn):
+    """A server's refusal naming the parameter rather than the request's index."""
+    match = re.match(r"tensors\[(\d+)\]\.?(.*)", refused.field or "")
+    if match is None:
+        return refused
+    entry = drawn[int(match.group(1))]
+    field = f"{entry.qualified}.{match.group(2)}" if match.group(2) else entry.qualified
+    return ValueError(f"{field}: {refused.details()} ({entry.program.head.call})")
+
+
+def _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device):
+    seed = check_seed(seed)
+    rules = _checked_rules(rules)
+    if prefix is not None and (not isinstance(prefix, str) or not prefix or prefix[-1] == "."):
+        raise ValueError(f"prefix: must be a non-empty str not ending with '.', got {prefix!r}")
+    _check_materialized(module, meta_ok=plan is not None)
+    if plan is None:
+        _tie_declared_weights(module)
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    programs = _run_own_init(module, {**params, **buffers}, init, buffer_device)
+    entries, refusals, untouched, seen = [], [], [], {}
+    for qualified, tensor in (*params.items(), *buffers.items()):
+        is_buffer = qualified not in params
+        name = _unwrapped_name(module, qualified)
+        if name in seen:
+            raise ValueError(f"parameters {seen[name]!r} and {qualified!r} both unwrap to {name!r}")
+        seen[name] = qualified
+        program = _ruled(programs.get(qualified) or Program(), name, rules)
+        head = program.head
+        problem = _problem(program, is_buffer)
+        if problem is not None:
+            refusals.append((qualified, None if is_buffer else name, tensor, problem))
+            continue
+        if head is None:
+            untouched.append(qualified)
+            continue
+        spec = None
+        if _is_dtensor(tensor):
+            if plan is not None:
+                raise ValueError(
+                    f"plan: {qualified} is a DTensor, which is fetched by its placements; "
+                    "drop rank, world_size and plan"
+                )
+            piece = _dtensor_block(qualified, tensor)
+        else:
+            piece = None if plan is None or is_buffer else plan(name, tensor)
+        if isinstance(head, Draw):
+            spec = {
+                "name": name if prefix is None else f"{prefix}.{name}",
+                "shape": list(tensor.shape),
+                "dtype": _dtype_name(qualified, dtype or tensor.dtype),
+                "init": head.init,
+                **head.fields,
+            }
+            if piece is not None:
+                spec["slice"] = piece
+        block = None if piece is None else _block(piece, tuple(tensor.shape))
+        entries.append(_Entry(qualified, name, tensor, program, spec, block, is_buffer))
+    if refusals:
+        raise InitRefused(_refusal_message(refusals))
+    if untouched:
+        warnings.warn(
+            f"the init code writes no value into buffers {', '.join(untouched)}: init_module "
+            "leaves them as they are",
+            stacklevel=3,
+        )
+    tensors = [e.spec for e in entries if e.spec is not None]
+    return _Plan({"seed": seed, "tensors": tensors}, entries)
+
+
+def _ruled(program, name, rules):
+    """The program with the first matching rule's draw in place of what the init code did."""
+    fields = rule_for(name, rules)
+    if not fields:
+        return program
+    fields = dict(fields)
+    init = fields.pop("init", None)
+    if isinstance(program.head, Draw):
+        head = program.head
+        return Program(Draw(init or head.init, "a rule", {**head.fields, **fields}), program.steps)
+    if init is None:
+        raise ValueError(
+            f"rules: the rule for {name} sets {sorted(fields)} but no init, and {name} is not "
+            "drawn by its init code: give the rule an init"
+        )
+    return Program(Draw(init, "a rule", fields))
+
+
+def _problem(program, is_buffer):
+    """Why a program cannot be served or replayed, None when it can (or, for a buffer, when
+    nothing wrote it)."""
+    head = program.head
+    if isinstance(head, Refused):
+        return f"{head.op} {head.reason}"
+    if isinstance(head, Copy) and head.source.is_meta:
+        return (
+            "its value was computed on the meta device while recording, so it is unknown "
+            "(compute it on a real device, or let the model's init code write it)"
+        )
+    if isinstance(head, Draw | Fill | Copy):
+        return None
+    if program.steps:
+        return "the init code writes only part of it"
+    return None if is_buffer else "no init code writes it"
+
+
+def _refusal_message(refusals):
+    lines, suggested = [], []
+    for qualified, name, tensor, problem in refusals:
+        lines.append(f"{qualified}: {problem}")
+        if name is not None:  # a parameter: a rule can replace its init
+            scheme = '{"xavierUniform": {}}' if tensor.dim() >= 2 else '{"zeros": {}}'
+            suggested.append(f"({name!r}, {scheme})")
+    return (
+        "weightinit cannot serve the init of:\n  "
+        + "\n  ".join(lines)
+        + "\nWrite it with torch.nn.init or Tensor.normal_/uniform_/fill_ on the whole tensor, "
+        "or build the model inside weightinit.torch.recording()"
+        + (
+            ", or replace its init with rules=["
+            + ", ".join(suggested[:3])
+            + (", ...]" if len(suggested) > 3 else "]")
+            if suggested
+            else ""
+        )
     )
-)
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, *_RUNNING_STATS)
-_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
-_MHA_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
-# Wrappers that hold the wrapped module as one attribute: (module, class, attribute). The class
-# is looked up only when its module is already imported: without it, no instance can exist.
+
+def _block(piece, shape):
+    """A Slice (proto3 JSON) as ranges per dim, or (start, stop) for a flat one."""
+    if "flat" in piece:
+        return (int(piece["flat"].get("start", 0)), int(piece["flat"].get("stop", 0)))
+    if "dims" in piece:
+        return [
+            range(int(r.get("start", 0)), int(r.get("stop", 0))) for r in piece["dims"]["ranges"]
+        ]
+    shard = piece["shard"]
+    ranges = [range(size) for size in shape]
+    dim = int(shard.get("dim", 0))
+    ranges[dim] = _chunk(ranges[dim], int(shard["count"]))[int(shard.get("index", 0))]
+    return ranges
+
+
+def _expected(module, seed, target, *, security=None, timeout=None, **init_kwargs):
+    """{qualified name: the tensor this process should hold} for every parameter and buffer
+    init_module() writes (a DTensor's local block), in new CPU tensors; the module is untouched."""
+    planned = _plan(
+        module,
+        seed,
+        init_kwargs.pop("rules", None),
+        init_kwargs.pop("dtype", None),
+        None,
+        init_kwargs.pop("prefix", None),
+        init_kwargs.pop("init", None),
+        init_kwargs.pop("buffer_device", None),
+    )
+    if init_kwargs:
+        raise TypeError(f"unexpected arguments {sorted(init_kwargs)}")
+    fresh = {}
+    for entry in planned.entries:
+        local = _local_tensor(entry.tensor)
+        fresh[entry] = torch.empty(local.shape, dtype=local.dtype)
+    planned.write(_client(target, security), timeout, fresh)
+    return {entry.qualified: tensor for entry, tensor in fresh.items()}
+
+
 _WRAPPERS = (
     ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),
     ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
@@ -86,196 +724,6 @@ _WRAPPERS = (
         "_checkpoint_wrapped_module",
     ),
 )
-
-# Keys that make a rule's value an Init (a scheme) rather than TensorSpec overrides, and the
-# proto3 JSON name of every TensorSpec field a rule may set under either of its spellings. The
-# name and shape are the parameter's; what is fetched of it (slice) is the plan's or the
-# DTensor's; a permuted view would not have the parameter's shape.
-
-
-def init_module(
-    module: nn.Module,
-    seed: int,
-    target,
-    rules=None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    plan=None,
-    timeout: float | None = None,
-    *,
-    security=None,
-    recipe: str = "torch",
-    prefix: str | None = None,
-):
-    """Initializes every parameter of `module` from the server at `target`.
-
-    seed: the experiment's seed, in 0..2**64-1.
-    target: "host:port", or a weightinit.Client (then `security` is the client's).
-    rules, recipe, prefix: see build_request().
-    dtype: a torch dtype to generate every tensor in (default: each parameter's own dtype);
-        the values are then cast into the parameter.
-    timeout: seconds for the Generate call; None for the client's default deadline.
-    security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
-
-    The module must be materialized: parameters on the meta device are an error (call
-    `module.to_empty(device=...)` first), except when sharding with a plan, which reads shapes
-    only. Before building the request, models that declare tied
-    weights the way transformers does (`tie_weights()`, `_tied_weights_keys`) are tied again, as
-    `to_empty` unties them; a tied parameter is fetched once.
-
-    Without rank, world_size or plan: writes the values into the parameters in place (straight
-    into CPU parameters' memory when the dtypes agree) and returns {name: parameter}. A DTensor
-    parameter gets the block its placements give this process, written into its local tensor;
-    its full_tensor() is then the single-process init. Embedding rows at padding_idx are zeroed
-    and norm layers' running statistics reset, as PyTorch's reset_parameters() does; a
-    UserWarning names every other buffer, which init_module leaves as it is.
-
-    Sharded, with rank and world_size and/or plan (plain tensors only): leaves the module
-    untouched and returns {name: local shard} (names as module.named_parameters() gives them),
-    plain tensors (requires_grad False). The default
-    plan, from rank and world_size, shards every parameter of rank >= 1 along dim 0 with
-    torch.chunk semantics ({"shard": {"dim": 0, "index": rank, "count": world_size}}) and sends
-    0-d ones whole. plan(name, parameter), `name` as the request names the tensor (before the
-    prefix), returns a Slice in proto3 JSON form ({"shard": ...}, {"dims": ...} or {"flat":
-    ...}), or None for the whole tensor.
-    """
-    if (rank is None) != (world_size is None):
-        raise ValueError("rank and world_size go together")
-    if world_size is not None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        if plan is None:
-            plan = shard_plan(rank, world_size)
-    _check_materialized(module, meta_ok=plan is not None)
-    if plan is None:
-        _tie_declared_weights(module)
-    request = build_request(module, seed, rules, dtype, plan, recipe=recipe, prefix=prefix)
-    params = dict(module.named_parameters())
-    specs = dict(zip(params, request["tensors"]))
-    padding = _padding_rows(module)
-    client = _client(target, security)
-    if not params:
-        return {}
-
-    if plan is not None:
-        fetched = client.fetch(request, timeout=timeout)
-        shards = {}
-        for name, spec in specs.items():
-            shard = _as_tensor(fetched[spec["name"]])
-            _zero_rows(padding.get(id(params[name]), ()), params[name], shard, spec.get("slice"))
-            shards[name] = shard
-        return shards
-
-    with torch.no_grad():
-        locals_ = {name: _local_tensor(param) for name, param in params.items()}
-        out = {}
-        for name, spec in specs.items():
-            view = _writable_view(locals_[name], spec["dtype"])
-            if view is not None:
-                out[spec["name"]] = view
-        fetched = client.fetch(request, out=out, timeout=timeout)
-        for name, spec in specs.items():
-            if spec["name"] not in out:
-                locals_[name].copy_(_as_tensor(fetched[spec["name"]]))
-            rows = padding.get(id(params[name]), ())
-            _zero_rows(rows, params[name], locals_[name], spec.get("slice"))
-        _rebuild_buffers(module)
-    return params
-
-
-def shard_plan(rank: int, world_size: int):
-    """The default sharding plan: dim 0 of every tensor of rank >= 1, torch.chunk semantics."""
-
-    def plan(name, param):
-        if param.dim() == 0:
-            return None
-        return {"shard": {"dim": 0, "index": rank, "count": world_size}}
-
-    return plan
-
-
-def build_request(
-    module: nn.Module,
-    seed: int,
-    rules=None,
-    dtype: torch.dtype | None = None,
-    plan=None,
-    *,
-    recipe: str = "torch",
-    prefix: str | None = None,
-) -> dict:
-    """Returns the GenerateRequest, in proto3 JSON form, that initializes `module`.
-
-    Its tensors follow module.named_parameters(), one per parameter (a tied one once), named by
-    the qualified name without wrapper attributes (`_orig_mod.`, `module.`, ...).
-    rules: a list of (pattern, value) matched against those names (before `prefix`); the first
-        pattern that matches decides. A str pattern is a glob matching the whole name
-        ("*.bias"); a compiled re.Pattern is searched in the name (re.compile(r"attn\\.")).
-        A value whose keys are scheme names is the Init ({"xavierUniform": {}}); a value whose
-        keys are TensorSpec fields overrides them ({"init": {"normal": {"std": 0.02}}, "fanIn":
-        "64"}), keeping the default init when it sets none. Mixing the two is a ValueError.
-    recipe: "torch" for PyTorch's layer defaults; another name asks weightinit.recipes for the
-        init of a model family. Precedence: rules, then the recipe, then PyTorch's defaults.
-    prefix: prepended with a dot to every tensor name, so that two models with the same
-        parameter names (an actor and a critic) get different weights.
-    dtype, plan: see init_module(). A DTensor parameter's slice is the block of it this process
-        holds, from its placements; plan does not apply to them.
-    """
-    seed = check_seed(seed)
-    rules = _checked_rules(rules)
-    if prefix is not None and (not isinstance(prefix, str) or not prefix or prefix[-1] == "."):
-        raise ValueError(f"prefix: must be a non-empty str not ending with '.', got {prefix!r}")
-    spec_for = None
-    if recipe != "torch":
-        from .recipes import resolve
-
-        spec_for = resolve(recipe, module)
-
-    modules = dict(module.named_modules(remove_duplicate=False))
-    tensors, missing, seen = [], {}, {}
-    for qualified, param in module.named_parameters():
-        name = _unwrapped_name(module, qualified)
-        if name in seen:
-            raise ValueError(f"parameters {seen[name]!r} and {qualified!r} both unwrap to {name!r}")
-        seen[name] = qualified
-        path, _, local = qualified.rpartition(".")
-        owner = modules[path]
-        spec = {
-            "name": name if prefix is None else f"{prefix}.{name}",
-            "shape": list(param.shape),
-            "dtype": _dtype_name(name, dtype or param.dtype),
-        }
-        found = None if spec_for is None else spec_for(owner, local, name)
-        spec.update(found if found is not None else _layer_default(modules, qualified))
-        if _is_dtensor(param):
-            if plan is not None:
-                raise ValueError(
-                    f"plan: {qualified} is a DTensor, which is fetched by its placements; "
-                    "drop rank, world_size and plan"
-                )
-            piece = _dtensor_block(qualified, param)
-        else:
-            piece = None if plan is None else plan(name, param)
-        if piece is not None:
-            spec["slice"] = piece
-        spec.update(rule_for(name, rules))
-        if "init" not in spec:
-            missing.setdefault((type(owner).__name__, local, param.dim()), []).append(name)
-        tensors.append(spec)
-    if missing:
-        raise ValueError(_missing_message(missing))
-    return {"seed": seed, "tensors": tensors}
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """Hex BLAKE3 of the tensor's elements (row-major, little-endian), as the Digest RPC
-    computes it for the same request: compare with weightinit.digest(). For a DTensor, the
-    digest of the block this process holds, which build_request() asks for."""
-    data = _local_tensor(tensor).detach().cpu().contiguous()
-    if data.dtype == torch.bfloat16:
-        data = data.view(torch.int16)
-    return blake3.blake3(data.numpy().reshape(-1).view(np.uint8)).hexdigest()
 
 
 def _client(target, security):
@@ -335,79 +783,6 @@ def _wrapped_attribute(module):
         if wrapper is not None and isinstance(module, wrapper):
             return attribute
     return None
-
-
-def _layer_default(modules, qualified):
-    """PyTorch's default for a parameter, asking the outermost layer first: an outer layer's
-    reset (nn.Transformer's, MultiheadAttention's) runs after, and wins over, its children's."""
-    parts = qualified.split(".")
-    for depth in range(len(parts)):
-        owner = modules[".".join(parts[:depth])]
-        found = _default_spec(owner, ".".join(parts[depth:]))
-        if found is not None:
-            return found
-    return {}
-
-
-def _default_spec(owner, local):
-    """PyTorch's default init of parameter `local` of layer `owner` (a name relative to it, as
-    "out_proj.bias" of a MultiheadAttention), as TensorSpec fields; None when the layer does
-    not set it (its own layer's default, if any, then applies)."""
-    param = owner.get_parameter(local)
-    if isinstance(owner, nn.Transformer):
-        return {"init": {"xavierUniform": {}}} if param.dim() > 1 else None
-    if isinstance(owner, nn.MultiheadAttention):
-        if local in _MHA_PROJECTIONS:
-            return {"init": {"xavierUniform": {}}}
-        if local == "in_proj_bias" or (local == "out_proj.bias" and owner.in_proj_bias is not None):
-            return {"init": {"zeros": {}}}
-        if local in ("bias_k", "bias_v"):
-            return {"init": {"xavierNormal": {}}}
-        return None
-    if "." in local:
-        return None
-    if isinstance(owner, _AFFINE):
-        if local == "weight":
-            return {"init": {"torchDefault": {}}}
-        if local == "bias":
-            weight = owner.weight
-            return {
-                "init": {"torchDefaultBias": {}},
-                "fanIn": str(weight.shape[1] * math.prod(weight.shape[2:])),
-            }
-    if isinstance(owner, (nn.RNNBase, nn.RNNCellBase)):
-        bound = 1.0 / math.sqrt(owner.hidden_size) if owner.hidden_size > 0 else 0.0
-        return {"init": {"uniform": {"low": -bound, "high": bound}}}
-    if isinstance(owner, nn.Bilinear):
-        bound = 1 / math.sqrt(owner.weight.size(1))
-        return {"init": {"uniform": {"low": -bound, "high": bound}}}
-    if isinstance(owner, nn.PReLU):
-        return {"init": {"constant": {"value": float(owner.init)}}}
-    if isinstance(owner, _EMBEDDINGS) and local == "weight":
-        return {"init": {"normal": {}}}
-    if isinstance(owner, _NORMS):
-        if local == "weight":
-            return {"init": {"ones": {}}}
-        if local == "bias":
-            return {"init": {"zeros": {}}}
-    return None
-
-
-def _missing_message(missing):
-    """The error for parameters without an init: each layer type and parameter, and a rule."""
-    listed, suggested = [], []
-    for (layer, local, dim), names in missing.items():
-        listed.append(f"{', '.join(names)} ({layer}.{local})")
-        pattern = names[0] if len(names) == 1 and names[0] == local else f"*.{local}"
-        scheme = '{"xavierUniform": {}}' if dim >= 2 else '{"zeros": {}}'
-        suggested.append(f"({pattern!r}, {scheme})")
-    return (
-        "no initializer for parameters "
-        + "; ".join(listed)
-        + ": PyTorch has no default for them that weightinit knows; add rules, e.g. rules=["
-        + ", ".join(suggested)
-        + "]"
-    )
 
 
 def _checked_rules(rules):
@@ -520,67 +895,6 @@ def _concat(pieces):
     if joined == list(range(start, start + len(joined))):
         return range(start, start + len(joined))
     return joined
-
-
-def _padding_rows(module):
-    """{id(weight): padding_idx rows} of the module's Embeddings and EmbeddingBags."""
-    rows = {}
-    for layer in module.modules():
-        if isinstance(layer, _EMBEDDINGS) and layer.padding_idx is not None:
-            rows.setdefault(id(layer.weight), set()).add(layer.padding_idx)
-    return rows
-
-
-def _zero_rows(rows, param, local, piece):
-    """Zeroes the `rows` of `param` that `local` holds, `local` being the block of it that the
-    Slice `piece` (proto3 JSON, None for the whole tensor) selects."""
-    for row in rows:
-        if piece is None:
-            local[row] = 0
-        elif "flat" in piece:
-            width = math.prod(param.shape[1:])
-            start = int(piece["flat"].get("start", 0))
-            stop = int(piece["flat"].get("stop", 0))
-            low, high = max(start, row * width), min(stop, (row + 1) * width)
-            if low < high:
-                local[low - start : high - start] = 0
-        else:
-            first = _slice_ranges(piece, param.shape)[0]
-            if first.start <= row < first.stop:
-                local[row - first.start] = 0
-
-
-def _slice_ranges(piece, shape):
-    """The index range of every dim that a dims or shard Slice (proto3 JSON) selects."""
-    if "dims" in piece:
-        return [
-            range(int(r.get("start", 0)), int(r.get("stop", 0))) for r in piece["dims"]["ranges"]
-        ]
-    shard = piece["shard"]
-    ranges = [range(size) for size in shape]
-    dim = int(shard.get("dim", 0))
-    ranges[dim] = _chunk(ranges[dim], int(shard["count"]))[int(shard.get("index", 0))]
-    return ranges
-
-
-def _rebuild_buffers(module):
-    """Resets norm layers' running statistics, as their reset_parameters() does; warns, by
-    name, about every other buffer, which may hold garbage after to_empty."""
-    others = []
-    for path, layer in module.named_modules():
-        if isinstance(layer, _RUNNING_STATS):
-            layer.reset_running_stats()
-            continue
-        for local, buffer in layer.named_buffers(recurse=False):
-            if buffer is not None:
-                others.append(f"{path}.{local}" if path else local)
-    if others:
-        warnings.warn(
-            f"init_module leaves buffers {', '.join(others)} as they are: if the module was "
-            "materialized with to_empty, rebuild them (for instance by re-running the code that "
-            "computed them in __init__)",
-            stacklevel=3,
-        )
 
 
 def _writable_view(tensor, dtype_name):
