@@ -9,6 +9,7 @@ grpcurl users type and the shared test vectors use, e.g.
 Unknown fields are errors, so a misspelt field never silently falls back to a default.
 """
 
+import operator
 from collections.abc import Mapping
 
 from google.protobuf import json_format
@@ -19,11 +20,17 @@ SEED_MAX = 2**64 - 1
 
 
 def check_seed(seed):
-    """Returns `seed` as an int; ValueError unless it is a u64 (an int, or its decimal string as
-    proto3 JSON writes 64-bit integers)."""
+    """Returns `seed` as an int; ValueError unless it is a u64: an int, a NumPy integer, a 0-d
+    integer torch tensor (anything with __index__ but bool), or its decimal string as proto3
+    JSON writes 64-bit integers."""
     value = seed
     if isinstance(seed, str) and seed.isascii() and seed.isdigit():
         value = int(seed)
+    elif not isinstance(seed, bool) and hasattr(type(seed), "__index__"):
+        try:
+            value = operator.index(seed)
+        except TypeError:
+            value = None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
         raise ValueError(f"seed: must be in 0..2**64-1, got {seed!r}")
     return value

@@ -549,7 +549,8 @@ def _named(refused, drawn):
         return refused
     entry = drawn[int(match.group(1))]
     field = f"{entry.qualified}.{match.group(2)}" if match.group(2) else entry.qualified
-    return ValueError(f"{field}: {refused.details()} ({entry.program.head.call})")
+    reason = refused.details().removeprefix(f"{refused.field}: ")
+    return ValueError(f"{field}: {reason} (drawn by {entry.program.head.call})")
 
 
 def _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device):
@@ -622,13 +623,13 @@ def _ruled(program, name, rules):
     init = fields.pop("init", None)
     if isinstance(program.head, Draw):
         head = program.head
-        return Program(Draw(init or head.init, "a rule", {**head.fields, **fields}), program.steps)
+        return Program(Draw(init or head.init, f"rules ({name})", {**head.fields, **fields}), program.steps)
     if init is None:
         raise ValueError(
             f"rules: the rule for {name} sets {sorted(fields)} but no init, and {name} is not "
             "drawn by its init code: give the rule an init"
         )
-    return Program(Draw(init, "a rule", fields))
+    return Program(Draw(init, f"rules ({name})", fields))
 
 
 def _problem(program, is_buffer):
