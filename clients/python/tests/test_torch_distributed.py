@@ -1,6 +1,8 @@
 """weightinit.torch.init_module() on DTensor parameters: real torch.distributed processes (gloo on
-CPU) against the real server. Each rank initializes its model in place, every full_tensor() must
-equal a single-process init bit for bit, and every rank must have fetched only its own block."""
+CPU) against the real server. Each rank initializes its model in place (the model's own init:
+plain torch layers, a meta-built transformers Qwen2 and Llama, torchtitan's Llama 3 debug model),
+every full_tensor() and every buffer must equal a single-process init bit for bit, every rank
+must have fetched only its own block, and a forward pass gives the single-process loss."""
 
 import os
 import socket
@@ -19,7 +21,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import torch.multiprocessing as mp
-from test_torch_models import LLAMA_RULES, llama
+from test_torch_models import llama
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -132,23 +134,106 @@ def ddp(mesh_shape):
     return nn.parallel.DistributedDataParallel(mlp())
 
 
+def _fsdp2_per_layer(model, layers, mesh):
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def llama_fsdp2_from_meta(mesh_shape):
     """A transformers Llama (tied embeddings), FSDP2 per decoder layer and at the root."""
     with torch.device("meta"):
         model = llama()
-    mesh = init_device_mesh("cpu", mesh_shape)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    _fsdp2_per_layer(model, model.model.layers, init_device_mesh("cpu", mesh_shape))
     model.to_empty(device="cpu")
     return model
+
+
+def qwen2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+    )
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def _qwen2_tp(model, mesh):
+    """Megatron-style tensor parallelism of every decoder layer."""
+    plan = {}
+    for i in range(len(model.model.layers)):
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        ):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    return parallelize_module(model, mesh, plan)
+
+
+def qwen2_fsdp2_from_meta(mesh_shape):
+    with torch.device("meta"):
+        model = qwen2()
+    _fsdp2_per_layer(model, model.model.layers, init_device_mesh("cpu", mesh_shape))
+    model.to_empty(device="cpu")
+    return model
+
+
+def qwen2_tp_from_meta(mesh_shape):
+    with torch.device("meta"):
+        model = qwen2()
+    _qwen2_tp(model, init_device_mesh("cpu", mesh_shape))
+    model.to_empty(device="cpu")
+    return model
+
+
+def qwen2_dp_tp_from_meta(mesh_shape):
+    with torch.device("meta"):
+        model = qwen2()
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp"))
+    _qwen2_tp(model, mesh["tp"])
+    _fsdp2_per_layer(model, model.model.layers, mesh["dp"])
+    model.to_empty(device="cpu")
+    return model
+
+
+def torchtitan_llama3():
+    llama3 = pytest.importorskip("torchtitan.models.llama3")
+    return llama3._debugmodel("flex").build()
+
+
+def torchtitan_fsdp2_from_meta(mesh_shape):
+    with torch.device("meta"):
+        model = torchtitan_llama3()
+    _fsdp2_per_layer(model, model.layers.values(), init_device_mesh("cpu", mesh_shape))
+    model.to_empty(device="cpu")
+    return model
+
+
+TOKENS = torch.tensor([[5, 17, 2, 88, 40, 3, 61, 9], [1, 1, 30, 72, 11, 50, 4, 93]])
+
+
+def causal_lm_loss(model):
+    return float(model(input_ids=TOKENS, labels=TOKENS).loss)
 
 
 class Scenario(NamedTuple):
     build: Callable  # (mesh shape) -> the model of one rank
     mesh_shape: tuple
     plain: Callable  # () -> the same model, plain, for the single-process init
-    rules: list | None = None
+    loss: Callable | None = None  # (model) -> a forward pass's loss
 
 
 # Scenarios by world size: the ranks of one world run them all, one after the other.
@@ -157,12 +242,18 @@ SCENARIOS = {
         "fsdp2_from_meta": Scenario(fsdp2_from_meta, (2,), mlp),
         "tensor_parallel": Scenario(tensor_parallel, (2,), mlp),
         "ddp": Scenario(ddp, (2,), mlp),
-        "llama_fsdp2_from_meta": Scenario(llama_fsdp2_from_meta, (2,), llama, LLAMA_RULES),
+        "llama_fsdp2_from_meta": Scenario(llama_fsdp2_from_meta, (2,), llama),
+        "qwen2_fsdp2_from_meta": Scenario(qwen2_fsdp2_from_meta, (2,), qwen2, causal_lm_loss),
+        "qwen2_tp_from_meta": Scenario(qwen2_tp_from_meta, (2,), qwen2, causal_lm_loss),
+        "torchtitan_fsdp2_from_meta": Scenario(torchtitan_fsdp2_from_meta, (2,), torchtitan_llama3),
     },
     4: {
         "distribute_tensor": Scenario(distributed_tensors, (4,), uneven),
         "nested_shards": Scenario(nested_shards, (2, 2), uneven),
         "fsdp2_over_tp_from_meta": Scenario(fsdp2_over_tp_from_meta, (2, 2), mlp),
+        "qwen2_fsdp2_from_meta": Scenario(qwen2_fsdp2_from_meta, (4,), qwen2, causal_lm_loss),
+        "qwen2_dp_tp_from_meta": Scenario(qwen2_dp_tp_from_meta, (2, 2), qwen2, causal_lm_loss),
+        "torchtitan_fsdp2_from_meta": Scenario(torchtitan_fsdp2_from_meta, (4,), torchtitan_llama3),
     },
 }
 
@@ -180,22 +271,24 @@ def _rank(rank, world_size, port, target, directory):
                 torch.manual_seed(100 + rank)  # every rank starts from different values
                 model = case.build(case.mesh_shape)
                 with RecordingClient(target) as client:
-                    wt.init_module(model, SEED, client, rules=case.rules)
+                    wt.init_module(model, SEED, client)
                     # What each rank holds, proved against the server's digests of its blocks.
-                    server = client.digest(wt.build_request(model, SEED, case.rules))
-                params = [p for _, p in model.named_parameters()]
-                names = [name for name, _, _ in client.fetched]
-                full = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
-                local = [
-                    tuple(p.to_local().shape if isinstance(p, DTensor) else p.shape) for p in params
-                ]
-                proved = [wt.tensor_digest(p) == server[n] for n, p in zip(names, params)]
+                    server = client.digest(wt.build_request(model, SEED))
+                tensors = {
+                    wt._unwrapped_name(model, n): t
+                    for n, t in (*model.named_parameters(), *model.named_buffers())
+                }
+                full = {
+                    n: t.full_tensor() if isinstance(t, DTensor) else t.detach()
+                    for n, t in tensors.items()
+                }
                 saved = {
-                    "proved": dict(zip(names, proved)),
-                    "full": dict(zip(names, full)),
-                    "local": dict(zip(names, local)),
-                    "dtensors": [n for n, p in zip(names, params) if isinstance(p, DTensor)],
+                    "proved": {n: wt.tensor_digest(tensors[n]) == d for n, d in server.items()},
+                    "full": full,
+                    "local": {n: tuple(wt._local_tensor(t).shape) for n, t in tensors.items()},
+                    "dtensors": [n for n, t in tensors.items() if isinstance(t, DTensor)],
                     "fetched": client.fetched,
+                    "loss": case.loss(model) if case.loss else None,
                 }
                 torch.save(saved, os.path.join(directory, f"{scenario}.rank{rank}.pt"))
             if world_size == 2:
@@ -279,7 +372,6 @@ def worlds(target, tmp_path_factory):
     return get
 
 
-@pytest.mark.filterwarnings("ignore:init_module leaves buffers")  # Llama's rotary frequencies
 @pytest.mark.parametrize(
     "world_size, scenario", [(size, name) for size, names in SCENARIOS.items() for name in names]
 )
@@ -287,26 +379,30 @@ def test_full_tensors_equal_the_single_process_init(world_size, scenario, worlds
     ranks = worlds(world_size)[scenario]
     case = SCENARIOS[world_size][scenario]
     plain = case.plain()
-    wt.init_module(plain, SEED, target, rules=case.rules, timeout=TIMEOUT)
-    expected = {name: param.detach() for name, param in plain.named_parameters()}
+    wt.init_module(plain, SEED, target, timeout=TIMEOUT)
+    expected = dict((*plain.named_parameters(), *plain.named_buffers()))
     for rank, saved in enumerate(ranks):
         assert list(saved["full"]) == list(expected), rank
         for name, value in saved["full"].items():
             assert value.dtype == expected[name].dtype
-            assert torch.equal(value, expected[name]), f"rank {rank}: {name} differs"
+            assert torch.equal(value, expected[name].detach()), f"rank {rank}: {name} differs"
     if scenario != "ddp":
         assert ranks[0]["dtensors"], "the scenario has no DTensor parameters"
-    padded = {"1.weight"} if case.plain is uneven else set()  # padding_idx row zeroed
+    if case.loss is not None:
+        loss = case.loss(plain)
+        for rank, saved in enumerate(ranks):
+            assert saved["loss"] == pytest.approx(loss, rel=1e-5), f"rank {rank}"
     for rank, saved in enumerate(ranks):
         unproved = {name for name, ok in saved["proved"].items() if not ok}
-        assert unproved <= padded, f"rank {rank}: {unproved} differ from the server's digests"
+        padded = {n for n in unproved if "embed" in n or n == "1.weight"}  # padding rows zeroed
+        assert unproved == padded, f"rank {rank}: {unproved} differ from the server's digests"
     _check_each_rank_fetched_only_its_block(ranks)
 
 
 def _check_each_rank_fetched_only_its_block(ranks):
     for rank, saved in enumerate(ranks):
         names = [name for name, _, _ in saved["fetched"]]
-        assert names == list(saved["full"]), f"rank {rank} fetched {names}"
+        assert names == list(saved["proved"]), f"rank {rank} fetched {names}"
         for name, piece, shape in saved["fetched"]:
             assert shape == saved["local"][name], f"rank {rank} fetched {shape} of {name}"
             if shape != tuple(saved["full"][name].shape):

@@ -50,7 +50,8 @@ def test_served_values_follow_the_distribution_torch_draws(layer, target):
     drawn = LAYERS[layer]()
     served = LAYERS[layer]()
     wt.init_module(served, SEED, target, timeout=TIMEOUT)
-    assert wt.build_request(served, SEED)["tensors"], layer
+    constant = layer in ("PReLU", "norms")  # nothing drawn: written, not served
+    assert bool(wt.build_request(served, SEED)["tensors"]) != constant, layer
     for (name, mine), theirs in zip(served.named_parameters(), drawn.parameters()):
         mine, theirs = mine.detach().double().flatten(), theirs.detach().double().flatten()
         if torch.all(theirs == theirs[0]):
@@ -95,15 +96,15 @@ class Scaled(nn.Module):
         self.offset = nn.Parameter(torch.zeros(4))
 
 
-def test_the_error_for_unknown_parameters_names_the_layer_and_suggests_rules():
+def test_the_error_for_unwritten_parameters_names_each_and_suggests_rules():
     model = nn.Sequential(Scaled(), Scaled())
     with pytest.raises(ValueError) as raised:
         wt.build_request(model, SEED)
     message = str(raised.value)
-    assert "0.gate, 1.gate (Scaled.gate)" in message
-    assert "0.offset, 1.offset (Scaled.offset)" in message
-    assert "in_proj_weight" not in message
-    assert "('*.gate', {\"xavierUniform\": {}})" in message and "('*.offset'," in message
-    # The suggested rules work as given.
+    for name in ("0.gate", "0.offset", "1.gate", "1.offset"):
+        assert f"\n  {name}: no init code writes it" in message
+    assert "proj" not in message
+    assert "('0.gate', {\"xavierUniform\": {}}), ('0.offset', {\"zeros\": {}})" in message
+    # Rules in the form suggested work.
     rules = [("*.gate", {"xavierUniform": {}}), ("*.offset", {"zeros": {}})]
     assert len(wt.build_request(model, SEED, rules)["tensors"]) == 8

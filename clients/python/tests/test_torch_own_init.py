@@ -139,7 +139,7 @@ def _resolved(model):
 
 def _matches(native, resolved):
     kind, *params = native
-    close = lambda x, y: math.isclose(x, y, rel_tol=TOL, abs_tol=TOL)  # noqa: E731
+    close = lambda x, y: math.isclose(x, y, rel_tol=TOL, abs_tol=TOL)
     if kind == "normal":
         return resolved["distribution"] == "normal" and all(
             map(close, params, (resolved["mean"], resolved["std"]))
@@ -209,15 +209,15 @@ def _recorded(build, device="cpu"):
     return ours
 
 
-SMALL = dict(
-    num_hidden_layers=2,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=96,
-    pad_token_id=3,
-)
+SMALL = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 96,
+    "pad_token_id": 3,
+}
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         n_layer=2,

@@ -130,7 +130,8 @@ def init_module(
         shards = {}
         for entry in planned.entries:
             if not entry.is_buffer:
-                shards[entry.qualified] = torch.empty(entry.block_shape(), dtype=entry.dtype)
+                shape = entry.block_shape()
+                shards[entry.qualified] = torch.empty(shape, dtype=dtype or entry.dtype)
         planned.write(client, timeout, {e: shards.get(e.qualified) for e in planned.entries})
         return shards
     with torch.no_grad():
@@ -623,7 +624,9 @@ def _ruled(program, name, rules):
     init = fields.pop("init", None)
     if isinstance(program.head, Draw):
         head = program.head
-        return Program(Draw(init or head.init, f"rules ({name})", {**head.fields, **fields}), program.steps)
+        return Program(
+            Draw(init or head.init, f"rules ({name})", {**head.fields, **fields}), program.steps
+        )
     if init is None:
         raise ValueError(
             f"rules: the rule for {name} sets {sorted(fields)} but no init, and {name} is not "
