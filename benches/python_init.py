@@ -5,11 +5,15 @@
 On a 317M-parameter Llama (transformers LlamaConfig: hidden 1024, 24 layers, intermediate
 2048, vocab 32000), built on the meta device and materialized with to_empty, in float32 and
 bfloat16, best of 3 each:
-- torch: the baseline, in two flavours: transformers' own init of the model (`_init_weights`
-  on every module, as `init_weights()` runs it: normal(0, 0.02) for every matrix), and
-  PyTorch's layer defaults (`reset_parameters()` of every module: kaiming_uniform for Linear);
-- local: `weightinit.torch.init_module(model, seed, "local", recipe=...)` with the recipe that
-  draws the same distributions ("hf", "torch"), in this process;
+- torch: the baseline, in two flavours: transformers' own init of the model
+  (`initialize_weights()`, what `init_weights()` runs: normal(0, 0.02) for every matrix, ones
+  for the norms, the rotary frequencies), and PyTorch's layer defaults (`reset_parameters()`
+  of every module: kaiming_uniform for Linear);
+- capture: `weightinit.torch.build_request(model, seed, init=...)`, the model's own init code
+  run under weightinit's interception with nothing drawn or written: the cost of the
+  interception itself;
+- local: `weightinit.torch.init_module(model, seed, "local", init=...)` with the same init code,
+  its draws served in this process and the rest replayed;
 - loopback: the same over loopback from a release server this script starts.
 Then a raw [8192, 8192] float32 xavier_uniform tensor into numpy (local and loopback) against
 `torch.nn.init.xavier_uniform_`. Prints one line per measurement, the ratios against torch
@@ -22,7 +26,6 @@ import resource
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +67,11 @@ def llama(dtype):
 
 
 def hf_init(model):
-    with torch.no_grad():
-        model.apply(model._init_weights)
+    """transformers' init_weights() of a model built on the meta device: its weight init, again
+    (the flags that make it skip what it initialized before cleared)."""
+    for tensor in (*model.modules(), *model.parameters(), *model.buffers()):
+        tensor.__dict__.pop("_is_hf_initialized", None)
+    model.initialize_weights()
 
 
 def torch_init(model):
@@ -75,12 +81,7 @@ def torch_init(model):
                 module.reset_parameters()
 
 
-# recipe: the torch init that draws what init_module with that recipe (and rules) draws.
-# PyTorch's defaults know no LlamaRMSNorm; its reset_parameters() fills ones.
-BASELINES = {
-    "hf": ("_init_weights", hf_init, None),
-    "torch": ("reset_parameters", torch_init, [("*norm.weight", {"ones": {}})]),
-}
+BASELINES = {"transformers": hf_init, "reset_parameters": torch_init}
 
 
 def server():
@@ -115,14 +116,14 @@ def llama_rows(dtype, address):
     params = sum(p.numel() for p in model.parameters())
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(f"Llama {params / 1e6:.0f}M parameters, {dtype}: {size:.0f} MiB")
-    for recipe, (name, init, rules) in BASELINES.items():
+    for name, init in BASELINES.items():
         baseline = best(init, model)
         report(f"  torch {name}", baseline, baseline)
+        seconds = best(weightinit.torch.build_request, model, SEED, init=init)
+        report(f"  capture (build_request, init={name})", seconds, baseline)
         for target in (weightinit.LOCAL, address):
-            seconds = best(
-                weightinit.torch.init_module, model, SEED, target, rules, recipe=recipe
-            )
-            report(f"  init_module recipe={recipe} {where(target)}", seconds, baseline)
+            seconds = best(weightinit.torch.init_module, model, SEED, target, init=init)
+            report(f"  init_module init={name} {where(target)}", seconds, baseline)
     print(f"  peak RSS so far {peak_rss_mib():.0f} MiB")
 
 
@@ -144,8 +145,6 @@ def stream_rows(address):
 
 
 def main():
-    # init_module's note that it leaves the rotary buffers as they are, once per call.
-    warnings.simplefilter("ignore", UserWarning)
     process, address = server()
     threads = f"{torch.get_num_threads()} threads, {os.cpu_count()} cores"
     try:
