@@ -18,7 +18,12 @@ import time
 import grpc
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "clients", "python", "weightinit", "_proto"))
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(__file__), "..", "clients", "python", "weightinit", "_proto"
+    ),
+)
 from weightinit.v1 import weightinit_pb2 as pb  # noqa: E402
 
 REPEATS = 5
@@ -81,7 +86,7 @@ def generate(channel, request):
                 assert message.end.byte_length == received
             continue
         offset, begin, end = fields
-        view[offset:offset + end - begin] = memoryview(raw)[begin:end]
+        view[offset : offset + end - begin] = memoryview(raw)[begin:end]
         received += end - begin
     return time.perf_counter() - start, out
 
@@ -89,12 +94,26 @@ def generate(channel, request):
 def main():
     address = sys.argv[1]
     options = [("grpc.max_receive_message_length", 16 << 20)]
-    request = pb.GenerateRequest(seed=1, tensors=[pb.TensorSpec(
-        name="w", shape=list(SHAPE), init=pb.Init(xavier_uniform=pb.XavierUniform()))])
+    request = pb.GenerateRequest(
+        seed=1,
+        tensors=[
+            pb.TensorSpec(
+                name="w",
+                shape=list(SHAPE),
+                init=pb.Init(xavier_uniform=pb.XavierUniform()),
+            )
+        ],
+    )
     with grpc.insecure_channel(address, options=options) as channel:
         times = sorted(generate(channel, request)[0] for _ in range(REPEATS))
-    result = dict(bench="generate_python", scheme="xavier_uniform", shape=list(SHAPE),
-                  bytes=SHAPE[0] * SHAPE[1] * 4, best_s=times[0], median_s=times[len(times) // 2])
+    result = dict(
+        bench="generate_python",
+        scheme="xavier_uniform",
+        shape=list(SHAPE),
+        bytes=SHAPE[0] * SHAPE[1] * 4,
+        best_s=times[0],
+        median_s=times[len(times) // 2],
+    )
     print(json.dumps(result), flush=True)
     print("  " + json.dumps(result), file=sys.stderr, flush=True)
 

@@ -46,17 +46,36 @@ def main():
         ]:
             init(tensor)  # warm up
             best, median, cpu = timed(lambda: init(tensor))
-            report(bench="torch", init=name, dtype=dtype_name, elements=elements,
-                   threads=torch.get_num_threads(), best_s=best, median_s=median, cpu_s=cpu)
+            report(
+                bench="torch",
+                init=name,
+                dtype=dtype_name,
+                elements=elements,
+                threads=torch.get_num_threads(),
+                best_s=best,
+                median_s=median,
+                cpu_s=cpu,
+            )
     generator = np.random.default_rng(1)
     out = np.empty(SHAPE, dtype=np.float32)
     for name, run in [
         ("random", lambda: generator.random(out=out, dtype=np.float32)),
-        ("standard_normal", lambda: generator.standard_normal(out=out, dtype=np.float32)),
+        (
+            "standard_normal",
+            lambda: generator.standard_normal(out=out, dtype=np.float32),
+        ),
     ]:
         best, median, cpu = timed(run)
-        report(bench="numpy", method=name, dtype="float32", elements=elements, threads=1,
-               best_s=best, median_s=median, cpu_s=cpu)
+        report(
+            bench="numpy",
+            method=name,
+            dtype="float32",
+            elements=elements,
+            threads=1,
+            best_s=best,
+            median_s=median,
+            cpu_s=cpu,
+        )
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@
 On a 317M-parameter Llama (transformers LlamaConfig: hidden 1024, 24 layers, intermediate
 2048, vocab 32000), built on the meta device and materialized with to_empty, in float32 and
 bfloat16, best of 3 each:
-- torch: the baseline, in two flavours: transformers' own init of the model
-  (`initialize_weights()`, what `init_weights()` runs: normal(0, 0.02) for every matrix, ones
-  for the norms, the rotary frequencies), and PyTorch's layer defaults (`reset_parameters()`
-  of every module: kaiming_uniform for Linear);
+- torch: the baseline, transformers' own init of the model (`initialize_weights()`, what
+  `init_weights()` runs: normal(0, 0.02) for every matrix, ones for the norms, the rotary
+  frequencies);
 - capture: `weightinit.torch.build_request(model, seed, init=...)`, the model's own init code
   run under weightinit's interception with nothing drawn or written: the cost of the
   interception itself;
@@ -74,14 +73,7 @@ def hf_init(model):
     model.initialize_weights()
 
 
-def torch_init(model):
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-
-
-BASELINES = {"transformers": hf_init, "reset_parameters": torch_init}
+BASELINES = {"transformers": hf_init}
 
 
 def server():

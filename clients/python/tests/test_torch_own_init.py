@@ -69,7 +69,8 @@ class NativeSpy(TorchFunctionMode):
         spy = self
 
         def wrapper(tensor, *args, **kwargs):
-            spy._record(tensor, ("trunc", *map(float, params(tensor, *args, **kwargs))))
+            if not spy._inside:  # timm's trunc_normal_tf_ calls _trunc_normal_
+                spy._record(tensor, ("trunc", *map(float, params(tensor, *args, **kwargs))))
             spy._inside += 1
             try:
                 return original(tensor, *args, **kwargs)
@@ -363,3 +364,22 @@ def test_a_buffer_computed_on_meta_while_recording_is_refused_by_name():
     model.to_empty(device="cpu")
     with pytest.raises(ValueError, match=r"inv_freq: its value was computed on the meta device"):
         wt.init_module(model, SEED, "local")
+
+
+class TimmInits(nn.Module):
+    """timm's initializers, each into a layer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        weight_init = pytest.importorskip("timm.layers.weight_init")
+        self.tf = nn.Linear(64, 96)
+        self.scaled = nn.Linear(64, 96)
+        self.lecun = nn.Conv2d(8, 16, 3)
+        weight_init.trunc_normal_tf_(self.tf.weight, mean=0.01, std=0.05, a=-1.5, b=2.5)
+        weight_init.variance_scaling_(self.scaled.weight, 2.0, "fan_avg", "uniform")
+        weight_init.variance_scaling_(self.scaled.bias.view(8, 12), 0.5, "fan_out", "normal")
+        weight_init.lecun_normal_(self.lecun.weight)
+
+
+def test_timm_initializers_recorded():
+    check_own_init(TimmInits, _recorded(TimmInits))
