@@ -222,6 +222,34 @@ def torchtitan_fsdp2_from_meta(mesh_shape):
     return model
 
 
+def _torchtitan_tp(model, mesh):
+    plan = {}
+    for i in model.layers:
+        for name in ("attention.qkv_linear.wqkv", "feed_forward.w1", "feed_forward.w3"):
+            plan[f"layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("attention.wo", "feed_forward.w2"):
+            plan[f"layers.{i}.{name}"] = RowwiseParallel()
+    return parallelize_module(model, mesh, plan)
+
+
+def torchtitan_tp_from_meta(mesh_shape):
+    with torch.device("meta"):
+        model = torchtitan_llama3()
+    _torchtitan_tp(model, init_device_mesh("cpu", mesh_shape))
+    model.to_empty(device="cpu")
+    return model
+
+
+def torchtitan_dp_tp_from_meta(mesh_shape):
+    with torch.device("meta"):
+        model = torchtitan_llama3()
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp"))
+    _torchtitan_tp(model, mesh["tp"])
+    _fsdp2_per_layer(model, model.layers.values(), mesh["dp"])
+    model.to_empty(device="cpu")
+    return model
+
+
 TOKENS = torch.tensor([[5, 17, 2, 88, 40, 3, 61, 9], [1, 1, 30, 72, 11, 50, 4, 93]])
 
 
@@ -246,6 +274,7 @@ SCENARIOS = {
         "qwen2_fsdp2_from_meta": Scenario(qwen2_fsdp2_from_meta, (2,), qwen2, causal_lm_loss),
         "qwen2_tp_from_meta": Scenario(qwen2_tp_from_meta, (2,), qwen2, causal_lm_loss),
         "torchtitan_fsdp2_from_meta": Scenario(torchtitan_fsdp2_from_meta, (2,), torchtitan_llama3),
+        "torchtitan_tp_from_meta": Scenario(torchtitan_tp_from_meta, (2,), torchtitan_llama3),
     },
     4: {
         "distribute_tensor": Scenario(distributed_tensors, (4,), uneven),
@@ -254,6 +283,9 @@ SCENARIOS = {
         "qwen2_fsdp2_from_meta": Scenario(qwen2_fsdp2_from_meta, (4,), qwen2, causal_lm_loss),
         "qwen2_dp_tp_from_meta": Scenario(qwen2_dp_tp_from_meta, (2, 2), qwen2, causal_lm_loss),
         "torchtitan_fsdp2_from_meta": Scenario(torchtitan_fsdp2_from_meta, (4,), torchtitan_llama3),
+        "torchtitan_dp_tp_from_meta": Scenario(
+            torchtitan_dp_tp_from_meta, (2, 2), torchtitan_llama3
+        ),
     },
 }
 
