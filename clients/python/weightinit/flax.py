@@ -387,7 +387,9 @@ def initializer(
 
     def _fetch_sharded(spec, result, placed):
         """Under shard_map, each device's callback fetches its own block."""
-        named = concrete_sharding(spec["name"], placed, result.shape)
+        named = concrete_sharding(spec["name"], placed, result.shape, traced=True)
+        if not isinstance(named, jax.sharding.NamedSharding):
+            raise ValueError(f"{spec['name']}: sharding: give a NamedSharding or a PartitionSpec")
         mesh, parts = named.mesh, _parts(spec["name"], named, result.shape)
         local = tuple(n // math.prod(mesh.shape[a] for a in axes) for n, axes in zip(result.shape, parts))
 

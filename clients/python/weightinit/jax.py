@@ -59,10 +59,13 @@ def make_array(
 
     Raises ValueError for bad arguments before anything is fetched.
     """
+    fields = _rules.as_spec(init, "init")
+    if set(fields) != {"init"}:
+        raise ValueError(f"init: must be a scheme, e.g. {{'heNormal': {{}}}}, got {init!r}")
     spec = {
         "name": name,
         "shape": _check_shape(shape),
-        "init": init,
+        **fields,
         "dtype": _dtype_name(dtype or jnp.float32, "dtype"),
     }
     if layout is not None:
@@ -94,9 +97,10 @@ def make_arrays(
     """
     check_seed(seed)
     planned = []
-    for spec, sharding in tensors:
+    for index, (spec, sharding) in enumerate(tensors):
         if "dtype" not in spec or "slice" in spec:
-            raise ValueError(f"tensors: {spec.get('name')!r} needs a dtype and no slice")
+            raise ValueError(f"tensors[{index}]: {spec.get('name')!r} needs a dtype and no slice")
+        spec = _rules.as_spec(spec, f"tensors[{index}] ({spec.get('name')!r})")
         shape = _rules.view_shape(spec)
         if sharding is None:
             blocks = [tuple((0, n) for n in shape)]
@@ -130,16 +134,20 @@ def make_arrays(
     return arrays
 
 
-def concrete_sharding(what, sharding, shape, mesh=None):
+def concrete_sharding(what, sharding, shape, mesh=None, *, traced=False):
     """`sharding` checked against `shape`, its mesh concrete: a PartitionSpec or a NamedSharding
-    on an AbstractMesh takes `mesh`, else the mesh of `with jax.set_mesh(mesh)`. ValueError
-    naming `what` when it has none or does not fit the shape."""
+    on an AbstractMesh takes `mesh`, else the mesh of `with jax.set_mesh(mesh)`. When `traced`
+    (inside jax.jit, where only the abstract mesh is known) a PartitionSpec takes that and an
+    AbstractMesh stays. ValueError naming `what` when it has no mesh or does not fit the shape."""
     if isinstance(sharding, jax.sharding.PartitionSpec):
-        sharding = jax.sharding.NamedSharding(_mesh(what, mesh, None), sharding)
+        in_use = jax.sharding.get_abstract_mesh() if traced else _mesh(what, mesh, None)
+        if in_use.empty:
+            raise _no_mesh(what)
+        sharding = jax.sharding.NamedSharding(in_use, sharding)
     if not isinstance(sharding, jax.sharding.Sharding):
         raise ValueError(f"{what}: must be a jax.sharding.Sharding, got {sharding!r}")
     if isinstance(sharding, jax.sharding.NamedSharding):
-        if isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+        if isinstance(sharding.mesh, jax.sharding.AbstractMesh) and not traced:
             sharding = jax.sharding.NamedSharding(_mesh(what, mesh, sharding.mesh), sharding.spec)
         if len(sharding.spec) > len(shape):
             raise ValueError(
@@ -153,16 +161,20 @@ def _mesh(what, mesh, abstract):
     """The concrete mesh `mesh`, else jax.set_mesh's, matching `abstract` (an AbstractMesh)."""
     mesh = jax.sharding.get_mesh() if mesh is None else mesh
     if mesh.empty:
-        raise ValueError(
-            f"{what}: its mesh is abstract or unnamed; call inside `with jax.set_mesh(mesh)` "
-            "or pass mesh="
-        )
+        raise _no_mesh(what)
     if abstract is not None and abstract.shape_tuple != mesh.shape_tuple:
         raise ValueError(
             f"{what}: its sharding is on the mesh {dict(abstract.shape)}, the mesh in use is "
             f"{dict(mesh.shape)}"
         )
     return mesh
+
+
+def _no_mesh(what):
+    return ValueError(
+        f"{what}: names no concrete mesh (a PartitionSpec, an AbstractMesh); call inside "
+        "`with jax.set_mesh(mesh)`, or give a NamedSharding on a jax.sharding.Mesh"
+    )
 
 
 def _dtype_name(dtype, what):
