@@ -142,14 +142,15 @@ class _Declared:
     """One initializer call: the reader of its function, its closure's values, the call shape."""
 
     def __init__(self, code, cells, shape):
-        self.code, self.cells, self.shape = code, cells, tuple(int(n) for n in shape)
+        self.code, self.cells, self.shape = code, cells, shape
 
     def spec(self, path, leaf_shape):
         """The TensorSpec fields serving this call's distribution for a leaf of `leaf_shape`."""
-        if self.code in _SHAPED and self.shape != tuple(leaf_shape):
-            raise _unreadable(path, f"it is called on the shape {self.shape}, then reshaped")
         try:
-            return _READERS[self.code](self.cells, self.shape)
+            shape = tuple(int(n) for n in self.shape)
+            if self.code in _SHAPED and shape != tuple(leaf_shape):
+                raise ValueError(f"it is called on the shape {shape}, then reshaped")
+            return _READERS[self.code](self.cells, shape)
         except (ValueError, KeyError, IndexError, TypeError) as error:
             raise _unreadable(path, error) from None
 
@@ -281,7 +282,8 @@ def init_params(
     _rules.check_like(like)
     rules = _rules.check_rules(rules)
     declared, graphdef = {}, None
-    if callable(params) and not isinstance(params, nnx.Module | linen.Module):
+    traced = callable(params) and not isinstance(params, nnx.Module | linen.Module)
+    if traced:
         params, declared = _trace(params, mesh)
     if isinstance(params, nnx.Module):
         graphdef, params = nnx.split(params)
@@ -305,7 +307,9 @@ def init_params(
         rule = _rules.rule_for(path, rules)
         if like == "torch":
             spec.update(_torch_default(path, value.shape, shapes))
-        elif path in declared and "init" not in rule:
+        elif traced and "init" not in rule:
+            if path not in declared:
+                raise _unreadable(path, "not one of jax.nn.initializers, or its values changed")
             spec.update(declared[path].spec(path, value.shape))
         spec.update(rule)
         if "init" not in spec:
@@ -317,8 +321,8 @@ def init_params(
             )
         tensors.append((spec, _sharding(path, leaf, value, mesh)))
     if missing:
-        how = "" if declared else " (or pass the function that builds the model)"
-        raise _rules.missing_init_error(missing, f'("{missing[0]}", {{"heNormal": {{}}}})' + how)
+        example = f'("{missing[0]}", {{"heNormal": {{}}}})'
+        raise _rules.missing_init_error(missing, example + " (or pass the function that builds the model)")
 
     arrays = make_arrays(seed, tensors, target, timeout=timeout, security=security)
     leaves = [_reboxed(leaf, array) for (_, leaf), array in zip(entries, arrays)]
