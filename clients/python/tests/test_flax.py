@@ -35,7 +35,9 @@ class ConvNet(nn.Module):
         x = nn.LayerNorm()(x)
         x = x.reshape((x.shape[0], -1))
         # The model: declared zeros and normal(0.02) were served as lecun and 1/sqrt(d).
-        x = nn.Dense(5, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(0.5))(x)
+        x = nn.Dense(5, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(0.5))(
+            x
+        )
         x = nn.Dense(6, kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "uniform"))(x)
         embed = nn.Embed(7, 5, embedding_init=nn.initializers.normal(0.02))(jnp.argmax(x, -1))
         return embed + nn.Embed(7, 5)(jnp.argmax(x, -1))
@@ -61,22 +63,34 @@ def test_linen_parameters_get_their_declared_initializers(target):
         "Dense_0/bias": ((5,), {"constant": {"value": 0.5}}, {}),
         "Dense_1/kernel": (
             (5, 6),
-            {"varianceScaling": {"scale": 2.0, "mode": "FAN_MODE_FAN_OUT",
-                                 "distribution": "DISTRIBUTION_UNIFORM"}},
+            {
+                "varianceScaling": {
+                    "scale": 2.0,
+                    "mode": "FAN_MODE_FAN_OUT",
+                    "distribution": "DISTRIBUTION_UNIFORM",
+                }
+            },
             {"fanIn": "5", "fanOut": "6"},
-        ),  # fmt: skip
+        ),
         "Dense_1/bias": ((6,), {"zeros": {}}, {}),
         "Embed_0/embedding": ((7, 5), {"normal": {"std": 0.02}}, {}),
         # nn.Embed's default variance_scaling(1, "fan_in", "normal", out_axis=0): fan_in = 5.
         "Embed_1/embedding": (
             (7, 5),
-            {"varianceScaling": {"scale": 1.0, "mode": "FAN_MODE_FAN_IN",
-                                 "distribution": "DISTRIBUTION_UNTRUNCATED_NORMAL"}},
+            {
+                "varianceScaling": {
+                    "scale": 1.0,
+                    "mode": "FAN_MODE_FAN_IN",
+                    "distribution": "DISTRIBUTION_UNTRUNCATED_NORMAL",
+                }
+            },
             {"fanIn": "5", "fanOut": "5"},
-        ),  # fmt: skip
+        ),
     }
     params = variables["params"]
-    assert sorted(f"{layer}/{leaf}" for layer in params for leaf in params[layer]) == sorted(expected)
+    assert sorted(f"{layer}/{leaf}" for layer in params for leaf in params[layer]) == sorted(
+        expected
+    )
     for path, (shape, init, fields) in expected.items():
         layer, leaf = path.split("/")
         value = np.asarray(params[layer][leaf])
@@ -98,7 +112,9 @@ class Oddities(nn.Module):
 
 def test_initializers_that_cannot_be_served_are_refused_by_path(target):
     x = jnp.ones((1, 4))
-    doubled = lambda key, shape, dtype=jnp.float32: 2 * nn.initializers.normal(0.02)(key, shape, dtype)  # noqa: E731
+    doubled = lambda key, shape, dtype=jnp.float32: (
+        2 * nn.initializers.normal(0.02)(key, shape, dtype)
+    )
     for init, why in [
         (doubled, "cannot be served"),
         (nn.initializers.variance_scaling(1.0, "fan_in", "normal", batch_axis=1), "whole numbers"),
@@ -114,7 +130,9 @@ def test_initializers_that_cannot_be_served_are_refused_by_path(target):
     expected = fetch_one(target, "params/Dense_0/kernel", (4, 6), {"normal": {"std": 0.04}})
     np.testing.assert_array_equal(params["Dense_0"]["kernel"], expected)
     # Orthogonal on its last axis is served as weightinit's (Keras's flattening, the same).
-    init_fn = functools.partial(Oddities(nn.initializers.orthogonal(2.0)).init, jax.random.key(0), x)
+    init_fn = functools.partial(
+        Oddities(nn.initializers.orthogonal(2.0)).init, jax.random.key(0), x
+    )
     kernel = np.asarray(wf.init_params(init_fn, SEED, target)["params"]["Dense_0"]["kernel"])
     np.testing.assert_allclose(kernel @ kernel.T, 4.0 * np.eye(4), atol=1e-5)
 
@@ -259,8 +277,14 @@ def test_initializer_serves_a_jax_initializer_with_the_fans_of_its_call(target):
     model = nn.DenseGeneral((4, 8), kernel_init=init, use_bias=False)
     kernel = model.init(jax.random.key(0), jnp.ones((1, 16)))["params"]["kernel"]
     # DenseGeneral calls it on the flat [16, 32] kernel: fan_in 16, not 16 * 4.
-    scheme = {"scale": 2.0, "mode": "FAN_MODE_FAN_IN", "distribution": "DISTRIBUTION_TRUNCATED_NORMAL"}
-    expected = fetch_one(target, "qkv", (16, 32), {"varianceScaling": scheme}, fanIn="16", fanOut="32")
+    scheme = {
+        "scale": 2.0,
+        "mode": "FAN_MODE_FAN_IN",
+        "distribution": "DISTRIBUTION_TRUNCATED_NORMAL",
+    }
+    expected = fetch_one(
+        target, "qkv", (16, 32), {"varianceScaling": scheme}, fanIn="16", fanOut="32"
+    )
     np.testing.assert_array_equal(np.asarray(kernel), expected.reshape(16, 4, 8))
 
 

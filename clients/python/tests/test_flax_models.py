@@ -51,7 +51,9 @@ class Transformer(nnx.Module):
             WIDTH, HIDDEN, kernel_init=nnx_init("up"), bias_init=nnx_init("up_bias"), rngs=rngs
         )
         self.down = nnx.Linear(HIDDEN, WIDTH, kernel_init=nnx_init("down"), rngs=rngs)
-        self.head = nnx.Linear(WIDTH, VOCAB, kernel_init=nnx_init("head"), use_bias=False, rngs=rngs)
+        self.head = nnx.Linear(
+            WIDTH, VOCAB, kernel_init=nnx_init("head"), use_bias=False, rngs=rngs
+        )
 
     def __call__(self, tokens):
         h = self.embed(tokens)
@@ -73,7 +75,9 @@ class LinenTransformer(nn.Module):
         normed = nn.RMSNorm(scale_init=linen_init("norm"), name="norm")(h)
         attn = nn.MultiHeadDotProductAttention(HEADS, kernel_init=linen_init("attn"), name="attn")
         h = h + attn(normed)
-        up = nn.Dense(HIDDEN, kernel_init=linen_init("up"), bias_init=linen_init("up_bias"), name="up")
+        up = nn.Dense(
+            HIDDEN, kernel_init=linen_init("up"), bias_init=linen_init("up_bias"), name="up"
+        )
         down = nn.Dense(WIDTH, kernel_init=linen_init("down"), name="down")
         head = nn.Dense(VOCAB, kernel_init=linen_init("head"), use_bias=False, name="head")
         return head(h + down(jax.nn.gelu(up(h))))
@@ -146,10 +150,10 @@ def test_nnx_transformer_under_set_mesh(target, mesh, whole):
     # shardings on an AbstractMesh), nnx.get_abstract_model.
     with jax.set_mesh(mesh):
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(nnx.Rngs(0))))
-    with jax.set_mesh(mesh):
         state = wf.init_params(abstract, SEED, target, rules=[("*", {"zeros": {}})])
+        assert nnx.merge(graphdef, state)(TOKENS).shape == (2, 8, VOCAB)
     assert flat(state)["up/kernel"].sharding == NamedSharding(mesh, P("data", "model"))
-    graphdef, abstract = nnx.get_abstract_model(lambda: Transformer(nnx.Rngs(0)), mesh)
+    _, abstract = nnx.get_abstract_model(lambda: Transformer(nnx.Rngs(0)), mesh)
     state = wf.init_params(abstract, SEED, target, rules=[("*", {"ones": {}})])
     assert flat(state)["attn/query/kernel"].sharding.spec == P(None, "model")
 
@@ -206,7 +210,10 @@ class JitTwin(nn.Module):
             for name in ("query", "key", "value")
         )  # fmt: skip
         out = nn.DenseGeneral(
-            WIDTH, axis=(-2, -1), use_bias=False, kernel_init=self.declared("attn/out/kernel", "attn")
+            WIDTH,
+            axis=(-2, -1),
+            use_bias=False,
+            kernel_init=self.declared("attn/out/kernel", "attn"),
         )
         h = h + out(nn.dot_product_attention(q, k, v))
         return nn.Dense(VOCAB, use_bias=False, kernel_init=self.declared("head/kernel", "head"))(h)

@@ -11,11 +11,11 @@ import pytest
 keras = pytest.importorskip("keras")
 import jax
 import jax.numpy as jnp
+from conftest import serve
 from jax.sharding import PartitionSpec as P
 
 import weightinit
 import weightinit.keras as wk
-from conftest import serve
 
 SEED = 31337
 NOWHERE = "127.0.0.1:1"
@@ -149,7 +149,9 @@ def test_a_saved_model_loads_and_predicts_with_no_server_running(tmp_path):
         kernel = wk.Initializer(
             {"heNormal": {}}, seed=SEED, target=address, name="k", security=security
         )
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, kernel_initializer=kernel)])
+        model = keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(4, kernel_initializer=kernel)]
+        )
         expected = fetch_token(address, security)
         np.testing.assert_array_equal(values(model.layers[0].kernel), expected)
         model.save(tmp_path / "model.keras")

@@ -78,14 +78,15 @@ def check_rules(rules):
     if rules is None:
         return []
     if isinstance(rules, Mapping | str) or not isinstance(rules, Sequence):
-        raise ValueError(f"rules: must be a list of (pattern, value) pairs, got {rules!r}")
+        # ValueError for every bad argument of the jax/flax/keras entry points, types too.
+        raise ValueError(f"rules: must be a list of (pattern, value) pairs, got {rules!r}")  # noqa: TRY004
     checked = []
     for index, rule in enumerate(rules):
         if not isinstance(rule, tuple | list) or len(rule) != 2:
             raise ValueError(f"rules[{index}]: must be a (pattern, value) pair, got {rule!r}")
         pattern, value = rule
         if not isinstance(pattern, str | re.Pattern):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004
                 f"rules[{index}]: the pattern must be a glob str or a re.Pattern, got {pattern!r}"
             )
         checked.append((pattern, as_spec(value, f"rules[{index}] ({pattern!r})")))

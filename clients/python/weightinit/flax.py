@@ -322,7 +322,9 @@ def init_params(
         tensors.append((spec, _sharding(path, leaf, value, mesh)))
     if missing:
         example = f'("{missing[0]}", {{"heNormal": {{}}}})'
-        raise _rules.missing_init_error(missing, example + " (or pass the function that builds the model)")
+        raise _rules.missing_init_error(
+            missing, example + " (or pass the function that builds the model)"
+        )
 
     arrays = make_arrays(seed, tensors, target, timeout=timeout, security=security)
     leaves = [_reboxed(leaf, array) for (_, leaf), array in zip(entries, arrays)]
@@ -393,9 +395,13 @@ def initializer(
         """Under shard_map, each device's callback fetches its own block."""
         named = concrete_sharding(spec["name"], placed, result.shape, traced=True)
         if not isinstance(named, jax.sharding.NamedSharding):
-            raise ValueError(f"{spec['name']}: sharding: give a NamedSharding or a PartitionSpec")
+            raise ValueError(  # noqa: TRY004
+                f"{spec['name']}: sharding: give a NamedSharding or a PartitionSpec"
+            )
         mesh, parts = named.mesh, _parts(spec["name"], named, result.shape)
-        local = tuple(n // math.prod(mesh.shape[a] for a in axes) for n, axes in zip(result.shape, parts))
+        local = tuple(
+            n // math.prod(mesh.shape[a] for a in axes) for n, axes in zip(result.shape, parts)
+        )
 
         def fetch_local(*starts):
             return _fetch(spec, tuple((int(s), int(s) + n) for s, n in zip(starts, local)))

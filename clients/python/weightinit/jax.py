@@ -145,7 +145,7 @@ def concrete_sharding(what, sharding, shape, mesh=None, *, traced=False):
             raise _no_mesh(what)
         sharding = jax.sharding.NamedSharding(in_use, sharding)
     if not isinstance(sharding, jax.sharding.Sharding):
-        raise ValueError(f"{what}: must be a jax.sharding.Sharding, got {sharding!r}")
+        raise ValueError(f"{what}: must be a jax.sharding.Sharding, got {sharding!r}")  # noqa: TRY004
     if isinstance(sharding, jax.sharding.NamedSharding):
         if isinstance(sharding.mesh, jax.sharding.AbstractMesh) and not traced:
             sharding = jax.sharding.NamedSharding(_mesh(what, mesh, sharding.mesh), sharding.spec)
