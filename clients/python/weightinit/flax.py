@@ -144,24 +144,22 @@ class _Declared:
     def __init__(self, code, cells, shape):
         self.code, self.cells, self.shape = code, cells, shape
 
-    def spec(self, path, leaf_shape):
-        """The TensorSpec fields serving this call's distribution for a leaf of `leaf_shape`."""
+    def spec(self, leaf_shape):
+        """The TensorSpec fields serving this call's distribution for a leaf of `leaf_shape`;
+        ValueError saying why when weightinit cannot serve it."""
         try:
             shape = tuple(int(n) for n in self.shape)
             if self.code in _SHAPED and shape != tuple(leaf_shape):
                 raise ValueError(f"it is called on the shape {shape}, then reshaped")
             return _READERS[self.code](self.cells, shape)
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise _unreadable(path, error) from None
+            raise ValueError(str(error)) from None
 
 
 def _declared_of(function, shape):
-    """The _Declared of calling the jax initializer `function` on `shape`, None if unknown."""
-    code = getattr(function, "__code__", None)
-    if code not in _READERS:
-        return None
+    """The _Declared of calling the jax initializer `function` (one _READERS reads) on `shape`."""
     cells = [cell.cell_contents for cell in function.__closure__ or ()]
-    return _Declared(code, dict(zip(code.co_freevars, cells)), shape)
+    return _Declared(function.__code__, dict(zip(function.__code__.co_freevars, cells)), shape)
 
 
 class _Recorder:
@@ -310,7 +308,10 @@ def init_params(
         elif traced and "init" not in rule:
             if path not in declared:
                 raise _unreadable(path, "not one of jax.nn.initializers, or its values changed")
-            spec.update(declared[path].spec(path, value.shape))
+            try:
+                spec.update(declared[path].spec(value.shape))
+            except ValueError as error:
+                raise _unreadable(path, error) from None
         spec.update(rule)
         if "init" not in spec:
             missing.append(path)
@@ -362,7 +363,7 @@ def initializer(
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: must be a non-empty str, got {name!r}")
     if callable(init):
-        if _declared_of(init, (1, 1)) is None:
+        if getattr(init, "__code__", None) not in _READERS:
             raise ValueError(f"init: {init!r} is not one of jax.nn.initializers weightinit serves")
         overrides = None
     else:
@@ -376,7 +377,13 @@ def initializer(
         shape = tuple(int(n) for n in shape)
         spec = {"name": name, "shape": list(shape), "dtype": _dtype_name(dtype, name)}
         spec["layout"] = "LAYOUT_KERAS"
-        spec.update(_declared_of(init, shape).spec(name, shape) if overrides is None else overrides)
+        if overrides is None:
+            try:
+                spec.update(_declared_of(init, shape).spec(shape))
+            except ValueError as error:
+                raise ValueError(f"init: {error}, for the shape {shape} of {name!r}") from None
+        else:
+            spec.update(overrides)
         view = _rules.view_shape(spec)
         result = jax.ShapeDtypeStruct(view, _rules.numpy_dtype(spec["dtype"]))
         placed = out_sharding if out_sharding is not None else sharding
