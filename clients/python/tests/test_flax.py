@@ -95,7 +95,7 @@ def test_linen_parameters_get_their_declared_initializers(target):
         layer, leaf = path.split("/")
         value = np.asarray(params[layer][leaf])
         np.testing.assert_array_equal(
-            value, fetch_one(target, f"params/{path}", shape, init, **fields), err_msg=path
+            value, fetch_one(target, path, shape, init, **fields), err_msg=path
         )
     assert model.apply(variables, x).shape == (2, 5)
     # Unsharded leaves are uncommitted, as Flax's own init makes them.
@@ -121,13 +121,13 @@ def test_initializers_that_cannot_be_served_are_refused_by_path(target):
         (nn.initializers.orthogonal(column_axis=0), "column_axis is 0"),
     ]:
         init_fn = functools.partial(Oddities(init).init, jax.random.key(0), x)
-        with pytest.raises(ValueError, match=rf"params/Dense_0/kernel: .*{why}.*rules=\[\("):
+        with pytest.raises(ValueError, match=rf"^Dense_0/kernel: .*{why}.*rules=\[\("):
             wf.init_params(init_fn, SEED, NOWHERE)
     # The rule it names replaces it.
     init_fn = functools.partial(Oddities(doubled).init, jax.random.key(0), x)
-    rules = [("params/Dense_0/kernel", {"normal": {"std": 0.04}})]
+    rules = [("Dense_0/kernel", {"normal": {"std": 0.04}})]
     params = wf.init_params(init_fn, SEED, target, rules=rules)["params"]
-    expected = fetch_one(target, "params/Dense_0/kernel", (4, 6), {"normal": {"std": 0.04}})
+    expected = fetch_one(target, "Dense_0/kernel", (4, 6), {"normal": {"std": 0.04}})
     np.testing.assert_array_equal(params["Dense_0"]["kernel"], expected)
     # Orthogonal on its last axis is served as weightinit's (Keras's flattening, the same).
     init_fn = functools.partial(
@@ -150,7 +150,7 @@ def test_linen_boxes_take_their_mesh_or_say_what_to_pass(target):
 
     x = jnp.ones((1, 16))
     init_fn = functools.partial(Boxed(None).init, jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"params/Dense_0/kernel: names no concrete mesh"):
+    with pytest.raises(ValueError, match=r"^Dense_0/kernel: names no concrete mesh"):
         wf.init_params(init_fn, SEED, NOWHERE)
     with jax.set_mesh(mesh):
         in_context = wf.init_params(init_fn, SEED, target)
@@ -319,3 +319,50 @@ def test_nnx_update_in_place(target):
     params = wf.init_params(nnx.state(model, nnx.Param), SEED, target, rules=[("*", {"ones": {}})])
     nnx.update(model, params)
     assert all(np.all(np.asarray(leaf) == 1) for leaf in jax.tree.leaves(nnx.state(model)))
+
+
+class WithState(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(4, 8, rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+
+class LinenWithState(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x))
+
+
+def test_state_that_is_no_parameter_is_flax_own(target):
+    """RNG state and batch statistics come from Flax's own init (under jax.jit), the
+    parameters from the server."""
+    model = wf.init_params(lambda: WithState(nnx.Rngs(0)), SEED, target)
+    flax_own = WithState(nnx.Rngs(0))
+    ours, theirs = (nnx.state(m, nnx.Not(nnx.Param)) for m in (model, flax_own))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(raw(a), raw(b)), ours, theirs)
+    assert model.fc.kernel[...].std() > 0 and not np.array_equal(
+        model.fc.kernel[...], flax_own.fc.kernel[...]
+    )
+
+    x = jnp.ones((2, 4))
+    init_fn = functools.partial(LinenWithState().init, jax.random.key(0), x)
+    variables = wf.init_params(init_fn, SEED, target)
+    np.testing.assert_array_equal(variables["batch_stats"]["BatchNorm_0"]["var"], np.ones(8))
+    np.testing.assert_array_equal(variables["params"]["BatchNorm_0"]["scale"], np.ones(8))
+    scheme = {
+        "scale": 1.0,
+        "mode": "FAN_MODE_FAN_IN",
+        "distribution": "DISTRIBUTION_TRUNCATED_NORMAL",
+    }
+    expected = fetch_one(
+        target, "Dense_0/kernel", (4, 8), {"varianceScaling": scheme}, fanIn="4", fanOut="8"
+    )
+    np.testing.assert_array_equal(variables["params"]["Dense_0"]["kernel"], expected)
+
+
+def raw(array):
+    """An array as numpy, an RNG key as its key data."""
+    if jnp.issubdtype(array.dtype, jax.dtypes.prng_key):
+        array = jax.random.key_data(array)
+    return np.asarray(array)

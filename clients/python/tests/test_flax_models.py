@@ -163,10 +163,7 @@ def test_linen_twin_logical_partitioning(target, mesh, whole):
     init_fn = functools.partial(model.init, jax.random.key(0), TOKENS)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         abstract = jax.eval_shape(init_fn)
-        # Named as the NNX model's parameters, the twin holds the NNX model's values.
-        paths = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(abstract, is_leaf=is_box)]  # fmt: skip
-        names = {path: path.removeprefix("params/") for path in paths}
-        variables = wf.init_params(init_fn, SEED, target, names=names)
+        variables = wf.init_params(init_fn, SEED, target)
         shardings = jax.tree.map(lambda leaf: NamedSharding(mesh, spec_of(leaf)), abstract, is_leaf=is_box)  # fmt: skip
         flax_own = jax.jit(init_fn, out_shardings=shardings)()
         assert jax.jit(model.apply)(variables, TOKENS).shape == (2, 8, VOCAB)
@@ -175,7 +172,8 @@ def test_linen_twin_logical_partitioning(target, mesh, whole):
     ours = flat(variables)
     check_like_flax(ours, flat(flax_own))
     specs = {path: leaf.sharding.spec for path, leaf in flat(flax_own).items()}
-    check_blocks(ours, {path: whole[names[path]] for path in ours}, specs, mesh)
+    # Its parameters have the NNX model's paths, so the twin holds the NNX model's values.
+    check_blocks(ours, {path: whole[path.removeprefix("params/")] for path in ours}, specs, mesh)
 
 
 def is_box(node):

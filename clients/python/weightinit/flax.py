@@ -20,6 +20,7 @@ block as weightinit.jax.make_array does.
 usable inside jax.jit(model.init), where each device fetches only its own block.
 """
 
+import functools
 import inspect
 import math
 import sys
@@ -211,7 +212,8 @@ class _Recorder:
 
 
 def _trace(init_fn, mesh):
-    """Builds `init_fn`'s model abstractly; returns (the abstract result, {path: _Declared})."""
+    """Builds `init_fn`'s model abstractly; returns (the abstract result, {path: _Declared}),
+    paths as _served names them."""
     found = {}
 
     def traced():
@@ -222,7 +224,8 @@ def _trace(init_fn, mesh):
                 if isinstance(node, nnx.Variable) and id(node) in recorder.variables:
                     found["/".join(map(str, path))] = recorder.variables[id(node)][1]
         else:
-            for path, leaf in jax.tree_util.tree_flatten_with_path(out, is_leaf=_is_box)[0]:
+            served = out["params"] if _is_linen_variables(out) else out
+            for path, leaf in jax.tree_util.tree_flatten_with_path(served, is_leaf=_is_box)[0]:
                 declared = recorder.declared(leaf)
                 if declared is not None:
                     found[_path_name(path)] = declared
@@ -230,6 +233,31 @@ def _trace(init_fn, mesh):
 
     with jax.set_mesh(mesh) if mesh is not None else nullcontext():
         return nnx.eval_shape(traced), found
+
+
+def _is_linen_variables(tree):
+    return isinstance(tree, Mapping) and "params" in tree
+
+
+def _served(init_fn, abstract, mesh):
+    """The part of `init_fn`'s abstract result weightinit serves (an NNX model's nnx.Param
+    state, Linen's "params" collection, else all of it), and a function putting served values
+    back with the rest: RNG state, batch statistics and other collections, which Flax's own
+    init makes under jax.jit (where XLA drops the work of the unused parameters)."""
+    context = jax.set_mesh(mesh) if mesh is not None else nullcontext()
+    if isinstance(abstract, nnx.Module):
+        graphdef, served, rest = nnx.split(abstract, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            with context:
+                rest = nnx.jit(lambda: nnx.split(init_fn(), nnx.Param, ...)[2])()
+        return served, lambda values: nnx.merge(graphdef, values, rest)
+    if _is_linen_variables(abstract):
+        rest = {}
+        if len(abstract) > 1:
+            with context:
+                rest = jax.jit(lambda: {k: v for k, v in init_fn().items() if k != "params"})()
+        return abstract["params"], lambda values: type(abstract)({**rest, "params": values})
+    return abstract, lambda values: values
 
 
 def init_params(
@@ -279,12 +307,15 @@ def init_params(
     check_seed(seed)
     _rules.check_like(like)
     rules = _rules.check_rules(rules)
-    declared, graphdef = {}, None
+    declared = {}
     traced = callable(params) and not isinstance(params, nnx.Module | linen.Module)
+    rebuild = None
     if traced:
-        params, declared = _trace(params, mesh)
-    if isinstance(params, nnx.Module):
+        abstract, declared = _trace(params, mesh)
+        params, rebuild = _served(params, abstract, mesh)
+    elif isinstance(params, nnx.Module):
         graphdef, params = nnx.split(params)
+        rebuild = functools.partial(nnx.merge, graphdef)
     entries, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)
     paths = [_path_name(path) for path, _ in entries]
     _rules.check_names(names, paths)
@@ -330,7 +361,7 @@ def init_params(
     arrays = make_arrays(seed, tensors, target, timeout=timeout, security=security)
     leaves = [_reboxed(leaf, array) for (_, leaf), array in zip(entries, arrays)]
     params = jax.tree_util.tree_unflatten(treedef, leaves)
-    return params if graphdef is None else nnx.merge(graphdef, params)
+    return params if rebuild is None else rebuild(params)
 
 
 def initializer(
