@@ -20,6 +20,7 @@ import weightinit.flax as wf
 from weightinit import _blocks
 
 SEED = 2026
+NOWHERE = "127.0.0.1:1"
 WIDTH, HEADS, VOCAB, HIDDEN = 64, 4, 128, 128
 inits = jax.nn.initializers  # what nnx.initializers and nn.initializers re-export
 # (initializer, sharding names) of every parameter the models declare one for.
@@ -153,6 +154,11 @@ def test_nnx_transformer_under_set_mesh(target, mesh, whole):
         state = wf.init_params(abstract, SEED, target, rules=[("*", {"zeros": {}})])
         assert nnx.merge(graphdef, state)(TOKENS).shape == (2, 8, VOCAB)
     assert flat(state)["up/kernel"].sharding == NamedSharding(mesh, P("data", "model"))
+    # like="torch" has no default for kernels Flax reshapes: they are named, not guessed.
+    with pytest.raises(
+        ValueError, match=r"no initializer for attn/key/bias, attn/key/kernel, attn/out/kernel"
+    ):
+        wf.init_params(lambda: Transformer(nnx.Rngs(0)), SEED, NOWHERE, like="torch", mesh=mesh)
     _, abstract = nnx.get_abstract_model(lambda: Transformer(nnx.Rngs(0)), mesh)
     state = wf.init_params(abstract, SEED, target, rules=[("*", {"ones": {}})])
     assert flat(state)["attn/query/kernel"].sharding.spec == P(None, "model")

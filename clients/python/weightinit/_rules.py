@@ -186,8 +186,8 @@ def torch_bias(kernel_shape):
     }
 
 
-def missing_init_error(missing, example):
-    """The ValueError for parameters that got no init."""
+def missing_init_error(missing, example, hint=""):
+    """The ValueError for parameters that got no init; `hint` says what else would do."""
     return ValueError(
-        "no initializer for " + ", ".join(missing) + f": add rules, e.g. rules=[{example}]"
+        "no initializer for " + ", ".join(missing) + f": add rules, e.g. rules=[{example}]" + hint
     )

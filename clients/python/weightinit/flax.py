@@ -335,7 +335,9 @@ def init_params(
         }
         rule = _rules.rule_for(path, rules)
         if like == "torch":
-            spec.update(_torch_default(path, value.shape, shapes))
+            # A kernel Flax reshapes (DenseGeneral's) has no torch layer to follow: no default.
+            if path not in declared or len(declared[path].shape) == len(value.shape):
+                spec.update(_torch_default(path, value.shape, shapes))
         elif traced and "init" not in rule:
             if path not in declared:
                 raise _unreadable(path, "not one of jax.nn.initializers, or its values changed")
@@ -354,9 +356,8 @@ def init_params(
         tensors.append((spec, _sharding(path, leaf, value, mesh)))
     if missing:
         example = f'("{missing[0]}", {{"heNormal": {{}}}})'
-        raise _rules.missing_init_error(
-            missing, example + " (or pass the function that builds the model)"
-        )
+        hint = "" if traced else ", or pass the function that builds the model"
+        raise _rules.missing_init_error(missing, example, hint)
 
     arrays = make_arrays(seed, tensors, target, timeout=timeout, security=security)
     leaves = [_reboxed(leaf, array) for (_, leaf), array in zip(entries, arrays)]
