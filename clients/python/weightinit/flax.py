@@ -231,7 +231,7 @@ def _trace(init_fn, mesh):
                     found[_path_name(path)] = declared
         return out
 
-    with jax.set_mesh(mesh) if mesh is not None else nullcontext():
+    with _mesh_context(mesh):
         return nnx.eval_shape(traced), found
 
 
@@ -244,20 +244,24 @@ def _served(init_fn, abstract, mesh):
     state, Linen's "params" collection, else all of it), and a function putting served values
     back with the rest: RNG state, batch statistics and other collections, which Flax's own
     init makes under jax.jit (where XLA drops the work of the unused parameters)."""
-    context = jax.set_mesh(mesh) if mesh is not None else nullcontext()
     if isinstance(abstract, nnx.Module):
         graphdef, served, rest = nnx.split(abstract, nnx.Param, ...)
         if jax.tree.leaves(rest):
-            with context:
+            with _mesh_context(mesh):
                 rest = nnx.jit(lambda: nnx.split(init_fn(), nnx.Param, ...)[2])()
         return served, lambda values: nnx.merge(graphdef, values, rest)
     if _is_linen_variables(abstract):
         rest = {}
         if len(abstract) > 1:
-            with context:
+            with _mesh_context(mesh):
                 rest = jax.jit(lambda: {k: v for k, v in init_fn().items() if k != "params"})()
         return abstract["params"], lambda values: type(abstract)({**rest, "params": values})
     return abstract, lambda values: values
+
+
+def _mesh_context(mesh):
+    # jax.set_mesh sets the mesh when called, not when entered: call it only to enter it.
+    return jax.set_mesh(mesh) if mesh is not None else nullcontext()
 
 
 def init_params(
