@@ -301,7 +301,8 @@ def init_params(
         [*k, in, out] is the torch weight [out, in, *k] (torchDefault, permuted into place), a
         bias next to a kernel torchDefaultBias with fanIn = in * prod(k), "embedding"
         normal(0, 1), "scale" ones. With `names` mapping paths to the torch model's parameter
-        names, the values equal those weightinit.torch.init_module gives that model.
+        names, the values equal those weightinit.torch.init_module gives that model. A kernel
+        Flax reshapes (DenseGeneral's, attention's) has no torch default: it needs a rule.
     names: {path: tensor name} or a callable path -> name; paths it leaves out keep their own.
     timeout: seconds per Generate call. security: a weightinit.Security, None for plaintext.
 

@@ -134,7 +134,14 @@ def make_arrays(
     return arrays
 
 
-def concrete_sharding(what, sharding, shape, mesh=None, *, traced=False):
+def concrete_sharding(
+    what: str,
+    sharding: jax.sharding.Sharding | jax.sharding.PartitionSpec,
+    shape: Sequence[int],
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    traced: bool = False,
+) -> jax.sharding.Sharding:
     """`sharding` checked against `shape`, its mesh concrete: a PartitionSpec or a NamedSharding
     on an AbstractMesh takes `mesh`, else the mesh of `with jax.set_mesh(mesh)`. When `traced`
     (inside jax.jit, where only the abstract mesh is known) a PartitionSpec takes that and an
