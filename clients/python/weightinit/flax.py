@@ -106,7 +106,7 @@ def _orthogonal(cells, shape):
 # fields; glorot/he/lecun/kaiming/xavier are variance_scaling closures.
 _READERS = {
     _INITS.variance_scaling(1.0, "fan_in", "normal").__code__: _variance_scaling,
-    _INITS.normal().__code__: lambda cells, shape: {"init": {"normal": {"std": cells["stddev"]}}},
+    _INITS.normal().__code__: lambda c, s: {"init": {"normal": {"std": float(c["stddev"])}}},
     _INITS.truncated_normal().__code__: _truncated_normal,
     _INITS.uniform().__code__: lambda c, s: {"init": {"uniform": {"high": float(c["scale"])}}},
     _INITS.constant(0.0).__code__: _constant,
@@ -153,7 +153,7 @@ class _Declared:
             if self.code in _SHAPED and shape != tuple(leaf_shape):
                 raise ValueError(f"it is called on the shape {shape}, then reshaped")
             return _READERS[self.code](self.cells, shape)
-        except (ValueError, KeyError, IndexError, TypeError) as error:
+        except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError) as error:
             raise ValueError(str(error)) from None
 
 
@@ -412,8 +412,12 @@ def initializer(
 
     def init_fn(key, shape, dtype=jnp.float32, out_sharding=None):
         shape = tuple(int(n) for n in shape)
-        spec = {"name": name, "shape": list(shape), "dtype": _dtype_name(dtype, name)}
-        spec["layout"] = "LAYOUT_KERAS"
+        spec = {
+            "name": name,
+            "shape": list(shape),
+            "dtype": _dtype_name(dtype, name),
+            "layout": "LAYOUT_KERAS",
+        }
         if overrides is None:
             try:
                 spec.update(_declared_of(init, shape).spec(shape))
