@@ -22,6 +22,11 @@ SEED = 77
 NOWHERE = "127.0.0.1:1"
 
 
+def scaling(scale, mode="FAN_MODE_FAN_IN", distribution="DISTRIBUTION_TRUNCATED_NORMAL"):
+    """A varianceScaling scheme; the defaults are lecun_normal's and he_normal's."""
+    return {"varianceScaling": {"scale": scale, "mode": mode, "distribution": distribution}}
+
+
 def fetch_one(target, name, shape, init, seed=SEED, **fields):
     """One whole tensor, fetched by the plain client, [*kernel, in, out] fans."""
     spec = {"name": name, "shape": list(shape), "init": init, "layout": "LAYOUT_KERAS", **fields}
@@ -48,14 +53,9 @@ def test_linen_parameters_get_their_declared_initializers(target):
     x = jnp.ones((2, 6, 6, 3))
     variables = wf.init_params(functools.partial(model.init, jax.random.key(0), x), SEED, target)
 
-    truncated = {"mode": "FAN_MODE_FAN_IN", "distribution": "DISTRIBUTION_TRUNCATED_NORMAL"}
     expected = {
         # nn.Conv's lecun_normal: variance scaling with jax's fans, sent explicitly.
-        "Conv_0/kernel": (
-            (3, 3, 3, 4),
-            {"varianceScaling": {"scale": 1.0, **truncated}},
-            {"fanIn": "27", "fanOut": "36"},
-        ),
+        "Conv_0/kernel": ((3, 3, 3, 4), scaling(1.0), {"fanIn": "27", "fanOut": "36"}),
         "Conv_0/bias": ((4,), {"zeros": {}}, {}),
         "LayerNorm_0/scale": ((4,), {"ones": {}}, {}),
         "LayerNorm_0/bias": ((4,), {"zeros": {}}, {}),
@@ -63,13 +63,7 @@ def test_linen_parameters_get_their_declared_initializers(target):
         "Dense_0/bias": ((5,), {"constant": {"value": 0.5}}, {}),
         "Dense_1/kernel": (
             (5, 6),
-            {
-                "varianceScaling": {
-                    "scale": 2.0,
-                    "mode": "FAN_MODE_FAN_OUT",
-                    "distribution": "DISTRIBUTION_UNIFORM",
-                }
-            },
+            scaling(2.0, "FAN_MODE_FAN_OUT", "DISTRIBUTION_UNIFORM"),
             {"fanIn": "5", "fanOut": "6"},
         ),
         "Dense_1/bias": ((6,), {"zeros": {}}, {}),
@@ -77,13 +71,7 @@ def test_linen_parameters_get_their_declared_initializers(target):
         # nn.Embed's default variance_scaling(1, "fan_in", "normal", out_axis=0): fan_in = 5.
         "Embed_1/embedding": (
             (7, 5),
-            {
-                "varianceScaling": {
-                    "scale": 1.0,
-                    "mode": "FAN_MODE_FAN_IN",
-                    "distribution": "DISTRIBUTION_UNTRUNCATED_NORMAL",
-                }
-            },
+            scaling(1.0, distribution="DISTRIBUTION_UNTRUNCATED_NORMAL"),
             {"fanIn": "5", "fanOut": "5"},
         ),
     }
@@ -277,14 +265,7 @@ def test_initializer_serves_a_jax_initializer_with_the_fans_of_its_call(target):
     model = nn.DenseGeneral((4, 8), kernel_init=init, use_bias=False)
     kernel = model.init(jax.random.key(0), jnp.ones((1, 16)))["params"]["kernel"]
     # DenseGeneral calls it on the flat [16, 32] kernel: fan_in 16, not 16 * 4.
-    scheme = {
-        "scale": 2.0,
-        "mode": "FAN_MODE_FAN_IN",
-        "distribution": "DISTRIBUTION_TRUNCATED_NORMAL",
-    }
-    expected = fetch_one(
-        target, "qkv", (16, 32), {"varianceScaling": scheme}, fanIn="16", fanOut="32"
-    )
+    expected = fetch_one(target, "qkv", (16, 32), scaling(2.0), fanIn="16", fanOut="32")
     np.testing.assert_array_equal(np.asarray(kernel), expected.reshape(16, 4, 8))
 
 
@@ -350,14 +331,7 @@ def test_state_that_is_no_parameter_is_flax_own(target):
     variables = wf.init_params(init_fn, SEED, target)
     np.testing.assert_array_equal(variables["batch_stats"]["BatchNorm_0"]["var"], np.ones(8))
     np.testing.assert_array_equal(variables["params"]["BatchNorm_0"]["scale"], np.ones(8))
-    scheme = {
-        "scale": 1.0,
-        "mode": "FAN_MODE_FAN_IN",
-        "distribution": "DISTRIBUTION_TRUNCATED_NORMAL",
-    }
-    expected = fetch_one(
-        target, "Dense_0/kernel", (4, 8), {"varianceScaling": scheme}, fanIn="4", fanOut="8"
-    )
+    expected = fetch_one(target, "Dense_0/kernel", (4, 8), scaling(1.0), fanIn="4", fanOut="8")
     np.testing.assert_array_equal(variables["params"]["Dense_0"]["kernel"], expected)
 
 
