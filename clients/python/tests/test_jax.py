@@ -192,6 +192,33 @@ def test_bad_arguments_fail_before_anything_is_fetched(kwargs, message):
         wj.make_array("w", shape, INIT, sharding, **arguments)
 
 
-def test_a_sharding_must_be_a_jax_sharding():
-    with pytest.raises(TypeError, match="must be a jax.sharding.Sharding"):
+def test_bad_arguments_are_value_errors_naming_them():
+    with pytest.raises(ValueError, match="sharding of 'w': must be a jax.sharding.Sharding"):
         wj.make_array("w", (4, 2), INIT, "replicated", seed=SEED, target=NOWHERE)
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    too_long = NamedSharding(mesh, P("data", "model", None))
+    with pytest.raises(ValueError, match=r"sharding of 'w': the PartitionSpec .* has 3 entries"):
+        wj.make_array("w", (4, 2), INIT, too_long, seed=SEED, target=NOWHERE)
+    # proto3 JSON's own check of the scheme, as a ValueError naming the argument.
+    with pytest.raises(ValueError, match=r"init: .*stdd"):
+        wj.make_array("w", (4, 2), {"normal": {"stdd": 1}}, None, seed=SEED, target=NOWHERE)
+    with pytest.raises(ValueError, match=r"names no concrete mesh .* `with jax.set_mesh\(mesh\)`"):
+        wj.make_array("w", (4, 2), INIT, P("data"), seed=SEED, target=NOWHERE)
+
+
+def test_abstract_mesh_shardings_take_the_mesh_of_set_mesh(target):
+    """What jax.set_mesh routes hand out: NamedShardings on an AbstractMesh, PartitionSpecs."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    abstract = NamedSharding(mesh.abstract_mesh, P("data", "model"))
+    with pytest.raises(ValueError, match="sharding of 'w': names no concrete mesh"):
+        wj.make_array("w", (8, 4), INIT, abstract, seed=SEED, target=NOWHERE)
+    with jax.set_mesh(mesh):
+        arrays = [
+            wj.make_array("w", (8, 4), INIT, sharding, seed=SEED, target=target)
+            for sharding in (abstract, P("data", "model"))
+        ]
+    whole = wj.make_array("w", (8, 4), INIT, None, seed=SEED, target=target)
+    assert not whole.committed
+    for array in arrays:
+        assert array.sharding == NamedSharding(mesh, P("data", "model"))
+        np.testing.assert_array_equal(array, whole)

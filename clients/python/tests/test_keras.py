@@ -11,6 +11,7 @@ import pytest
 keras = pytest.importorskip("keras")
 import jax
 import jax.numpy as jnp
+from conftest import serve
 from jax.sharding import PartitionSpec as P
 
 import weightinit
@@ -137,6 +138,50 @@ def test_initializer_builds_layers_and_serializes(target, tmp_path):
     loaded = keras.models.load_model(tmp_path / "model.keras")
     assert loaded.get_layer("head").kernel_initializer.get_config() == kernel.get_config()
     np.testing.assert_array_equal(values(loaded.get_layer("head").kernel), expected)
+
+
+def test_a_saved_model_loads_and_predicts_with_no_server_running(tmp_path):
+    """The config keeps no address and the file has the weights: loading needs no server."""
+    token = tmp_path / "token"
+    token.write_text("a-token-for-this-test-only\n")
+    security = weightinit.Security(token_file=token)
+    with serve(tmp_path / "stderr.log", "--auth-token-file", token) as address:
+        kernel = wk.Initializer(
+            {"heNormal": {}}, seed=SEED, target=address, name="k", security=security
+        )
+        model = keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(4, kernel_initializer=kernel)]
+        )
+        expected = fetch_token(address, security)
+        np.testing.assert_array_equal(values(model.layers[0].kernel), expected)
+        model.save(tmp_path / "model.keras")
+    assert "127.0.0.1" not in json.dumps(kernel.get_config())
+
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(values(loaded.layers[0].kernel), expected)
+    x = np.ones((2, 8), np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    # Asked for values outside a load, a restored initializer says what it lacks.
+    restored = loaded.layers[0].kernel_initializer
+    with pytest.raises(ValueError, match="Initializer 'k': target: a restored Initializer"):
+        restored((8, 4))
+
+
+def fetch_token(address, security):
+    spec = {"name": "k", "shape": [8, 4], "init": {"heNormal": {}}, "layout": "LAYOUT_KERAS"}
+    return weightinit.fetch({"seed": SEED, "tensors": [spec]}, address, security=security)["k"]
+
+
+def test_without_keras_backend_the_import_says_what_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["KERAS_HOME"] = str(tmp_path)  # no keras.json choosing a backend either
+    done = subprocess.run(
+        [sys.executable, "-c", "import weightinit.keras"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    if "tensorflow" not in done.stderr and done.returncode == 0:
+        pytest.skip("TensorFlow is installed: Keras's default backend works")
+    assert "set KERAS_BACKEND=jax (or torch)" in done.stderr, done.stderr
 
 
 def test_sharded_variables_stay_sharded(target):

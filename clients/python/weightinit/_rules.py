@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from weightinit.v1 import weightinit_pb2 as pb
 
@@ -39,21 +40,63 @@ def check_like(like):
 
 
 def as_spec(value, what):
-    """A rule's value as TensorSpec fields: a value whose keys are all scheme names is the Init
-    ({"heNormal": {}}); any other dict overrides fields ({"init": ..., "fanIn": "64"})."""
+    """A rule's or an initializer's value as TensorSpec fields, checked against the proto: a
+    value whose keys are all scheme names is the Init ({"heNormal": {}}); any other dict sets
+    fields ({"init": ..., "fanIn": "64"}). ValueError naming `what` for anything else, or for a
+    field that is misspelt or of the wrong type (proto3 JSON's own check, as a ValueError)."""
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"{what}: must be a scheme or TensorSpec fields (a dict), got {value!r}")
-    if set(value) <= INIT_KEYS:
-        return {"init": dict(value)}
+    schemes = sorted(set(value) & INIT_KEYS)
+    fields = sorted(set(value) - INIT_KEYS)
+    if schemes and fields:
+        raise ValueError(
+            f"{what}: mixes scheme keys {schemes} with TensorSpec keys {fields}; give the scheme "
+            f'alone, or put it under "init": {{"init": {{{schemes[0]!r}: ...}}, ...}}'
+        )
+    if schemes:
+        value = {"init": dict(value)}
     unknown = sorted(set(value) - set(SPEC_KEYS))
     if unknown:
         raise ValueError(f"{what}: {unknown} are neither schemes nor TensorSpec fields")
-    return {SPEC_KEYS[key]: field for key, field in value.items()}
+    spec = {SPEC_KEYS[key]: field for key, field in value.items()}
+    if "slice" in spec:
+        raise ValueError(f"{what}: slice is computed from each array's sharding; drop it")
+    try:
+        json_format.ParseDict(spec, pb.TensorSpec())
+    except json_format.ParseError as error:
+        raise ValueError(f"{what}: {error}") from None
+    return spec
+
+
+def check_rules(rules):
+    """The rules as a list of (pattern, TensorSpec fields); ValueError naming rules[i] and what
+    to do for the first that is unusable. None is no rules.
+
+    A rule is a (pattern, value) pair: a str pattern is a glob on the whole path, a compiled
+    re.Pattern is searched in it; the value is a scheme ({"heNormal": {}}) or TensorSpec fields
+    ({"init": ..., "fanIn": "64"}, "name" renames the tensor), anything but a slice."""
+    if rules is None:
+        return []
+    if isinstance(rules, Mapping | str) or not isinstance(rules, Sequence):
+        # ValueError for every bad argument of the jax/flax/keras entry points, types too.
+        raise ValueError(f"rules: must be a list of (pattern, value) pairs, got {rules!r}")  # noqa: TRY004
+    checked = []
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, tuple | list) or len(rule) != 2:
+            raise ValueError(f"rules[{index}]: must be a (pattern, value) pair, got {rule!r}")
+        pattern, value = rule
+        if not isinstance(pattern, str | re.Pattern):
+            raise ValueError(  # noqa: TRY004
+                f"rules[{index}]: the pattern must be a glob str or a re.Pattern, got {pattern!r}"
+            )
+        checked.append((pattern, as_spec(value, f"rules[{index}] ({pattern!r})")))
+    return checked
 
 
 def rule_for(name, rules):
-    """The TensorSpec overrides of the first rule matching `name`, {} if none does. A str pattern
-    is a glob on the whole name, a compiled re.Pattern is searched in it."""
+    """The TensorSpec fields of the first rule matching `name`, {} if none does. A str pattern is
+    a glob on the whole name, a compiled re.Pattern is searched in it. The values may be raw
+    (a scheme) or already checked: as_spec gives the same fields for both."""
     for pattern, value in rules:
         if isinstance(pattern, re.Pattern):
             matched = pattern.search(name) is not None
@@ -143,8 +186,8 @@ def torch_bias(kernel_shape):
     }
 
 
-def missing_init_error(missing, example):
-    """The ValueError for parameters that got no init."""
+def missing_init_error(missing, example, hint=""):
+    """The ValueError for parameters that got no init; `hint` says what else would do."""
     return ValueError(
-        "no initializer for " + ", ".join(missing) + f": add rules, e.g. rules=[{example}]"
+        "no initializer for " + ", ".join(missing) + f": add rules, e.g. rules=[{example}]" + hint
     )

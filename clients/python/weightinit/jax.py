@@ -27,7 +27,7 @@ def make_array(
     name: str,
     shape: Sequence[int],
     init: Mapping[str, Any],
-    sharding: jax.sharding.Sharding,
+    sharding: jax.sharding.Sharding | jax.sharding.PartitionSpec | None,
     *,
     seed: int,
     target: str,
@@ -45,7 +45,9 @@ def make_array(
     shape: the tensor's shape, from which (with the layout) its fans come.
     init: the scheme in proto3 JSON form, e.g. {"heNormal": {}} or {"normal": {"std": 0.02}}.
     sharding: any jax.sharding.Sharding of the array (NamedSharding on any mesh, replicated or
-        partially specified, SingleDeviceSharding, ...).
+        partially specified, SingleDeviceSharding, ...); a NamedSharding on an AbstractMesh or a
+        PartitionSpec takes the mesh of `with jax.set_mesh(mesh)`. None: an uncommitted array
+        on the default device.
     seed: the experiment's seed (u64). target: the server, "host:port".
     dtype: float32 (default), bfloat16, float16 or float64 (needs jax_enable_x64).
     layout: "torch" ([out, in, *kernel]), "keras" ([*kernel, in, out]) or None for the
@@ -57,10 +59,13 @@ def make_array(
 
     Raises ValueError for bad arguments before anything is fetched.
     """
+    fields = _rules.as_spec(init, "init")
+    if set(fields) != {"init"}:
+        raise ValueError(f"init: must be a scheme, e.g. {{'heNormal': {{}}}}, got {init!r}")
     spec = {
         "name": name,
         "shape": _check_shape(shape),
-        "init": init,
+        **fields,
         "dtype": _dtype_name(dtype or jnp.float32, "dtype"),
     }
     if layout is not None:
@@ -77,7 +82,7 @@ def make_array(
 
 def make_arrays(
     seed: int,
-    tensors: Sequence[tuple[Mapping[str, Any], jax.sharding.Sharding]],
+    tensors: Sequence[tuple[Mapping[str, Any], jax.sharding.Sharding | None]],
     target: str,
     *,
     timeout: float | None = None,
@@ -86,24 +91,24 @@ def make_arrays(
     """Returns one jax.Array per (spec, sharding) of `tensors`, fetched together: the distinct
     blocks of all tensors in as few Generate calls as possible.
 
-    spec: a TensorSpec in proto3 JSON form with name, shape, init and dtype (a DType name) set,
+    spec: a TensorSpec in proto3 JSON form with name, shape, init and dtype set (a DType name),
         and no slice; the array is its view (the shape, permuted).
+    sharding: as make_array's.
     """
     check_seed(seed)
     planned = []
-    for spec, sharding in tensors:
-        if not isinstance(sharding, jax.sharding.Sharding):
-            raise TypeError(
-                f"sharding of {spec['name']!r}: must be a jax.sharding.Sharding, "
-                f"got {type(sharding).__name__}"
-            )
+    for index, (spec, sharding) in enumerate(tensors):
         if "dtype" not in spec or "slice" in spec:
-            raise ValueError(f"tensors: {spec.get('name')!r} needs a dtype and no slice")
+            raise ValueError(f"tensors[{index}]: {spec.get('name')!r} needs a dtype and no slice")
+        spec = _rules.as_spec(spec, f"tensors[{index}] ({spec.get('name')!r})")
         shape = _rules.view_shape(spec)
-        indices = sharding.addressable_devices_indices_map(shape)
-        planned.append(
-            (spec, sharding, shape, [_block(index, shape) for index in indices.values()])
-        )
+        if sharding is None:
+            blocks = [tuple((0, n) for n in shape)]
+        else:
+            sharding = concrete_sharding(f"sharding of {spec['name']!r}", sharding, shape)
+            indices = sharding.addressable_devices_indices_map(shape)
+            blocks = [_block(index, shape) for index in indices.values()]
+        planned.append((spec, sharding, shape, blocks))
 
     fetched = _blocks.fetch_blocks(
         seed,
@@ -112,15 +117,71 @@ def make_arrays(
         timeout=timeout,
         security=security,
     )
-    return [
-        jax.make_array_from_callback(
-            shape,
-            sharding,
-            lambda index, shape=shape, blocks=blocks: blocks[_block(index, shape)],
-            dtype=_rules.numpy_dtype(spec["dtype"]),
+    arrays = []
+    for (spec, sharding, shape, blocks), pieces in zip(planned, fetched):
+        if sharding is None:
+            # Uncommitted, as jax.numpy and Flax's own init make them: jit may move it.
+            arrays.append(jax.device_put(pieces[blocks[0]]))
+            continue
+        arrays.append(
+            jax.make_array_from_callback(
+                shape,
+                sharding,
+                lambda index, shape=shape, pieces=pieces: pieces[_block(index, shape)],
+                dtype=_rules.numpy_dtype(spec["dtype"]),
+            )
         )
-        for (spec, sharding, shape, _), blocks in zip(planned, fetched)
-    ]
+    return arrays
+
+
+def concrete_sharding(
+    what: str,
+    sharding: jax.sharding.Sharding | jax.sharding.PartitionSpec,
+    shape: Sequence[int],
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    traced: bool = False,
+) -> jax.sharding.Sharding:
+    """`sharding` checked against `shape`, its mesh concrete: a PartitionSpec or a NamedSharding
+    on an AbstractMesh takes `mesh`, else the mesh of `with jax.set_mesh(mesh)`. When `traced`
+    (inside jax.jit, where only the abstract mesh is known) a PartitionSpec takes that and an
+    AbstractMesh stays. ValueError naming `what` when it has no mesh or does not fit the shape."""
+    if isinstance(sharding, jax.sharding.PartitionSpec):
+        in_use = jax.sharding.get_abstract_mesh() if traced else _mesh(what, mesh, None)
+        if in_use.empty:
+            raise _no_mesh(what)
+        sharding = jax.sharding.NamedSharding(in_use, sharding)
+    if not isinstance(sharding, jax.sharding.Sharding):
+        raise ValueError(f"{what}: must be a jax.sharding.Sharding, got {sharding!r}")  # noqa: TRY004
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        if isinstance(sharding.mesh, jax.sharding.AbstractMesh) and not traced:
+            sharding = jax.sharding.NamedSharding(_mesh(what, mesh, sharding.mesh), sharding.spec)
+        if len(sharding.spec) > len(shape):
+            raise ValueError(
+                f"{what}: the PartitionSpec {sharding.spec} has {len(sharding.spec)} entries, "
+                f"more than the {len(shape)} dimensions of the shape {shape}"
+            )
+    return sharding
+
+
+def _mesh(what, mesh, abstract):
+    """The concrete mesh `mesh`, else jax.set_mesh's, matching `abstract` (an AbstractMesh)."""
+    mesh = jax.sharding.get_mesh() if mesh is None else mesh
+    if mesh.empty:
+        raise _no_mesh(what)
+    if abstract is not None and abstract.shape_tuple != mesh.shape_tuple:
+        raise ValueError(
+            f"{what}: its sharding is on the mesh {dict(abstract.shape)}, the mesh in use is "
+            f"{dict(mesh.shape)}"
+        )
+    return mesh
+
+
+def _no_mesh(what):
+    return ValueError(
+        f"{what}: names no concrete mesh (a PartitionSpec, an AbstractMesh); call inside "
+        "`with jax.set_mesh(mesh)`, or give a NamedSharding on a jax.sharding.Mesh"
+    )
 
 
 def _dtype_name(dtype, what):

@@ -19,7 +19,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import keras
+try:
+    import keras
+except ModuleNotFoundError as error:
+    if error.name != "tensorflow":
+        raise
+    # Keras's default backend is TensorFlow; say which setting picks another.
+    raise ImportError(
+        "keras: its backend is TensorFlow, which is not installed; set KERAS_BACKEND=jax (or "
+        "torch) in the environment before importing keras or weightinit.keras"
+    ) from error
+from keras.src.backend.common import global_state
 
 from . import _blocks, _rules
 from .request import check_seed
@@ -97,6 +107,7 @@ def init_model(
     """
     check_seed(seed)
     _rules.check_like(like)
+    rules = _rules.check_rules(rules)
     if not model.built:
         raise ValueError("model: build it first (call it on data, or model.build(input_shape))")
     weights = model.weights
@@ -122,7 +133,7 @@ def init_model(
             spec.update(_torch_default(layer, weight))
         else:
             spec.update(_layer_default(layer, weight))
-        spec.update(_rules.rule_for(path, rules or ()))
+        spec.update(_rules.rule_for(path, rules))
         if "init" not in spec:
             missing.append(f"{path} ({type(layer).__name__})")
         specs.append(spec)
@@ -159,10 +170,12 @@ class Initializer(keras.initializers.Initializer):
     name: the tensor's name, which with the seed keys its values. It must be unique per weight:
         an initializer does not know the path of the weight it initializes, so two layers
         sharing one would get the same values. init_model() names every weight by its path.
-    timeout: seconds for the Generate call.
+    timeout: seconds for the Generate call. security: a weightinit.Security, None for plaintext.
 
-    Serializable (get_config / from_config, registered as "weightinit>Initializer"), so a model
-    saved with it loads again where weightinit is imported.
+    Serializable (get_config / from_config, registered as "weightinit>Initializer") without its
+    target and security, which belong to the machine: keras.models.load_model builds a saved
+    model without contacting any server (the weights come from the file), and a restored
+    Initializer asked for values anywhere else raises ValueError until given a target.
     """
 
     def __init__(
@@ -170,19 +183,23 @@ class Initializer(keras.initializers.Initializer):
         init: Mapping[str, Any],
         *,
         seed: int,
-        target: str,
+        target: str | None,
         name: str,
         timeout: float | None = None,
+        security: Security | None = None,
     ):
         check_seed(seed)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: must be a non-empty str, got {name!r}")
+        if target is not None and (not isinstance(target, str) or not target):
+            raise ValueError(f"target: must be a non-empty str (host:port), got {target!r}")
         self.spec = _rules.as_spec(init, "init")
         self.init = init
         self.seed = seed
         self.target = target
         self.name = name
         self.timeout = timeout
+        self.security = security
 
     def __call__(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         """Fetches the whole tensor of this `shape`, in `dtype` (default: keras floatx)."""
@@ -194,20 +211,38 @@ class Initializer(keras.initializers.Initializer):
             "layout": "LAYOUT_KERAS",
             **self.spec,
         }
+        if self.target is None:
+            if _loading():
+                # keras.models.load_model replaces these values with the file's.
+                return keras.ops.zeros(_rules.view_shape(spec), dtype=dtype)
+            raise ValueError(
+                f"Initializer {self.name!r}: target: a restored Initializer has no server "
+                "address (saved configs keep none); set one, e.g. initializer.target = "
+                '"host:port"'
+            )
         whole = tuple((0, n) for n in _rules.view_shape(spec))
         fetched = _blocks.fetch_blocks(
-            self.seed, [(spec, [whole])], self.target, timeout=self.timeout
+            self.seed,
+            [(spec, [whole])],
+            self.target,
+            timeout=self.timeout,
+            security=self.security,
         )
         return keras.ops.convert_to_tensor(fetched[0][whole], dtype=dtype)
 
     def get_config(self) -> dict[str, Any]:
-        return {
-            "init": self.init,
-            "seed": self.seed,
-            "target": self.target,
-            "name": self.name,
-            "timeout": self.timeout,
-        }
+        return {"init": self.init, "seed": self.seed, "name": self.name, "timeout": self.timeout}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Initializer":
+        # Files saved before targets left the config carry one: an address of another machine.
+        return cls(**{**config, "target": None})
+
+
+def _loading():
+    """Whether keras.models.load_model is building a saved model: it deserializes inside its
+    object-sharing scope, which only loading opens (Keras has no public flag for it)."""
+    return global_state.get_global_attribute("shared_objects/id_to_obj_map") is not None
 
 
 def _torch_default(layer, weight):
