@@ -145,9 +145,9 @@ def test_largest_seed_and_its_string_form_are_accepted():
     [
         (("*", {"zeros": {}, "fanIn": "3"}), r"rules\[0\] \('\*'\): mixes scheme keys \['zeros'\]"),
         (("*", {"fan_inn": "3"}), r"\['fan_inn'\] are neither schemes nor TensorSpec fields"),
-        (("*", {"name": "other"}), r"\['name'\] are neither"),
-        (("*", {"permute": [1, 0]}), r"\['permute'\] are neither"),
-        (("*", {}), "the value is empty"),
+        (("*", {"shape": [3]}), r"\['shape'\] cannot change for a torch parameter"),
+        (("*", {"permute": [1, 0]}), r"\['permute'\] cannot change for a torch parameter"),
+        (("*", {}), "must be a scheme or TensorSpec fields"),
         (("*",), "must be a \\(pattern, value\\) pair"),
     ],
 )
@@ -180,3 +180,10 @@ def test_sharding_with_a_plan_reads_shapes_only_so_meta_is_fine(target):
         model = nn.Sequential(nn.Linear(4, 6))
     shards = wt.init_module(model, 1, target, rank=1, world_size=2)
     assert shards["0.weight"].shape == (3, 4) and model[0].weight.is_meta
+
+
+def test_a_rule_may_rename_the_tensor_as_for_jax_flax_and_keras():
+    rules = [("0.weight", {"name": "shared.weight"})]
+    specs = _specs(nn.Sequential(nn.Linear(3, 2)), rules=rules)
+    assert list(specs) == ["shared.weight", "0.bias"]
+    assert specs["shared.weight"]["init"] == {"torchDefault": {}}

@@ -27,6 +27,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ._rules import DISTRIBUTIONS, FAN_MODES
+
 
 @dataclass(frozen=True)
 class Draw:
@@ -215,18 +217,6 @@ _NONLINEARITIES = {
     "leaky_relu": "NONLINEARITY_LEAKY_RELU",
     "selu": "NONLINEARITY_SELU",
 }
-_FAN_MODES = {
-    "fan_in": "FAN_MODE_FAN_IN",
-    "fan_out": "FAN_MODE_FAN_OUT",
-    "fan_avg": "FAN_MODE_FAN_AVG",
-}
-_DISTRIBUTIONS = {
-    "truncated_normal": "DISTRIBUTION_TRUNCATED_NORMAL",
-    "normal": "DISTRIBUTION_UNTRUNCATED_NORMAL",
-    "untruncated_normal": "DISTRIBUTION_UNTRUNCATED_NORMAL",
-    "uniform": "DISTRIBUTION_UNIFORM",
-}
-
 WHOLE = "whole"
 
 
@@ -272,9 +262,7 @@ def _kaiming(scheme):
         return {
             scheme: {
                 "a": float(p["a"]),
-                "mode": _enum(
-                    {k: v for k, v in _FAN_MODES.items() if k != "fan_avg"}, p["mode"], "mode"
-                ),
+                "mode": _enum({k: FAN_MODES[k] for k in ("fan_in", "fan_out")}, p["mode"], "mode"),
                 "nonlinearity": _enum(_NONLINEARITIES, p["nonlinearity"], "nonlinearity"),
             }
         }
@@ -286,8 +274,8 @@ def _variance_scaling(p):
     return {
         "varianceScaling": {
             "scale": float(p["scale"]),
-            "mode": _enum(_FAN_MODES, p["mode"], "mode"),
-            "distribution": _enum(_DISTRIBUTIONS, p["distribution"], "distribution"),
+            "mode": _enum(FAN_MODES, p["mode"], "mode"),
+            "distribution": _enum(DISTRIBUTIONS, p["distribution"], "distribution"),
         }
     }
 

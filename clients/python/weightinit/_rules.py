@@ -31,6 +31,20 @@ _DTYPE_NAMES = {
     "bfloat16": "DTYPE_BFLOAT16",
 }
 _LAYOUTS = {"torch": "LAYOUT_TORCH", "keras": "LAYOUT_KERAS"}
+# Variance scaling's mode and distribution names, as JAX, Keras and timm spell them ("normal"
+# is JAX's and timm's untruncated normal; Keras 3 says "untruncated_normal").
+FAN_MODES = {
+    "fan_in": "FAN_MODE_FAN_IN",
+    "fan_out": "FAN_MODE_FAN_OUT",
+    "fan_avg": "FAN_MODE_FAN_AVG",
+    "fan_geo_avg": "FAN_MODE_FAN_GEO_AVG",
+}
+DISTRIBUTIONS = {
+    "truncated_normal": "DISTRIBUTION_TRUNCATED_NORMAL",
+    "normal": "DISTRIBUTION_UNTRUNCATED_NORMAL",
+    "untruncated_normal": "DISTRIBUTION_UNTRUNCATED_NORMAL",
+    "uniform": "DISTRIBUTION_UNIFORM",
+}
 
 
 def check_like(like):

@@ -42,18 +42,6 @@ from .request import check_seed
 from .security import Security
 
 _INITS = jax.nn.initializers
-# jax.nn.initializers' distribution and mode names as weightinit enum values.
-_DISTRIBUTIONS = {
-    "truncated_normal": "DISTRIBUTION_TRUNCATED_NORMAL",
-    "normal": "DISTRIBUTION_UNTRUNCATED_NORMAL",
-    "uniform": "DISTRIBUTION_UNIFORM",
-}
-_MODES = {
-    "fan_in": "FAN_MODE_FAN_IN",
-    "fan_out": "FAN_MODE_FAN_OUT",
-    "fan_avg": "FAN_MODE_FAN_AVG",
-    "fan_geo_avg": "FAN_MODE_FAN_GEO_AVG",
-}
 
 
 def _fans(shape, in_axis, out_axis, batch_axis):
@@ -73,8 +61,8 @@ def _variance_scaling(cells, shape):
     fan_in, fan_out = _fans(shape, cells["in_axis"], cells["out_axis"], cells["batch_axis"])
     scheme = {
         "scale": float(cells["scale"]),
-        "mode": _MODES[cells["mode"]],
-        "distribution": _DISTRIBUTIONS[cells["distribution"]],
+        "mode": _rules.FAN_MODES[cells["mode"]],
+        "distribution": _rules.DISTRIBUTIONS[cells["distribution"]],
     }
     return {"init": {"varianceScaling": scheme}, "fanIn": fan_in, "fanOut": fan_out}
 

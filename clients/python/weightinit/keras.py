@@ -35,17 +35,6 @@ from . import _blocks, _rules
 from .request import check_seed
 from .security import Security
 
-# Keras VarianceScaling's mode and distribution names as weightinit enum values.
-_FAN_MODES = {
-    "fan_in": "FAN_MODE_FAN_IN",
-    "fan_out": "FAN_MODE_FAN_OUT",
-    "fan_avg": "FAN_MODE_FAN_AVG",
-}
-_DISTRIBUTIONS = {
-    "truncated_normal": "DISTRIBUTION_TRUNCATED_NORMAL",
-    "untruncated_normal": "DISTRIBUTION_UNTRUNCATED_NORMAL",
-    "uniform": "DISTRIBUTION_UNIFORM",
-}
 # Initializers without parameters, by their class; VarianceScaling subclasses come first.
 _NAMED = {
     keras.initializers.GlorotUniform: "glorotUniform",
@@ -292,8 +281,8 @@ def _variance_scaling(initializer, shape):
     """A Keras VarianceScaling as TensorSpec fields, with its explicit fan axes if it has any."""
     scheme = {
         "scale": initializer.scale,
-        "mode": _FAN_MODES[initializer.mode],
-        "distribution": _DISTRIBUTIONS[initializer.distribution],
+        "mode": _rules.FAN_MODES[initializer.mode],
+        "distribution": _rules.DISTRIBUTIONS[initializer.distribution],
     }
     spec = {"init": {"varianceScaling": scheme}}
     # Newer Keras versions take explicit fan axes; with both set they replace the computed fans.

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ._capture import Copy, Draw, Fill, InitRefused, Program, Refused, Scale, captured
-from ._rules import INIT_KEYS, SPEC_KEYS, rule_for
+from ._rules import check_rules, rule_for
 from .client import Client, RequestRefused, shared_client
 from .request import check_seed
 
@@ -55,12 +55,6 @@ __all__ = [
     "shard_plan",
     "tensor_digest",
 ]
-
-# TensorSpec fields a rule may set: not those that say which tensor it is (a permuted view has
-# the same byte length as the parameter and would be written in place without an error).
-_RULE_KEYS = {
-    key for key, field in SPEC_KEYS.items() if field not in ("name", "shape", "slice", "permute")
-}
 
 _DTYPES = {
     torch.float32: "DTYPE_FLOAT32",
@@ -790,35 +784,16 @@ def _wrapped_attribute(module):
 
 
 def _checked_rules(rules):
-    """The rules as a list of (pattern, value); ValueError naming the first that is unusable."""
-    checked = []
-    for index, rule in enumerate(rules or ()):
-        if not isinstance(rule, tuple | list):
-            raise TypeError(f"rules[{index}]: must be a (pattern, value) pair, got {rule!r}")
-        if len(rule) != 2:
-            raise ValueError(f"rules[{index}]: must be a (pattern, value) pair, got {rule!r}")
-        pattern, value = rule
-        where = f"rules[{index}] ({pattern!r})"
-        if not isinstance(pattern, str | re.Pattern):
-            raise TypeError(f"{where}: the pattern is a glob str or a re.Pattern")
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: the value is a dict, not {type(value).__name__}")
-        if not value:
-            raise ValueError(f"{where}: the value is empty")
-        schemes = sorted(set(value) & INIT_KEYS)
-        fields = sorted(set(value) - INIT_KEYS)
-        if schemes and fields:
+    """The rules checked as for every framework (_rules.check_rules), less what a torch parameter,
+    written in place in its own shape and layout, cannot take."""
+    checked = check_rules(rules)
+    for index, (pattern, fields) in enumerate(checked):
+        fixed = sorted(set(fields) & {"shape", "permute"})
+        if fixed:
             raise ValueError(
-                f"{where}: mixes scheme keys {schemes} with TensorSpec keys {fields}; give the "
-                f'scheme alone, or put it under "init": {{"init": {{{schemes[0]!r}: ...}}, ...}}'
+                f"rules[{index}] ({pattern!r}): {fixed} cannot change for a torch parameter, "
+                "which is written in place in its own shape and layout"
             )
-        unknown = [key for key in fields if key not in _RULE_KEYS]
-        if unknown:
-            raise ValueError(
-                f"{where}: {unknown} are neither schemes nor TensorSpec fields a rule may set "
-                f"({sorted({SPEC_KEYS[k] for k in _RULE_KEYS})})"
-            )
-        checked.append((pattern, value))
     return checked
 
 
