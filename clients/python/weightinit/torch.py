@@ -118,7 +118,7 @@ def init_module(
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if plan is None:
             plan = shard_plan(rank, world_size)
-    planned = _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device)
+    planned = _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device, plan is not None)
     client = _client(target, security)
     if plan is not None:
         shards = {}
@@ -146,7 +146,8 @@ def build_request(
 ) -> dict:
     """Returns the GenerateRequest, in proto3 JSON form, of the draws `module`'s init makes.
 
-    Runs the init code as init_module() does (writing nothing) and returns one tensor per
+    Runs the init code as init_module() does (writing nothing; the module may be on the meta
+    device) and returns one tensor per
     parameter or buffer whose last whole write is a random draw, named by its qualified name
     without wrapper attributes (`_orig_mod.`, `module.`, ...); constants and computed values
     are not requested.
@@ -165,7 +166,7 @@ def build_request(
     dtype, plan: see init_module(). A DTensor parameter's slice is the block of it this process
         holds, from its placements; plan does not apply to them.
     """
-    return _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device).request
+    return _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device, True).request
 
 
 @contextmanager
@@ -548,12 +549,12 @@ def _named(refused, drawn):
     return ValueError(f"{field}: {reason} (drawn by {entry.program.head.call})")
 
 
-def _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device):
+def _plan(module, seed, rules, dtype, plan, prefix, init, buffer_device, meta_ok=False):
     seed = check_seed(seed)
     rules = _checked_rules(rules)
     if prefix is not None and (not isinstance(prefix, str) or not prefix or prefix[-1] == "."):
         raise ValueError(f"prefix: must be a non-empty str not ending with '.', got {prefix!r}")
-    _check_materialized(module, meta_ok=plan is not None)
+    _check_materialized(module, meta_ok)
     if plan is None:
         _tie_declared_weights(module)
     params = dict(module.named_parameters())
