@@ -63,22 +63,10 @@ def mlp():
     )
 
 
-def fsdp2_from_meta(mesh_shape):
-    with torch.device("meta"):
-        model = mlp()
-    mesh = init_device_mesh("cpu", mesh_shape)
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    model.to_empty(device="cpu")
-    return model
-
-
 def tensor_parallel(mesh_shape):
     model = mlp()
-    mesh = init_device_mesh("cpu", mesh_shape)
-    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel()}
-    return parallelize_module(model, mesh, plan)
+    _tp(_mlp_plan)(model, mesh_shape)
+    return model
 
 
 def uneven():
@@ -118,18 +106,6 @@ def nested_shards(mesh_shape):
     return _distribute(uneven(), init_device_mesh("cpu", mesh_shape), placements)
 
 
-def fsdp2_over_tp_from_meta(mesh_shape):
-    """dp x tp: tensor parallel inside, FSDP2 over the dp dim, from the meta device."""
-    with torch.device("meta"):
-        model = mlp()
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp"))
-    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel()}
-    parallelize_module(model, mesh["tp"], plan)
-    fully_shard(model, mesh=mesh["dp"])
-    model.to_empty(device="cpu")
-    return model
-
-
 def ddp(mesh_shape):
     return nn.parallel.DistributedDataParallel(mlp())
 
@@ -141,13 +117,55 @@ def _fsdp2_per_layer(model, layers, mesh):
     return model
 
 
-def llama_fsdp2_from_meta(mesh_shape):
-    """A transformers Llama (tied embeddings), FSDP2 per decoder layer and at the root."""
-    with torch.device("meta"):
-        model = llama()
-    _fsdp2_per_layer(model, model.model.layers, init_device_mesh("cpu", mesh_shape))
-    model.to_empty(device="cpu")
-    return model
+def _from_meta(build, parallelize):
+    """(mesh shape) -> build() on the meta device, parallelize(model, mesh shape), to_empty."""
+
+    def make(mesh_shape):
+        with torch.device("meta"):
+            model = build()
+        parallelize(model, mesh_shape)
+        model.to_empty(device="cpu")
+        return model
+
+    return make
+
+
+def _fsdp2(layers):
+    """FSDP2 per layer (layers(model)) and at the root."""
+
+    def parallelize(model, shape):
+        _fsdp2_per_layer(model, layers(model), init_device_mesh("cpu", shape))
+
+    return parallelize
+
+
+def _tp(plan):
+    """Tensor parallelism by plan(model) ({module path: ColwiseParallel(), ...})."""
+
+    def parallelize(model, shape):
+        parallelize_module(model, init_device_mesh("cpu", shape), plan(model))
+
+    return parallelize
+
+
+def _dp_tp(layers, plan):
+    """Tensor parallelism over the mesh's "tp" dim, then FSDP2 over its "dp" dim."""
+
+    def parallelize(model, shape):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], plan(model))
+        _fsdp2_per_layer(model, layers(model), mesh["dp"])
+
+    return parallelize
+
+
+def _megatron(prefixes, colwise, rowwise):
+    """Colwise and rowwise linears of every decoder layer, as tensor parallel plans make them."""
+    plan = {}
+    for prefix in prefixes:
+        plan.update({f"{prefix}.{name}": ColwiseParallel() for name in colwise})
+        plan.update({f"{prefix}.{name}": RowwiseParallel() for name in rowwise})
+    return plan
 
 
 def qwen2():
@@ -166,47 +184,22 @@ def qwen2():
     return transformers.Qwen2ForCausalLM(config)
 
 
-def _qwen2_tp(model, mesh):
-    """Megatron-style tensor parallelism of every decoder layer."""
-    plan = {}
-    for i in range(len(model.model.layers)):
-        for name in (
+def _decoder_layers(model):
+    return model.model.layers
+
+
+def _qwen2_plan(model):
+    return _megatron(
+        [f"model.layers.{i}" for i in range(len(model.model.layers))],
+        (
             "self_attn.q_proj",
             "self_attn.k_proj",
             "self_attn.v_proj",
             "mlp.gate_proj",
             "mlp.up_proj",
-        ):
-            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
-    return parallelize_module(model, mesh, plan)
-
-
-def qwen2_fsdp2_from_meta(mesh_shape):
-    with torch.device("meta"):
-        model = qwen2()
-    _fsdp2_per_layer(model, model.model.layers, init_device_mesh("cpu", mesh_shape))
-    model.to_empty(device="cpu")
-    return model
-
-
-def qwen2_tp_from_meta(mesh_shape):
-    with torch.device("meta"):
-        model = qwen2()
-    _qwen2_tp(model, init_device_mesh("cpu", mesh_shape))
-    model.to_empty(device="cpu")
-    return model
-
-
-def qwen2_dp_tp_from_meta(mesh_shape):
-    with torch.device("meta"):
-        model = qwen2()
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp"))
-    _qwen2_tp(model, mesh["tp"])
-    _fsdp2_per_layer(model, model.model.layers, mesh["dp"])
-    model.to_empty(device="cpu")
-    return model
+        ),
+        ("self_attn.o_proj", "mlp.down_proj"),
+    )
 
 
 def torchtitan_llama3():
@@ -214,40 +207,35 @@ def torchtitan_llama3():
     return llama3._debugmodel("flex").build()
 
 
-def torchtitan_fsdp2_from_meta(mesh_shape):
-    with torch.device("meta"):
-        model = torchtitan_llama3()
-    _fsdp2_per_layer(model, model.layers.values(), init_device_mesh("cpu", mesh_shape))
-    model.to_empty(device="cpu")
-    return model
+def _torchtitan_layers(model):
+    return model.layers.values()
 
 
-def _torchtitan_tp(model, mesh):
-    plan = {}
-    for i in model.layers:
-        for name in ("attention.qkv_linear.wqkv", "feed_forward.w1", "feed_forward.w3"):
-            plan[f"layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("attention.wo", "feed_forward.w2"):
-            plan[f"layers.{i}.{name}"] = RowwiseParallel()
-    return parallelize_module(model, mesh, plan)
+def _torchtitan_plan(model):
+    return _megatron(
+        [f"layers.{i}" for i in model.layers],
+        ("attention.qkv_linear.wqkv", "feed_forward.w1", "feed_forward.w3"),
+        ("attention.wo", "feed_forward.w2"),
+    )
 
 
-def torchtitan_tp_from_meta(mesh_shape):
-    with torch.device("meta"):
-        model = torchtitan_llama3()
-    _torchtitan_tp(model, init_device_mesh("cpu", mesh_shape))
-    model.to_empty(device="cpu")
-    return model
+def _mlp_plan(model):
+    return {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel()}
 
 
-def torchtitan_dp_tp_from_meta(mesh_shape):
-    with torch.device("meta"):
-        model = torchtitan_llama3()
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp"))
-    _torchtitan_tp(model, mesh["tp"])
-    _fsdp2_per_layer(model, model.layers.values(), mesh["dp"])
-    model.to_empty(device="cpu")
-    return model
+fsdp2_from_meta = _from_meta(mlp, _fsdp2(lambda model: (model[0], model[2])))
+# dp x tp: tensor parallel inside, FSDP2 over the dp dim at the root only.
+fsdp2_over_tp_from_meta = _from_meta(mlp, _dp_tp(lambda model: (), _mlp_plan))
+# A transformers Llama (tied embeddings), FSDP2 per decoder layer and at the root.
+llama_fsdp2_from_meta = _from_meta(llama, _fsdp2(_decoder_layers))
+qwen2_fsdp2_from_meta = _from_meta(qwen2, _fsdp2(_decoder_layers))
+qwen2_tp_from_meta = _from_meta(qwen2, _tp(_qwen2_plan))
+qwen2_dp_tp_from_meta = _from_meta(qwen2, _dp_tp(_decoder_layers, _qwen2_plan))
+torchtitan_fsdp2_from_meta = _from_meta(torchtitan_llama3, _fsdp2(_torchtitan_layers))
+torchtitan_tp_from_meta = _from_meta(torchtitan_llama3, _tp(_torchtitan_plan))
+torchtitan_dp_tp_from_meta = _from_meta(
+    torchtitan_llama3, _dp_tp(_torchtitan_layers, _torchtitan_plan)
+)
 
 
 TOKENS = torch.tensor([[5, 17, 2, 88, 40, 3, 61, 9], [1, 1, 30, 72, 11, 50, 4, 93]])
