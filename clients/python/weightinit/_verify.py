@@ -95,8 +95,7 @@ def verify(model, seed: int, target, *, group=None, check: bool = True, **init_k
     Call it on every rank of `group` (default: the whole world) with the same arguments, as
     init_module was called. It hashes each parameter this process holds (a DTensor's local
     block), computes what the request serves it into new CPU tensors (this process's share of
-    the model once more in host memory, a tensor at a time on the way to its digest) and
-    compares the two; under an initialized torch.distributed, the ranks all-gather their digests
+    the model once more in host memory, each tensor freed once hashed) and compares the two; under an initialized torch.distributed, the ranks all-gather their digests
     (a few hundred bytes per tensor) so that every rank builds the same report.
 
     init_kwargs: init_module's keyword arguments (rules, recipe, prefix, dtype, timeout,
@@ -124,7 +123,7 @@ def verify(model, seed: int, target, *, group=None, check: bool = True, **init_k
         name, tensor = expected.popitem()
         digests[name] = [(None, wt.tensor_digest(held[name]), wt.tensor_digest(tensor))]
     gathered = _gather((seed, digests), group)
-    seeds = {rank: seed for rank, (seed, _) in enumerate(gathered)}
+    seeds = {rank: theirs for rank, (theirs, _) in enumerate(gathered)}
     if len(set(seeds.values())) > 1:
         raise ValueError(f"seed: the ranks passed different seeds {seeds}; pass the same seed")
     return _report(seed, list(enumerate(ranked for _, ranked in gathered)), order, check)
