@@ -33,7 +33,8 @@ def _scenarios(world_size):
 
 def _verify_rank(rank, world_size, target, directory):
     """Per scenario: init, verify (must pass), change one element of the last rank's block of
-    CHANGED, verify again; saves both outcomes as every rank saw them."""
+    CHANGED, verify again; saves both outcomes as every rank saw them. Then every rank passes
+    a seed of its own, which every rank must refuse."""
     for label, build in _scenarios(world_size).items():
         model = build()
         wt.init_module(model, SEED, target)
@@ -48,6 +49,12 @@ def _verify_rank(rank, world_size, target, directory):
             caught = {"message": str(error), "differing": error.report.differing()}
         saved = {"clean": (clean.ok, clean.ranks, clean.names), "caught": caught}
         torch.save(saved, os.path.join(directory, f"{label}.rank{rank}.pt"))
+    try:
+        verify(model, SEED + rank, target)
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    torch.save(refused, os.path.join(directory, f"seeds.rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -55,6 +62,8 @@ def test_verify_names_the_changed_tensor_and_rank_on_every_rank(world_size, targ
     from test_torch_distributed import run_world
 
     results = run_world(world_size, target, tmp_path, main=_verify_rank)
+    for rank, refused in enumerate(results.pop("seeds")):
+        assert refused is not None and "the ranks passed different seeds" in refused, rank
     assert sorted(results) == sorted(_scenarios(world_size))
     for label, ranks in results.items():
         for rank, saved in enumerate(ranks):
