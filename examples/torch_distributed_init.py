@@ -12,10 +12,8 @@ with FSDP2's fully_shard, materializes its shards with to_empty and fills them w
 weightinit.torch.init_module(): each rank fetches only the rows it holds. Each rank seeds torch's
 own RNG differently, so without the service the values would differ.
 
-Then every rank gathers each parameter (full_tensor()) and hashes it (BLAKE3), and the ranks
-all-reduce the digest bytes with MAX and with MIN: the two results are equal only if every rank
-sees exactly the same bytes. Rank 0 also checks the digests against the server's own for the
-unsharded model (the Digest RPC).
+Then verify() proves it: every rank hashes (BLAKE3) the block of each parameter it holds,
+compares it with what the request serves that rank, and the ranks all-gather the results.
 """
 
 import argparse
@@ -28,8 +26,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-import weightinit
 import weightinit.torch as wt
+from weightinit._verify import verify
 
 
 def build_model():
@@ -60,26 +58,16 @@ def run(rank, world_size, port, target, seed):
         model.to_empty(device="cpu")
         wt.init_module(model, seed, target)
 
-        names = [name for name, _ in model.named_parameters()]
-        hexes = [wt.tensor_digest(param.full_tensor()) for param in model.parameters()]
-        digests = torch.tensor([list(bytes.fromhex(h)) for h in hexes], dtype=torch.uint8)
-        high, low = digests.clone(), digests.clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        differing = [name for name, hi, lo in zip(names, high, low) if not torch.equal(hi, lo)]
-        if differing:
-            raise RuntimeError(f"rank {rank}: the ranks' parameters differ in {differing}")
-
+        # Every rank hashes the block it holds and compares it with what the request serves
+        # there; the ranks all-gather the results, so all of them pass or all raise
+        # WeightsDiffer naming each differing parameter and its ranks.
+        report = verify(model, seed, target)
         if rank == 0:
-            with torch.device("meta"):
-                unsharded = build_model()  # the request reads shapes only
-            server = weightinit.digest(wt.build_request(unsharded, seed), target)
-            if server != dict(zip(names, hexes)):
-                raise RuntimeError("the parameters do not match the server's digests")
             values = sum(param.numel() for param in model.parameters())
             print(
-                f"{world_size} ranks agree on all {len(names)} parameters ({values} values, "
-                f"FSDP2-sharded), and they match the server's digests"
+                f"{world_size} ranks agree on all {len(report.names)} parameters and buffers "
+                f"({values} parameter values, FSDP2-sharded): each holds exactly what "
+                "init_module writes there"
             )
     finally:
         dist.destroy_process_group()
@@ -93,14 +81,18 @@ def free_port():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True, help="the weightinit server, host:port")
+    parser.add_argument(
+        "--target", required=True, help="the weightinit server, host:port"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--world-size", type=int, default=2)
     args = parser.parse_args()
     # gloo over the loopback interface only, whatever the host name resolves to.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(
-        run, args=(args.world_size, free_port(), args.target, args.seed), nprocs=args.world_size
+        run,
+        args=(args.world_size, free_port(), args.target, args.seed),
+        nprocs=args.world_size,
     )
 
 

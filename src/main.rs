@@ -1,5 +1,5 @@
-//! The `weightinit` command: serve (the default), check a server's health, or fetch and
-//! describe a request's tensors.
+//! The `weightinit` command: serve (the default), check a server's health, or fetch,
+//! describe and digest a request's tensors.
 
 #![forbid(unsafe_code)]
 
@@ -72,6 +72,9 @@ enum Command {
     Fetch(FetchArgs),
     /// Print how every tensor of a request resolves (fans, distribution, sizes) as a table.
     Describe(DescribeArgs),
+    /// Print every tensor's BLAKE3 digest as `HEX  NAME`, computed where the tensors are made
+    /// (the server, or this process with --local) without transferring them.
+    Digest(DescribeArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,7 +84,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| Command::Serve(ServeArgs::from_env()));
     // The client commands report on their own; --local would log every RPC at info.
     let default_level = match command {
-        Command::Fetch(_) | Command::Describe(_) => "warn",
+        Command::Fetch(_) | Command::Describe(_) | Command::Digest(_) => "warn",
         Command::Serve(_) | Command::Healthcheck { .. } => "info",
     };
     init_tracing(cli.log_format, default_level);
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
             result => exit(result),
         },
         Command::Describe(args) => exit(runtime.block_on(describe::run(args))),
+        Command::Digest(args) => exit(runtime.block_on(describe::digest(args))),
         Command::Healthcheck {
             addr,
             service,

@@ -40,6 +40,9 @@ async fn digests_are_blake3_of_the_bytes_for_every_length() {
                 let what = format!("{dtype}, {bytes} bytes, chunk_bytes {chunk_bytes}");
                 let received = generate(&mut client, request.clone()).await;
                 let digests = client.digest(request).await.unwrap().into_inner().digests;
+                // Digest has no headers: each digest names its tensor.
+                let names: Vec<&str> = digests.iter().map(|d| d.name.as_str()).collect();
+                assert_eq!(names, [format!("t{i}").as_str(), "small"], "{what}");
                 for (tensor, digest) in received.iter().zip(&digests) {
                     let want = blake3::hash(&tensor.data);
                     assert_eq!(tensor.blake3, want.as_bytes(), "{what}: TensorEnd");

@@ -19,4 +19,4 @@ def test_torch_distributed_example(target):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "2 ranks agree on all 8 parameters" in done.stdout
+    assert "2 ranks agree on all 11 parameters and buffers" in done.stdout

@@ -53,6 +53,29 @@ def test_local_digest_is_blake3_of_the_fetched_bytes(target):
         assert blake3.blake3(raw.tobytes()).hexdigest() == digests[name]
 
 
+@pytest.mark.parametrize("where", ["--local", "--server"])
+def test_the_cli_prints_the_digests_python_returns(where, target, tmp_path):
+    """`weightinit digest` prints `HEX  NAME` lines; the names come from the Digest reply."""
+    import json
+    import subprocess
+
+    from conftest import _server_binary
+
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(REQUEST))
+    flags = ["--local"] if where == "--local" else ["--server", target]
+    done = subprocess.run(
+        [_server_binary(), "digest", *flags, "--request", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = weightinit.digest(REQUEST, target)
+    assert done.stdout.splitlines() == [f"{hex_}  {name}" for name, hex_ in expected.items()]
+
+
 def test_large_tensors_span_many_blocks_and_threads(target):
     """Several MiB, a transposing view and a shard: the parallel pieces meet exactly."""
     request = {

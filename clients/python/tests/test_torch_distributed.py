@@ -278,48 +278,53 @@ SCENARIOS = {
 }
 
 
-def _rank(rank, world_size, port, target, directory):
-    """One rank: for each scenario, build the model, init it, save every full tensor (by the
-    name it was fetched under) and what it fetched. A failure leaves its traceback in a file."""
+def _process(main, rank, world_size, port, target, directory):
+    """One rank's process: joins the gloo world, runs main(rank, world_size, target, directory),
+    leaves. A failure leaves its traceback in a file."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     try:
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=TIMEOUT)
         )
         try:
-            for scenario, case in SCENARIOS[world_size].items():
-                torch.manual_seed(100 + rank)  # every rank starts from different values
-                model = case.build(case.mesh_shape)
-                with RecordingClient(target) as client:
-                    wt.init_module(model, SEED, client)
-                    # What each rank holds, proved against the server's digests of its blocks.
-                    server = client.digest(wt.build_request(model, SEED))
-                tensors = {
-                    wt._unwrapped_name(model, n): t
-                    for n, t in (*model.named_parameters(), *model.named_buffers())
-                }
-                full = {
-                    n: t.full_tensor() if isinstance(t, DTensor) else t.detach()
-                    for n, t in tensors.items()
-                }
-                saved = {
-                    "proved": {n: wt.tensor_digest(tensors[n]) == d for n, d in server.items()},
-                    "full": full,
-                    "local": {n: tuple(wt._local_tensor(t).shape) for n, t in tensors.items()},
-                    "dtensors": [n for n, t in tensors.items() if isinstance(t, DTensor)],
-                    "fetched": client.fetched,
-                    "loss": case.loss(model) if case.loss else None,
-                }
-                torch.save(saved, os.path.join(directory, f"{scenario}.rank{rank}.pt"))
-            if world_size == 2:
-                refused = _refusals(init_device_mesh("cpu", (2,)))
-                torch.save(refused, os.path.join(directory, f"refusals.rank{rank}.pt"))
+            main(rank, world_size, target, directory)
         finally:
             dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(directory, f"rank{rank}.error"), "w") as file:
             file.write(traceback.format_exc())
         raise
+
+
+def _init_scenarios(rank, world_size, target, directory):
+    """For each scenario: build the model, init it, save every full tensor and buffer (by the
+    name it is requested under), what it fetched and a forward pass's loss."""
+    for scenario, case in SCENARIOS[world_size].items():
+        torch.manual_seed(100 + rank)  # every rank starts from different values
+        model = case.build(case.mesh_shape)
+        with RecordingClient(target) as client:
+            wt.init_module(model, SEED, client)
+            # What each rank holds, proved against the server's digests of its blocks.
+            server = client.digest(wt.build_request(model, SEED))
+        tensors = {
+            wt._unwrapped_name(model, n): t
+            for n, t in (*model.named_parameters(), *model.named_buffers())
+        }
+        full = {
+            n: t.full_tensor() if isinstance(t, DTensor) else t.detach() for n, t in tensors.items()
+        }
+        saved = {
+            "proved": {n: wt.tensor_digest(tensors[n]) == d for n, d in server.items()},
+            "full": full,
+            "local": {n: tuple(wt._local_tensor(t).shape) for n, t in tensors.items()},
+            "dtensors": [n for n, t in tensors.items() if isinstance(t, DTensor)],
+            "fetched": client.fetched,
+            "loss": case.loss(model) if case.loss else None,
+        }
+        torch.save(saved, os.path.join(directory, f"{scenario}.rank{rank}.pt"))
+    if world_size == 2:
+        refused = _refusals(init_device_mesh("cpu", (2,)))
+        torch.save(refused, os.path.join(directory, f"refusals.rank{rank}.pt"))
 
 
 def _refusals(mesh):
@@ -346,13 +351,14 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def run_world(world_size, target, directory):
-    """Runs the ranks of a world in processes of their own; returns {scenario: what each rank
-    saved}. A rank that fails, or does not finish within JOIN_SECONDS, fails the test."""
+def run_world(world_size, target, directory, main=_init_scenarios):
+    """Runs main(rank, world_size, target, directory) on the ranks of a gloo world, in
+    processes of their own; returns {NAME: what each rank saved as NAME.rankR.pt}. A rank that
+    fails, or does not finish within JOIN_SECONDS, fails the test."""
     context = mp.get_context("spawn")
     port = _free_port()
     processes = [
-        context.Process(target=_rank, args=(r, world_size, port, target, str(directory)))
+        context.Process(target=_process, args=(main, r, world_size, port, target, str(directory)))
         for r in range(world_size)
     ]
     for process in processes:
@@ -371,7 +377,7 @@ def run_world(world_size, target, directory):
     if hung:
         pytest.fail(f"ranks {hung} did not finish within {JOIN_SECONDS} s")
     assert [p.exitcode for p in processes] == [0] * world_size
-    names = [*SCENARIOS[world_size], *(["refusals"] if world_size == 2 else [])]
+    names = sorted(path.name.removesuffix(".rank0.pt") for path in directory.glob("*.rank0.pt"))
     return {
         name: [torch.load(directory / f"{name}.rank{r}.pt") for r in range(world_size)]
         for name in names

@@ -9,6 +9,8 @@
     arrays = weightinit.fetch(request, "local")    # no server: the engine in this process
 
 `security=weightinit.Security(...)` adds TLS, mutual TLS or a bearer token to any call.
+`weightinit.torch.verify(model, seed, target)` proves every rank holds what the request serves:
+it returns a `Report` or raises `WeightsDiffer` naming each tensor that differs and where.
 `weightinit.torch` (imported on first use) initializes torch modules in place; `weightinit.jax`,
 `weightinit.flax` and `weightinit.keras` do the same for sharded jax.Arrays, Flax parameters and
 Keras 3 models.
@@ -23,6 +25,7 @@ import os
 
 __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
+from ._verify import Report, WeightsDiffer
 from .client import (
     LOCAL,
     Client,
@@ -39,8 +42,10 @@ __all__ = [
     "LOCAL",
     "Client",
     "IntegrityError",
+    "Report",
     "RequestRefused",
     "Security",
+    "WeightsDiffer",
     "describe",
     "digest",
     "fetch",

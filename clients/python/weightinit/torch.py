@@ -44,6 +44,7 @@ from torch import nn
 
 from ._capture import Copy, Draw, Fill, InitRefused, Program, Refused, Scale, captured
 from ._rules import check_rules, rule_for
+from ._verify import verify
 from .client import Client, RequestRefused, shared_client
 from .request import check_seed
 
@@ -54,6 +55,7 @@ __all__ = [
     "recording",
     "shard_plan",
     "tensor_digest",
+    "verify",
 ]
 
 _DTYPES = {

@@ -1,10 +1,12 @@
 //! `weightinit describe`: how every tensor of a request resolves (shapes, dtype, fans,
-//! distribution, size), as a table, without generating anything.
+//! distribution, size), as a table, without generating anything; and `weightinit digest`:
+//! every tensor's BLAKE3, generated but not transferred.
 
 use tonic::{Request, Status};
 
 use super::output;
 use super::progress::human_bytes;
+use super::remote::hex;
 use super::source::{SourceArgs, SourceError, status_text};
 use weightinit_service::proto::weight_init_server::WeightInit;
 use weightinit_service::proto::{Resolved, TensorHeader};
@@ -22,6 +24,24 @@ pub enum DescribeError {
     Source(#[from] SourceError),
     #[error("{}", status_text(.0))]
     Rpc(#[from] Status),
+}
+
+/// `weightinit digest`: prints `HEX  NAME` per tensor on stdout, in request order: the hex
+/// that the Python client, `fetch`'s safetensors metadata and b3sum write (grpcurl shows the
+/// same bytes in base64).
+pub async fn digest(args: DescribeArgs) -> Result<(), DescribeError> {
+    let request = args.source.request()?;
+    let digests = args
+        .source
+        .source()?
+        .digest(Request::new(request))
+        .await?
+        .into_inner()
+        .digests;
+    for end in digests {
+        println!("{}  {}", hex(&end.blake3), end.name);
+    }
+    Ok(())
 }
 
 /// `weightinit describe`: prints the table on stdout.

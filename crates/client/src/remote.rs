@@ -378,7 +378,8 @@ impl<D: AsMut<[u8]>> Receiver<D> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex, the form every digest is shown in (`weightinit digest`, errors).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -415,6 +416,7 @@ mod tests {
             tensor_index,
             blake3: blake3::hash(data).as_bytes().to_vec(),
             byte_length: data.len() as u64,
+            name: "w".to_owned(),
         };
         GenerateResponse {
             item: Some(Item::End(end)),

@@ -216,6 +216,7 @@ impl Pipeline {
             tensor_index: index,
             blake3: tree.root().as_bytes().to_vec(),
             byte_length: total,
+            name: tensor.name.clone(),
         };
         send(out, Item::End(end)).await
     }

@@ -417,14 +417,16 @@ class Chunk(_message.Message):
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TensorEnd(_message.Message):
-    __slots__ = ("tensor_index", "blake3", "byte_length")
+    __slots__ = ("tensor_index", "blake3", "byte_length", "name")
     TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLAKE3_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     tensor_index: int
     blake3: bytes
     byte_length: int
-    def __init__(self, tensor_index: _Optional[int] = ..., blake3: _Optional[bytes] = ..., byte_length: _Optional[int] = ...) -> None: ...
+    name: str
+    def __init__(self, tensor_index: _Optional[int] = ..., blake3: _Optional[bytes] = ..., byte_length: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("tensors",)
