@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Python client's wheel once (scripts/wheel), checks that it installs and runs
 # where there is no Rust, installs it with its test, torch, flax and keras extras (plus the
-# frameworks the recipe tests use) into the repo's .venv (created if missing) and runs its
+# frameworks the own-init tests use: timm, PEFT, torchtitan) into the repo's .venv (created if missing) and runs its
 # tests against the real server binary:
 #
 #   clients/python/run-tests.sh [PYTEST_ARGS...]
@@ -45,7 +45,7 @@ print('the wheel runs the README snippet without Rust')"
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --progress-bar off --disable-pip-version-check)
-# The frameworks at the versions the integrations and recipes were checked against.
+# The frameworks at the versions the integrations and own-init tests were checked against.
 "${pip[@]}" "$wheel[test,torch,flax,keras]" \
   torch==2.15.0 torchvision==0.29.2 transformers==5.24.0 jax==0.10.2 flax==0.12.8 keras==3.15.1 \
   timm==1.0.31 peft==0.21.2 tyro==1.0.17 docstring_parser==0.18.0 spmd_types==0.2.3
