@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Python client's wheel once (scripts/wheel), checks that it installs and runs
 # where there is no Rust, installs it with its test, torch, flax and keras extras (plus the
-# frameworks the own-init tests use: timm, PEFT, torchtitan) into the repo's .venv (created if missing) and runs its
-# tests against the real server binary:
+# frameworks the own-init tests use: timm, PEFT, torchtitan) into the repo's .venv (created
+# if missing) and runs its tests against the real server binary:
 #
 #   clients/python/run-tests.sh [PYTEST_ARGS...]
 #
