@@ -9,6 +9,8 @@
     arrays = weightinit.fetch(request, "local")    # no server: the engine in this process
 
 `security=weightinit.Security(...)` adds TLS, mutual TLS or a bearer token to any call.
+Failures raise the exceptions of `weightinit.errors` (also here): RequestRefused, CallFailed,
+ServerUnreachable, IntegrityError and InvalidOption.
 `weightinit.torch` (imported on first use) initializes torch modules in place; `weightinit.jax`,
 `weightinit.flax` and `weightinit.keras` do the same for sharded jax.Arrays, Flax parameters and
 Keras 3 models.
@@ -23,24 +25,20 @@ import os
 
 __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
-from .client import (
-    LOCAL,
-    Client,
-    IntegrityError,
-    RequestRefused,
-    describe,
-    digest,
-    fetch,
-)
+from .client import LOCAL, Client, describe, digest, fetch
+from .errors import CallFailed, IntegrityError, InvalidOption, RequestRefused, ServerUnreachable
 from .request import to_message
 from .security import Security
 
 __all__ = [
     "LOCAL",
+    "CallFailed",
     "Client",
     "IntegrityError",
+    "InvalidOption",
     "RequestRefused",
     "Security",
+    "ServerUnreachable",
     "describe",
     "digest",
     "fetch",

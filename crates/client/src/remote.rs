@@ -1,80 +1,80 @@
-//! Calls to a server for the Python package: a client built from in-memory PEM and token,
-//! and [`Receiver`], which checks a Generate stream and copies each chunk once into the
-//! caller's destination of its tensor.
+//! One server over gRPC, for the command line and the Python package alike: [`Remote`], a
+//! client built from PEM bytes and a token ([`Security`]) whose failures are explained (the
+//! address, the cause and the fix, in the caller's words); calls retried with backoff after
+//! failures another attempt can cure ([`retry`]); and [`Receiver`], which checks a Generate
+//! stream and copies each chunk once into the caller's destination of its tensor.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_types::StatusExt;
 
-use crate::source;
-use crate::target::{Cause, Target, Unreachable, tls_endpoint};
+use crate::retry::{self, Backoff, RetryPolicy};
+use crate::source::unreachable;
+use crate::target::{Caller, Refusal, Security, Target, Unreachable, silent};
 use weightinit_service::proto::weight_init_client::WeightInitClient;
+use weightinit_service::proto::weight_init_server::WeightInit;
 use weightinit_service::proto::{
-    GenerateRequest, GenerateResponse, TensorHeader, generate_response::Item,
+    DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
+    ServerInfo, TensorHeader, generate_response::Item,
 };
 
-/// How to reach a server, as the Python package's `Security` gives it: PEM bytes and a token.
-#[derive(Debug, Default)]
-pub struct Security {
-    pub tls_ca: Option<Vec<u8>>,
-    /// The client's certificate and key, for mutual TLS.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-    pub tls_server_name: Option<String>,
-    pub token: Option<String>,
-}
+/// Largest message accepted from a server: chunks are at most 1 MiB unless a server raises
+/// its --max-chunk-bytes; this bounds memory all the same.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How long a call waits for a first answer before asking whether the peer speaks HTTP/2 at
+/// all: one that accepts connections and never answers would hold the call until its deadline.
+const SILENT_AFTER: Duration = Duration::from_secs(3);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     /// Options that cannot work, found before anything is dialled.
-    #[error("{0}")]
-    Options(String),
-    /// The server answered with an error status.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The server answered with an error status, or the connection failed: then the status
+    /// carries the [`Unreachable`] that says where, why and what to do (its source).
     #[error("{}", .0.message())]
     Status(Status),
-    /// The connection failed (UNAVAILABLE); the address, the cause and the fix.
-    #[error("{0}")]
-    Unreachable(Box<Unreachable>),
+    /// Failures another attempt could have cured, `attempts` in a row; the last one.
+    #[error("{}; gave up after {attempts} failed attempts in a row", .last.message())]
+    GaveUp { attempts: u32, last: Status },
     #[error(transparent)]
     Integrity(#[from] IntegrityError),
 }
 
 impl RemoteError {
-    /// For a server that could not be reached: which of the causes the Python package words
-    /// itself ("refused", "unknown_host", "speaks_tls", "speaks_plaintext", "certificate",
-    /// else "other"), the system's or TLS library's words, and the `HOST:PORT` dialled.
-    pub fn unreachable(&self) -> Option<(&'static str, String, String)> {
-        let Self::Unreachable(unreachable) = self else {
-            return None;
-        };
-        let (kind, detail) = match &unreachable.cause {
-            Cause::Refused => ("refused", String::new()),
-            Cause::UnknownHost(detail) => ("unknown_host", detail.clone()),
-            Cause::ServerSpeaksTls => ("speaks_tls", String::new()),
-            Cause::ServerSpeaksPlaintext => ("speaks_plaintext", String::new()),
-            Cause::Certificate(error) => ("certificate", format!("{error:?}")),
-            _ => ("other", String::new()),
-        };
-        let target = &unreachable.target;
-        Some((kind, detail, format!("{}:{}", target.host, target.port)))
+    /// The status the failure ended with (none for refused options and integrity errors).
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            Self::Status(status) | Self::GaveUp { last: status, .. } => Some(status),
+            Self::Refused(_) | Self::Integrity(_) => None,
+        }
     }
 
-    /// The gRPC status code the failure stands for (none for integrity errors).
-    pub fn code(&self) -> Option<Code> {
+    /// The server could not be reached: where, and why.
+    pub fn unreachable(&self) -> Option<&Unreachable> {
+        self.status().and_then(unreachable)
+    }
+
+    /// The request field at fault, as the server's BadRequest detail names it, or the option.
+    pub fn field(&self) -> Option<String> {
         match self {
-            Self::Options(_) => Some(Code::InvalidArgument),
-            Self::Status(status) => Some(status.code()),
-            Self::Unreachable(_) => Some(Code::Unavailable),
-            Self::Integrity(_) => None,
+            Self::Refused(refusal) => Some(refusal.field.to_owned()),
+            _ => {
+                let bad_request = self.status()?.get_details_bad_request()?;
+                Some(bad_request.field_violations.first()?.field.clone())
+            }
         }
     }
 }
 
 /// A Generate stream that broke the protocol, or a tensor whose bytes do not match its digest.
-/// The messages are the Python package's.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct IntegrityError(String);
@@ -83,128 +83,326 @@ macro_rules! broken {
     ($($arg:tt)*) => { IntegrityError(format!($($arg)*)) };
 }
 
-/// One server, over one channel reused by every call.
+/// One server, over one channel reused by every call; it connects on first use and
+/// reconnects after a failure. Its [`WeightInit`] calls explain connection failures.
 #[derive(Clone, Debug)]
 pub struct Remote {
     client: WeightInitClient<Channel>,
     authorization: Option<AsciiMetadataValue>,
     target: Target,
-    /// The CA's PEM and whether the client has a certificate, to explain failures.
-    ca: Option<Vec<u8>>,
-    identity: bool,
+    /// How it is reached, for the explanations of failures.
+    security: Arc<Security>,
 }
 
 impl Remote {
     /// A client of the server at `addr` (`HOST:PORT`, `http://` or `https://`), reached as
-    /// `security` says; connects on first use. Must be called within a tokio runtime.
-    pub fn new(addr: &str, security: Security) -> Result<Self, RemoteError> {
-        let options = |error: Box<dyn std::error::Error + Send + Sync>| {
-            RemoteError::Options(error.to_string())
-        };
-        let target = Target::parse(addr, security.tls_ca.is_some(), "target")
-            .map_err(RemoteError::Options)?;
-        let authorization = security
-            .token
-            .map(|token| {
-                AsciiMetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| RemoteError::Options("token: not a valid header value".into()))
-            })
-            .transpose()?;
-        let ca = security.tls_ca;
-        let identity = security.identity.is_some();
-        let endpoint = tls_endpoint(
-            &target,
-            ca.clone(),
-            security.identity,
-            security.tls_server_name,
-        )
-        .map_err(options)?;
+    /// `security` says, its messages in `caller`'s words. Must be called within a tokio
+    /// runtime.
+    pub fn new(addr: &str, security: Security, caller: Caller) -> Result<Self, Refusal> {
+        let target = security.target(addr, caller)?;
+        let endpoint = security.endpoint(&target)?;
         Ok(Self {
-            client: source::client(endpoint),
-            authorization,
+            client: client(endpoint),
+            authorization: security.authorization(caller)?,
             target,
-            ca,
-            identity,
+            security: Arc::new(security),
         })
     }
 
-    fn request(
-        &self,
-        message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Request<GenerateRequest> {
-        let mut request = Request::new(message);
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        if let Some(timeout) = timeout {
-            request.set_timeout(timeout);
-        }
-        request
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
-    /// `status` as an error: a connection failure explained when it is one, as UNAVAILABLE
-    /// (what grpc reports for it, however the transport happened to end the call).
-    pub async fn failed(&self, status: Status) -> RemoteError {
-        let explained =
-            Unreachable::explain_pem(&status, &self.target, self.ca.as_deref(), self.identity);
+    /// `status`, or when the connection is what failed, UNAVAILABLE (what grpc reports for
+    /// it, however the transport happened to end the call) saying the address, the cause and
+    /// the fix ([`Unreachable`], kept as its source for the retry decision).
+    pub async fn explain(&self, status: Status) -> Status {
+        let explained = Unreachable::explain(&status, &self.target, &self.security);
         match explained.await {
-            Some(unreachable) => RemoteError::Unreachable(Box::new(unreachable)),
+            Some(unreachable) => unreachable_status(unreachable),
             // A status with a source is the transport's, not the server's: the connection
             // broke (with TLS 1.3, how a server refusing the client's certificate shows).
             None if std::error::Error::source(&status).is_some()
                 && matches!(
                     status.code(),
-                    Code::Unknown | Code::Cancelled | Code::Internal
+                    Code::Unknown | Code::Cancelled | Code::Internal | Code::Unavailable
                 ) =>
             {
-                RemoteError::Status(Status::unavailable(status.message()))
+                Status::unavailable(format!(
+                    "the connection to {} broke: {}",
+                    self.target,
+                    status.message()
+                ))
             }
-            None => RemoteError::Status(status),
+            None => status,
         }
     }
 
-    /// Starts a Generate call; its messages then arrive from the stream.
-    pub async fn generate(
+    /// The client and `request` with the token if there is one; the call's answer, or its
+    /// failure explained. A peer that gives no answer within [`SILENT_AFTER`] is asked
+    /// whether it speaks HTTP/2 at all.
+    async fn call<T, R>(
+        &self,
+        mut request: Request<T>,
+        call: impl AsyncFnOnce(WeightInitClient<Channel>, Request<T>) -> Result<R, Status>,
+    ) -> Result<R, Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        let watch = async {
+            tokio::time::sleep(SILENT_AFTER).await;
+            match silent(&self.target).await {
+                Some(unreachable) => unreachable,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            result = call(self.client.clone(), request) => result,
+            unreachable = watch => return Err(unreachable_status(unreachable)),
+        };
+        match result {
+            Ok(response) => Ok(response),
+            Err(status) => Err(self.explain(status).await),
+        }
+    }
+
+    /// A request for `message` with what is left of the time until `deadline`.
+    fn request(message: GenerateRequest, deadline: Option<Instant>) -> Request<GenerateRequest> {
+        let mut request = Request::new(message);
+        if let Some(deadline) = deadline {
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        request
+    }
+
+    /// After failure `status`: waits and returns when another attempt is worth it, or else
+    /// returns the error.
+    async fn recover(
+        &self,
+        backoff: &mut Backoff,
+        status: Status,
+        progressed: bool,
+    ) -> Result<(), RemoteError> {
+        if !retry::is_transient(&status) {
+            return Err(RemoteError::Status(status));
+        }
+        let Some(wait) = backoff.next(progressed) else {
+            return Err(RemoteError::GaveUp {
+                attempts: backoff.failures(),
+                last: status,
+            });
+        };
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    /// The encoded DigestResponse of `message`, retried per `policy` after failures
+    /// [`retry::is_transient`] calls transient.
+    pub async fn digest_retried(
         &self,
         message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Result<Streaming<GenerateResponse>, RemoteError> {
-        let request = self.request(message, timeout);
-        self.answer(self.client.clone().generate(request).await)
+        deadline: Option<Instant>,
+        policy: RetryPolicy,
+    ) -> Result<Vec<u8>, RemoteError> {
+        let mut backoff = Backoff::new(policy);
+        loop {
+            let request = Self::request(message.clone(), deadline);
+            match WeightInit::digest(self, request).await {
+                Ok(response) => return Ok(response.into_inner().encode_to_vec()),
+                Err(status) => self.recover(&mut backoff, status, false).await?,
+            }
+        }
+    }
+
+    /// The encoded DescribeResponse of `message`, retried as [`Self::digest_retried`].
+    pub async fn describe_retried(
+        &self,
+        message: GenerateRequest,
+        deadline: Option<Instant>,
+        policy: RetryPolicy,
+    ) -> Result<Vec<u8>, RemoteError> {
+        let mut backoff = Backoff::new(policy);
+        loop {
+            let request = Self::request(message.clone(), deadline);
+            match WeightInit::describe(self, request).await {
+                Ok(response) => return Ok(response.into_inner().encode_to_vec()),
+                Err(status) => self.recover(&mut backoff, status, false).await?,
+            }
+        }
+    }
+
+    /// A Generate of `message` received into destinations of type `D`; see [`Generation`].
+    pub fn generation<D: AsMut<[u8]>>(
+        &self,
+        message: GenerateRequest,
+        deadline: Option<Instant>,
+        policy: RetryPolicy,
+    ) -> Generation<D> {
+        let names = message.tensors.iter().map(|t| t.name.clone()).collect();
+        Generation {
+            remote: self.clone(),
+            backoff: Backoff::new(policy),
+            message,
+            deadline,
+            receiver: Receiver::new(names),
+            stream: None,
+        }
+    }
+}
+
+fn unreachable_status(unreachable: Unreachable) -> Status {
+    let mut status = Status::unavailable(unreachable.to_string());
+    status.set_source(Arc::new(unreachable));
+    status
+}
+
+/// A client of the server at `endpoint`, tuned for streaming large tensors; it connects on
+/// first use and reconnects after a failure. Must be called within a tokio runtime.
+fn client(endpoint: Endpoint) -> WeightInitClient<Channel> {
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        // A peer that vanished without closing the connection is noticed within seconds.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // Windows as large as the server's keep a loopback or LAN stream from stalling.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+#[tonic::async_trait]
+impl WeightInit for Remote {
+    type GenerateStream = Streaming<GenerateResponse>;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        self.call(request, async |mut c, r| c.generate(r).await)
             .await
     }
 
-    /// The encoded DigestResponse of `message`.
-    pub async fn digest(
+    async fn describe(
         &self,
-        message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, RemoteError> {
-        let request = self.request(message, timeout);
-        let response = self.answer(self.client.clone().digest(request).await);
-        Ok(response.await?.encode_to_vec())
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        self.call(request, async |mut c, r| c.describe(r).await)
+            .await
     }
 
-    /// The encoded DescribeResponse of `message`.
-    pub async fn describe(
+    async fn digest(
         &self,
-        message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, RemoteError> {
-        let request = self.request(message, timeout);
-        let response = self.answer(self.client.clone().describe(request).await);
-        Ok(response.await?.encode_to_vec())
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        self.call(request, async |mut c, r| c.digest(r).await).await
     }
 
-    /// The message a call answered with, or its failure explained.
-    async fn answer<T>(&self, response: Result<Response<T>, Status>) -> Result<T, RemoteError> {
-        match response {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.failed(status).await),
+    async fn get_info(
+        &self,
+        request: Request<GetInfoRequest>,
+    ) -> Result<Response<ServerInfo>, Status> {
+        self.call(request, async |mut c, r| c.get_info(r).await)
+            .await
+    }
+}
+
+/// A Generate call received into the caller's destinations: when the stream breaks for a
+/// reason another attempt can cure, a Generate of the tensors not yet finished follows after
+/// a backoff, and the tensor that was arriving is received again from its start into the same
+/// destination. [`Self::next`] returns each header whose destination is wanted.
+pub struct Generation<D> {
+    remote: Remote,
+    backoff: Backoff,
+    message: GenerateRequest,
+    deadline: Option<Instant>,
+    receiver: Receiver<D>,
+    stream: Option<Streaming<GenerateResponse>>,
+}
+
+impl<D: AsMut<[u8]>> Generation<D> {
+    /// The next header to [`Self::open`] a destination for, or `None` once every tensor has
+    /// arrived and checked.
+    pub async fn next(&mut self) -> Result<Option<TensorHeader>, RemoteError> {
+        loop {
+            let before = self.receiver.progress();
+            let failure = match self.step().await {
+                Ok(Step::Header(header)) => return Ok(Some(header)),
+                Ok(Step::Done) => return Ok(None),
+                Err(Failure::Final(error)) => return Err(error),
+                Err(Failure::Status(status)) => status,
+            };
+            self.stream = None;
+            let progressed = self.receiver.progress() != before;
+            self.remote
+                .recover(&mut self.backoff, failure, progressed)
+                .await?;
+            self.receiver.restart();
         }
+    }
+
+    /// Messages until a header wants a destination, the stream ends or fails.
+    async fn step(&mut self) -> Result<Step, Failure> {
+        let stream = match &mut self.stream {
+            Some(stream) => stream,
+            None => {
+                let first = self.receiver.finished;
+                let message = GenerateRequest {
+                    tensors: self.message.tensors[first..].to_vec(),
+                    ..self.message.clone()
+                };
+                let request = Remote::request(message, self.deadline);
+                let response = WeightInit::generate(&self.remote, request).await;
+                self.stream.insert(response.map_err(Failure::Status)?.into_inner())
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    if let Some(header) = self.receiver.receive(response)? {
+                        return Ok(Step::Header(header));
+                    }
+                }
+                // Ended early: as a broken connection, which another attempt can cure.
+                Ok(None) if !self.receiver.complete() => {
+                    return Err(Failure::Status(Status::unavailable(format!(
+                        "the stream from {} ended after {} of {} tensors",
+                        self.remote.target,
+                        self.receiver.finished,
+                        self.receiver.names.len()
+                    ))));
+                }
+                Ok(None) => return Ok(Step::Done),
+                Err(status) => return Err(Failure::Status(self.remote.explain(status).await)),
+            }
+        }
+    }
+
+    /// Gives the destination of the header [`Self::next`] just returned: exactly its byte
+    /// length.
+    pub fn open(&mut self, destination: D) -> Result<(), IntegrityError> {
+        self.receiver.open(destination)
+    }
+}
+
+enum Step {
+    Header(TensorHeader),
+    Done,
+}
+
+/// A failed step: a failed call, retried when [`retry::is_transient`] says so, or an error
+/// that is final.
+enum Failure {
+    Status(Status),
+    Final(RemoteError),
+}
+
+impl From<IntegrityError> for Failure {
+    fn from(error: IntegrityError) -> Self {
+        Self::Final(error.into())
     }
 }
 
@@ -215,7 +413,11 @@ impl Remote {
 pub struct Receiver<D> {
     names: Vec<String>,
     finished: usize,
+    /// The index of the current stream's first tensor in `names`.
+    first: usize,
     current: Option<Receiving<D>>,
+    /// The destination of a tensor that broke off, for when it is received again.
+    kept: Option<D>,
 }
 
 #[derive(Debug)]
@@ -234,13 +436,34 @@ impl<D: AsMut<[u8]>> Receiver<D> {
         Self {
             names,
             finished: 0,
+            first: 0,
             current: None,
+            kept: None,
         }
+    }
+
+    /// Tensors finished, and bytes of the current one received.
+    fn progress(&self) -> (usize, u64) {
+        (self.finished, self.current.as_ref().map_or(0, |t| t.received))
+    }
+
+    /// For a new stream of the tensors not finished yet, after this one broke: the tensor
+    /// that was arriving keeps its destination and is received again from its start.
+    fn restart(&mut self) {
+        if let Some(tensor) = self.current.take() {
+            self.kept = tensor.destination;
+        }
+        self.first = self.finished;
+    }
+
+    /// Whether every tensor arrived.
+    fn complete(&self) -> bool {
+        self.current.is_none() && self.finished == self.names.len()
     }
 
     /// Takes the next message: a chunk is copied into place and hashed, an end checked. A
     /// header is returned, for the caller to [`Self::open`] its destination before the next
-    /// message.
+    /// message, unless the tensor is one received again (its destination is kept).
     pub fn receive(
         &mut self,
         response: GenerateResponse,
@@ -257,21 +480,28 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                 let Some(name) = self.names.get(index) else {
                     return Err(broken!("header of a tensor beyond the request's"));
                 };
-                if header.index as usize != index || &header.name != name {
+                let expected = index - self.first;
+                if header.index as usize != expected || &header.name != name {
                     return Err(broken!(
-                        "header for tensor {} {:?}, expected {index} {name:?}",
+                        "header for tensor {} {:?}, expected {expected} {name:?}",
                         header.index,
                         header.name
                     ));
                 }
-                *current = Some(Receiving {
+                let tensor = current.insert(Receiving {
                     name: name.clone(),
                     length: header.byte_length,
                     destination: None,
                     received: 0,
                     hasher: blake3::Hasher::new(),
                 });
-                Ok(Some(header))
+                match self.kept.take() {
+                    Some(kept) => {
+                        // Received again: the same tensor, into the destination it had.
+                        check_length(tensor, kept).map(|_| None)
+                    }
+                    None => Ok(Some(header)),
+                }
             }
             (None, _) => Err(broken!("empty GenerateResponse")),
             (Some(item), None) => {
@@ -351,23 +581,14 @@ impl<D: AsMut<[u8]>> Receiver<D> {
 
     /// Gives the destination of the tensor whose header [`Self::receive`] just returned:
     /// exactly its byte length.
-    pub fn open(&mut self, mut destination: D) -> Result<(), IntegrityError> {
+    pub fn open(&mut self, destination: D) -> Result<(), IntegrityError> {
         let tensor = self.current.as_mut().expect("open follows a header");
-        let actual = destination.as_mut().len();
-        if actual as u64 != tensor.length {
-            return Err(broken!(
-                "{:?}: destination of {actual} bytes for byte_length {}",
-                tensor.name,
-                tensor.length
-            ));
-        }
-        tensor.destination = Some(destination);
-        Ok(())
+        check_length(tensor, destination)
     }
 
     /// Checks, once the stream has ended, that every tensor arrived.
     pub fn finish(&self) -> Result<(), IntegrityError> {
-        if self.current.is_some() || self.finished != self.names.len() {
+        if !self.complete() {
             return Err(broken!(
                 "stream ended after {} of {} tensors",
                 self.finished,
@@ -376,6 +597,23 @@ impl<D: AsMut<[u8]>> Receiver<D> {
         }
         Ok(())
     }
+}
+
+/// Gives `tensor` its destination, which must be exactly its byte length.
+fn check_length<D: AsMut<[u8]>>(
+    tensor: &mut Receiving<D>,
+    mut destination: D,
+) -> Result<(), IntegrityError> {
+    let actual = destination.as_mut().len();
+    if actual as u64 != tensor.length {
+        return Err(broken!(
+            "{:?}: destination of {actual} bytes for byte_length {}",
+            tensor.name,
+            tensor.length
+        ));
+    }
+    tensor.destination = Some(destination);
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {
