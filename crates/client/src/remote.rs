@@ -198,10 +198,11 @@ impl Remote {
         Ok(())
     }
 
-    /// The encoded DigestResponse of `message`, retried per `policy` after failures
-    /// [`retry::is_transient`] calls transient.
-    pub async fn digest_retried(
+    /// The encoded response of unary call `which` for `message`, retried per `policy` after
+    /// failures [`retry::is_transient`] calls transient.
+    pub async fn unary_retried(
         &self,
+        which: Unary,
         message: GenerateRequest,
         deadline: Option<Instant>,
         policy: RetryPolicy,
@@ -209,25 +210,16 @@ impl Remote {
         let mut backoff = Backoff::new(policy);
         loop {
             let request = Self::request(message.clone(), deadline);
-            match WeightInit::digest(self, request).await {
-                Ok(response) => return Ok(response.into_inner().encode_to_vec()),
-                Err(status) => self.recover(&mut backoff, status, false).await?,
-            }
-        }
-    }
-
-    /// The encoded DescribeResponse of `message`, retried as [`Self::digest_retried`].
-    pub async fn describe_retried(
-        &self,
-        message: GenerateRequest,
-        deadline: Option<Instant>,
-        policy: RetryPolicy,
-    ) -> Result<Vec<u8>, RemoteError> {
-        let mut backoff = Backoff::new(policy);
-        loop {
-            let request = Self::request(message.clone(), deadline);
-            match WeightInit::describe(self, request).await {
-                Ok(response) => return Ok(response.into_inner().encode_to_vec()),
+            let answer = match which {
+                Unary::Digest => WeightInit::digest(self, request)
+                    .await
+                    .map(|r| r.into_inner().encode_to_vec()),
+                Unary::Describe => WeightInit::describe(self, request)
+                    .await
+                    .map(|r| r.into_inner().encode_to_vec()),
+            };
+            match answer {
+                Ok(encoded) => return Ok(encoded),
                 Err(status) => self.recover(&mut backoff, status, false).await?,
             }
         }
@@ -310,6 +302,13 @@ impl WeightInit for Remote {
     }
 }
 
+/// The unary calls that [`Remote::unary_retried`] makes.
+#[derive(Clone, Copy, Debug)]
+pub enum Unary {
+    Digest,
+    Describe,
+}
+
 /// A Generate call received into the caller's destinations: when the stream breaks for a
 /// reason another attempt can cure, a Generate of the tensors not yet finished follows after
 /// a backoff, and the tensor that was arriving is received again from its start into the same
@@ -356,7 +355,8 @@ impl<D: AsMut<[u8]>> Generation<D> {
                 };
                 let request = Remote::request(message, self.deadline);
                 let response = WeightInit::generate(&self.remote, request).await;
-                self.stream.insert(response.map_err(Failure::Status)?.into_inner())
+                self.stream
+                    .insert(response.map_err(Failure::Status)?.into_inner())
             }
         };
         loop {
@@ -444,7 +444,10 @@ impl<D: AsMut<[u8]>> Receiver<D> {
 
     /// Tensors finished, and bytes of the current one received.
     fn progress(&self) -> (usize, u64) {
-        (self.finished, self.current.as_ref().map_or(0, |t| t.received))
+        (
+            self.finished,
+            self.current.as_ref().map_or(0, |t| t.received),
+        )
     }
 
     /// For a new stream of the tensors not finished yet, after this one broke: the tensor
@@ -469,6 +472,8 @@ impl<D: AsMut<[u8]>> Receiver<D> {
         response: GenerateResponse,
     ) -> Result<Option<TensorHeader>, IntegrityError> {
         let index = self.finished;
+        // Indices in the stream count from the stream's own request's first tensor.
+        let expected = index - self.first;
         match (response.item, &mut self.current) {
             (Some(Item::Header(header)), current) => {
                 if let Some(open) = current {
@@ -480,7 +485,6 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                 let Some(name) = self.names.get(index) else {
                     return Err(broken!("header of a tensor beyond the request's"));
                 };
-                let expected = index - self.first;
                 if header.index as usize != expected || &header.name != name {
                     return Err(broken!(
                         "header for tensor {} {:?}, expected {expected} {name:?}",
@@ -513,7 +517,7 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                 Err(broken!("{what} outside a tensor (no header before it)"))
             }
             (Some(Item::Chunk(chunk)), Some(tensor)) => {
-                if chunk.tensor_index as usize != index {
+                if chunk.tensor_index as usize != expected {
                     return Err(broken!(
                         "chunk of tensor {} inside {:?}",
                         chunk.tensor_index,
@@ -547,7 +551,7 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                 Ok(None)
             }
             (Some(Item::End(end)), Some(tensor)) => {
-                if end.tensor_index as usize != index {
+                if end.tensor_index as usize != expected {
                     return Err(broken!(
                         "end of tensor {} inside {:?}",
                         end.tensor_index,
@@ -687,6 +691,31 @@ mod tests {
             end(0, b"abcdef"),
         ];
         assert_eq!(receive(stream).unwrap(), b"abcdef");
+    }
+
+    #[test]
+    fn a_restarted_stream_refills_the_tensor_that_broke_off_in_place() {
+        let mut first = vec![0u8; 2];
+        let mut second = vec![0u8; 6];
+        let mut receiver = Receiver::new(vec!["v".to_owned(), "w".to_owned()]);
+        let mut feed = |receiver: &mut Receiver<&mut [u8]>, response| receiver.receive(response);
+        assert!(feed(&mut receiver, header(0, "v", 2)).unwrap().is_some());
+        receiver.open(&mut first[..]).unwrap();
+        feed(&mut receiver, chunk(0, 0, b"ab")).unwrap();
+        feed(&mut receiver, end(0, b"ab")).unwrap();
+        assert!(feed(&mut receiver, header(1, "w", 6)).unwrap().is_some());
+        receiver.open(&mut second[..]).unwrap();
+        feed(&mut receiver, chunk(1, 0, b"XYZ")).unwrap();
+        let before = receiver.progress();
+        receiver.restart();
+        // The new stream's request starts at "w": its index 0, no second destination.
+        assert!(feed(&mut receiver, header(0, "w", 6)).unwrap().is_none());
+        feed(&mut receiver, chunk(0, 0, b"cdef")).unwrap();
+        feed(&mut receiver, chunk(0, 4, b"gh")).unwrap();
+        feed(&mut receiver, end(0, b"cdefgh")).unwrap();
+        assert!(receiver.progress() > before && receiver.complete());
+        drop(receiver);
+        assert_eq!((&first[..], &second[..]), (&b"ab"[..], &b"cdefgh"[..]));
     }
 
     #[test]

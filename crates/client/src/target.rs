@@ -91,7 +91,9 @@ impl Caller {
     fn give_identity(self) -> &'static str {
         match self {
             Self::Cli(_) => "--tls-cert and --tls-key",
-            Self::Python => "Security(tls_cert=..., tls_key=...) with the client's certificate and key",
+            Self::Python => {
+                "Security(tls_cert=..., tls_key=...) with the client's certificate and key"
+            }
         }
     }
 
@@ -102,7 +104,9 @@ impl Caller {
                 "without --tls-ca, --tls-cert, --tls-key and --tls-server-name (and their \
                  WEIGHTINIT_ variables)"
             }
-            Self::Python => "without tls_ca, tls_cert, tls_key and tls_server_name in Security(...)",
+            Self::Python => {
+                "without tls_ca, tls_cert, tls_key and tls_server_name in Security(...)"
+            }
         }
     }
 
@@ -179,7 +183,12 @@ impl Target {
                 ));
             }
         };
-        let not_an_address = || Refusal::new(field, format!("{addr:?} is not a server address; {}", usage()));
+        let not_an_address = || {
+            Refusal::new(
+                field,
+                format!("{addr:?} is not a server address; {}", usage()),
+            )
+        };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let authority: Authority = match rest.parse() {
             Ok(authority) if !rest.contains(['/', '@']) && !rest.is_empty() => authority,
@@ -188,7 +197,9 @@ impl Target {
         let host = authority.host().to_owned();
         let Some(port) = authority.port_u16().filter(|&port| port != 0) else {
             // Something after the host that is not a port number (the parser accepts "h:port").
-            if rest.len() > host.len() + 1 && !rest[host.len() + 1..].bytes().all(|b| b.is_ascii_digit()) {
+            if rest.len() > host.len() + 1
+                && !rest[host.len() + 1..].bytes().all(|b| b.is_ascii_digit())
+            {
                 return Err(not_an_address());
             }
             return Err(Refusal::new(
@@ -284,6 +295,10 @@ impl Unreachable {
             (true, Some(ca)) if !identity && asks_for_certificate(target, ca).await => {
                 Cause::ClientCertificate(AlertDescription::CertificateRequired)
             }
+            // With TLS 1.3 a server refuses a client's certificate after the handshake.
+            (true, Some(_)) if identity => {
+                Cause::ClientCertificate(refuses_certificate(target, security).await?)
+            }
             _ => return None,
         };
         Some(Self {
@@ -298,10 +313,7 @@ impl Unreachable {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.cause,
-            Cause::Refused
-                | Cause::UnknownHost(_)
-                | Cause::TimedOut
-                | Cause::NoRoute(_)
+            Cause::Refused | Cause::UnknownHost(_) | Cause::TimedOut | Cause::NoRoute(_)
         )
     }
 }
@@ -425,6 +437,52 @@ async fn asks_for_certificate(target: &Target, pem: &[u8]) -> bool {
     asked.0.load(Ordering::Relaxed)
 }
 
+/// The alert with which the TLS server at `target` refuses the client certificate of
+/// `security`, if it does: after a handshake with it, the server's first answer to the HTTP/2
+/// preface is that alert rather than HTTP/2.
+async fn refuses_certificate(target: &Target, security: &Security) -> Option<AlertDescription> {
+    use rustls::pki_types::ServerName;
+    use std::sync::Arc;
+
+    let (ca, cert, key) = (
+        security.tls_ca.as_ref()?,
+        security.tls_cert.as_ref()?,
+        security.tls_key.as_ref()?,
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(CertificateDer::pem_slice_iter(&ca.bytes).flatten());
+    let chain = CertificateDer::pem_slice_iter(&cert.bytes)
+        .flatten()
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(&key.bytes).ok()?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .ok()?;
+    let host = target.host.trim_start_matches('[').trim_end_matches(']');
+    let name = security.tls_server_name.as_deref().unwrap_or(host);
+    let name = ServerName::try_from(name.to_owned()).ok()?;
+    let ask = async {
+        let stream = tokio::net::TcpStream::connect((host, target.port)).await?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let mut stream = connector.connect(name, stream).await?;
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await?;
+        stream.read_exact(&mut [0u8; 1]).await
+    };
+    let Ok(Err(error)) = tokio::time::timeout(QUESTION_WAIT, ask).await else {
+        return None;
+    };
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(*alert),
+        _ => None,
+    }
+}
+
 /// What a server answers an HTTP/2 connection preface with.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
@@ -444,9 +502,11 @@ const QUESTION_WAIT: Duration = Duration::from_secs(2);
 /// The first bytes the server at `target` answers the HTTP/2 connection preface with.
 async fn answer(target: &Target) -> Answer {
     let host = target.host.trim_start_matches('[').trim_end_matches(']');
-    let Ok(Ok(mut stream)) =
-        tokio::time::timeout(QUESTION_WAIT, tokio::net::TcpStream::connect((host, target.port)))
-            .await
+    let Ok(Ok(mut stream)) = tokio::time::timeout(
+        QUESTION_WAIT,
+        tokio::net::TcpStream::connect((host, target.port)),
+    )
+    .await
     else {
         return Answer::Failed;
     };
@@ -554,7 +614,7 @@ impl fmt::Display for Unreachable {
             Cause::ClientCertificate(alert) => write!(
                 f,
                 "TLS at {url}: the server refused this client ({alert:?}): it wants a client \
-                 certificate signed by its --tls-client-ca; pass {}",
+                 certificate signed by its --tls-client-ca; pass one from that CA: {}",
                 caller.give_identity()
             ),
             Cause::Tls(error) => write!(
@@ -716,7 +776,8 @@ impl Security {
 
     /// An endpoint for `target` (from [`Self::target`]), with TLS configured as asked.
     pub fn endpoint(&self, target: &Target) -> Result<Endpoint, Refusal> {
-        let invalid = |error: &dyn StdError| Refusal::new(target.caller.server(), error.to_string());
+        let invalid =
+            |error: &dyn StdError| Refusal::new(target.caller.server(), error.to_string());
         let endpoint = Endpoint::from_shared(target.url.clone()).map_err(|e| invalid(&e))?;
         if !target.tls {
             return Ok(endpoint);
@@ -803,7 +864,10 @@ mod tests {
     fn what_to_write_instead() {
         for (addr, says) in [
             ("localhost", "no valid port; write --server localhost:50051"),
-            ("http://localhost", "no valid port; write --server localhost:50051"),
+            (
+                "http://localhost",
+                "no valid port; write --server localhost:50051",
+            ),
             ("https://h", "no valid port; write --server h:50051"),
             ("h:99999", "no valid port"),
             ("grpc://h:1", "grpc:// is not a scheme"),
@@ -819,7 +883,10 @@ mod tests {
         }
         let python = Target::parse("http://localhost", false, Caller::Python).unwrap_err();
         assert_eq!(python.field, "target");
-        assert!(python.message.contains("write 'localhost:50051'"), "{python}");
+        assert!(
+            python.message.contains("write 'localhost:50051'"),
+            "{python}"
+        );
     }
 
     #[test]
@@ -836,23 +903,46 @@ mod tests {
             ..Default::default()
         };
         let refused = cert_only.target("h:1", Caller::Python).unwrap_err();
-        assert_eq!(refused.to_string(), "tls_key: tls_cert and tls_key go together: the client's certificate and its key");
+        assert_eq!(
+            refused.to_string(),
+            "tls_key: tls_cert and tls_key go together: the client's certificate and its key"
+        );
         let refused = cert_only.target("h:1", CLI).unwrap_err();
-        assert!(refused.to_string().starts_with("--tls-key: --tls-cert and --tls-key go together"), "{refused}");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("--tls-key: --tls-cert and --tls-key go together"),
+            "{refused}"
+        );
         let not_pem = Security {
             tls_ca: given(b"not a PEM"),
             ..Default::default()
         };
         let refused = not_pem.target("h:1", Caller::Python).unwrap_err();
-        assert_eq!(refused.to_string(), "tls_ca: no PEM certificate in the bytes given");
+        assert_eq!(
+            refused.to_string(),
+            "tls_ca: no PEM certificate in the bytes given"
+        );
         let spaced = Security {
             token: given(b" two words\n"),
             ..Default::default()
         };
         let refused = spaced.target("h:1", Caller::Python).unwrap_err();
-        assert!(refused.to_string().starts_with("token: the token must be 1 to 4096 visible ASCII"), "{refused}");
-        let https = Security::default().target("https://h:1", Caller::Python).unwrap_err();
-        assert!(https.to_string().contains("needs security=Security(tls_ca=...)"), "{https}");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("token: the token must be 1 to 4096 visible ASCII"),
+            "{refused}"
+        );
+        let https = Security::default()
+            .target("https://h:1", Caller::Python)
+            .unwrap_err();
+        assert!(
+            https
+                .to_string()
+                .contains("needs security=Security(tls_ca=...)"),
+            "{https}"
+        );
     }
 
     #[test]
@@ -887,7 +977,7 @@ mod tests {
             target: tls,
             cause: Cause::ClientCertificate(AlertDescription::CertificateRequired),
         };
-        assert!(mtls.to_string().ends_with("pass Security(tls_cert=..., tls_key=...) with the client's certificate and key"), "{mtls}");
+        assert!(mtls.to_string().ends_with("pass one from that CA: Security(tls_cert=..., tls_key=...) with the client's certificate and key"), "{mtls}");
 
         let other = io::Error::other("connection reset");
         assert!(Unreachable::diagnose(&other, &target).is_none());

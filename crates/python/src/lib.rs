@@ -17,7 +17,7 @@ use pyo3::types::PyBytes;
 use tokio::runtime::Runtime;
 use tonic::{Code, Status};
 use weightinit_client::local::{LocalError, LocalPlan};
-use weightinit_client::remote::{self, RemoteError};
+use weightinit_client::remote::{self, RemoteError, Unary};
 use weightinit_client::retry::RetryPolicy;
 use weightinit_client::target::{Caller, Given, Security};
 use weightinit_engine::RequestError;
@@ -26,11 +26,11 @@ use weightinit_service::proto::GenerateRequest;
 #[pymodule]
 mod _native {
     #[pymodule_export]
+    use super::Failure;
+    #[pymodule_export]
     use super::Plan;
     #[pymodule_export]
     use super::Remote;
-    #[pymodule_export]
-    use super::Failure;
 }
 
 /// A validated request (an encoded GenerateRequest), planned once.
@@ -63,15 +63,12 @@ impl Plan {
             // writable bytes that stay alive and are not moved while the call runs.
             unsafe { std::slice::from_raw_parts_mut(address as *mut u8, length) }
         };
-        py.detach(|| self.0.fill(index, out))
-            .map_err(local_failure)
+        py.detach(|| self.0.fill(index, out)).map_err(local_failure)
     }
 
     /// Tensor `index`'s BLAKE3 digest (32 bytes), computed as a server's Digest does.
     fn digest<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let hash = py
-            .detach(|| self.0.digest(index))
-            .map_err(local_failure)?;
+        let hash = py.detach(|| self.0.digest(index)).map_err(local_failure)?;
         Ok(PyBytes::new(py, hash.as_bytes()))
     }
 }
@@ -263,10 +260,7 @@ impl Remote {
         request: &[u8],
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let request = decode(request)?;
-        let deadline = deadline(timeout);
-        let call = self.0.digest_retried(request, deadline, self.1);
-        Ok(PyBytes::new(py, &wait(py, deadline, &self.0, call)?))
+        self.unary(py, Unary::Digest, request, timeout)
     }
 
     /// The encoded DescribeResponse of an encoded GenerateRequest.
@@ -276,9 +270,21 @@ impl Remote {
         request: &[u8],
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        self.unary(py, Unary::Describe, request, timeout)
+    }
+}
+
+impl Remote {
+    fn unary<'py>(
+        &self,
+        py: Python<'py>,
+        which: Unary,
+        request: &[u8],
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let request = decode(request)?;
         let deadline = deadline(timeout);
-        let call = self.0.describe_retried(request, deadline, self.1);
+        let call = self.0.unary_retried(which, request, deadline, self.1);
         Ok(PyBytes::new(py, &wait(py, deadline, &self.0, call)?))
     }
 }
