@@ -235,7 +235,7 @@ def test_token_with_mutual_tls(call, pki, locked_target):
     assert call(REQUEST, locked_target, timeout=TIMEOUT, security=_mtls(pki, token=TOKEN))
     _refused(call, locked_target, _mtls(pki), grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
     tls_only = Security(tls_ca=pki.ca_pem, token=TOKEN)
-    says = "pass Security(tls_cert=..., tls_key=...)"
+    says = "pass one from that CA: Security(tls_cert=..., tls_key=...)"
     _refused(call, locked_target, tls_only, UNAVAILABLE, says, "client_certificate")
 
 

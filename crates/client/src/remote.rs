@@ -1,12 +1,14 @@
 //! One server over gRPC, for the command line and the Python package alike: [`Remote`], a
 //! client built from PEM bytes and a token ([`Security`]) whose failures are explained (the
 //! address, the cause and the fix, in the caller's words); calls retried with backoff after
-//! failures another attempt can cure ([`retry`]); and [`Receiver`], which checks a Generate
-//! stream and copies each chunk once into the caller's destination of its tensor.
+//! failures another attempt can cure ([`retry`]); [`StreamCheck`], which checks a Generate
+//! stream (for `fetch` too), and [`Receiver`], which copies each chunk once into the caller's
+//! destination of its tensor.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use prost::Message;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -14,13 +16,12 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::StatusExt;
 
 use crate::retry::{self, Backoff, RetryPolicy};
-use crate::source::unreachable;
+use crate::source::{GenerateStream, Server, unreachable};
 use crate::target::{Caller, Refusal, Security, Target, Unreachable, silent};
-use weightinit_service::proto::weight_init_client::WeightInitClient;
-use weightinit_service::proto::weight_init_server::WeightInit;
-use weightinit_service::proto::{
-    DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
-    ServerInfo, TensorHeader, generate_response::Item,
+use weightinit_proto::weight_init_client::WeightInitClient;
+use weightinit_proto::{
+    DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, TensorHeader,
+    generate_response::Item,
 };
 
 /// Largest message accepted from a server: chunks are at most 1 MiB unless a server raises
@@ -76,15 +77,20 @@ impl RemoteError {
 
 /// A Generate stream that broke the protocol, or a tensor whose bytes do not match its digest.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct IntegrityError(String);
+pub enum IntegrityError {
+    /// Messages out of order, sizes that disagree.
+    #[error("the server broke the protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Digest(#[from] VerifyError),
+}
 
 macro_rules! broken {
-    ($($arg:tt)*) => { IntegrityError(format!($($arg)*)) };
+    ($($arg:tt)*) => { IntegrityError::Protocol(format!($($arg)*)) };
 }
 
 /// One server, over one channel reused by every call; it connects on first use and
-/// reconnects after a failure. Its [`WeightInit`] calls explain connection failures.
+/// reconnects after a failure. Its [`Server`] calls explain connection failures.
 #[derive(Clone, Debug)]
 pub struct Remote {
     client: WeightInitClient<Channel>,
@@ -168,6 +174,16 @@ impl Remote {
         }
     }
 
+    /// A Generate stream as tonic gives it.
+    async fn stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Streaming<GenerateResponse>, Status> {
+        self.call(request, async |mut c, r| c.generate(r).await)
+            .await
+            .map(Response::into_inner)
+    }
+
     /// A request for `message` with what is left of the time until `deadline`.
     fn request(message: GenerateRequest, deadline: Option<Instant>) -> Request<GenerateRequest> {
         let mut request = Request::new(message);
@@ -211,10 +227,10 @@ impl Remote {
         loop {
             let request = Self::request(message.clone(), deadline);
             let answer = match which {
-                Unary::Digest => WeightInit::digest(self, request)
+                Unary::Digest => Server::digest(self, request)
                     .await
                     .map(|r| r.into_inner().encode_to_vec()),
-                Unary::Describe => WeightInit::describe(self, request)
+                Unary::Describe => Server::describe(self, request)
                     .await
                     .map(|r| r.into_inner().encode_to_vec()),
             };
@@ -267,15 +283,13 @@ fn client(endpoint: Endpoint) -> WeightInitClient<Channel> {
 }
 
 #[tonic::async_trait]
-impl WeightInit for Remote {
-    type GenerateStream = Streaming<GenerateResponse>;
-
+impl Server for Remote {
     async fn generate(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
-        self.call(request, async |mut c, r| c.generate(r).await)
-            .await
+    ) -> Result<Response<GenerateStream>, Status> {
+        let stream = self.stream(request).await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn describe(
@@ -291,14 +305,6 @@ impl WeightInit for Remote {
         request: Request<GenerateRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
         self.call(request, async |mut c, r| c.digest(r).await).await
-    }
-
-    async fn get_info(
-        &self,
-        request: Request<GetInfoRequest>,
-    ) -> Result<Response<ServerInfo>, Status> {
-        self.call(request, async |mut c, r| c.get_info(r).await)
-            .await
     }
 }
 
@@ -348,15 +354,14 @@ impl<D: AsMut<[u8]>> Generation<D> {
         let stream = match &mut self.stream {
             Some(stream) => stream,
             None => {
-                let first = self.receiver.finished;
+                let first = self.receiver.finished();
                 let message = GenerateRequest {
                     tensors: self.message.tensors[first..].to_vec(),
                     ..self.message.clone()
                 };
                 let request = Remote::request(message, self.deadline);
-                let response = WeightInit::generate(&self.remote, request).await;
-                self.stream
-                    .insert(response.map_err(Failure::Status)?.into_inner())
+                let stream = self.remote.stream(request).await;
+                self.stream.insert(stream.map_err(Failure::Status)?)
             }
         };
         loop {
@@ -371,7 +376,7 @@ impl<D: AsMut<[u8]>> Generation<D> {
                     return Err(Failure::Status(Status::unavailable(format!(
                         "the stream from {} ended after {} of {} tensors",
                         self.remote.target,
-                        self.receiver.finished,
+                        self.receiver.finished(),
                         self.receiver.names.len()
                     ))));
                 }
@@ -406,74 +411,62 @@ impl From<IntegrityError> for Failure {
     }
 }
 
-/// Assembles a Generate stream's tensors into destinations of type `D`, checking that tensors
-/// arrive in request order, that each tensor's chunks are contiguous and add up to its byte
-/// length, and that the BLAKE3 digest of its bytes equals the one in its TensorEnd.
+/// Checks a Generate stream against the protocol, for `fetch` and the Python package alike:
+/// tensors in the order asked for, each a header, then chunks contiguous from offset 0 that
+/// add up to its byte length, then an end whose length and BLAKE3 digest match the bytes that
+/// came in this stream.
 #[derive(Debug)]
-pub struct Receiver<D> {
+pub struct StreamCheck {
     names: Vec<String>,
-    finished: usize,
-    /// The index of the current stream's first tensor in `names`.
-    first: usize,
-    current: Option<Receiving<D>>,
-    /// The destination of a tensor that broke off, for when it is received again.
-    kept: Option<D>,
+    /// Tensors whose end has come.
+    ended: usize,
+    current: Option<Checking>,
 }
 
 #[derive(Debug)]
-struct Receiving<D> {
+struct Checking {
     name: String,
     length: u64,
-    /// None until [`Receiver::open`] gives the header's destination.
-    destination: Option<D>,
     received: u64,
     hasher: blake3::Hasher,
 }
 
-impl<D: AsMut<[u8]>> Receiver<D> {
-    /// A receiver of the tensors named `names`, in this order.
+/// What a checked message brings.
+#[derive(Debug)]
+pub enum Checked {
+    Header(TensorHeader),
+    /// Bytes of the current tensor, at `offset` of what this stream sends of it.
+    Data {
+        offset: u64,
+        data: Bytes,
+    },
+    /// The current tensor's end: its bytes are all there and hash to its digest.
+    End,
+}
+
+impl StreamCheck {
+    /// A check of a stream of the tensors named `names`, in this order.
     pub fn new(names: Vec<String>) -> Self {
         Self {
             names,
-            finished: 0,
-            first: 0,
+            ended: 0,
             current: None,
-            kept: None,
         }
     }
 
-    /// Tensors finished, and bytes of the current one received.
-    fn progress(&self) -> (usize, u64) {
-        (
-            self.finished,
-            self.current.as_ref().map_or(0, |t| t.received),
-        )
+    /// Tensors whose end has come.
+    pub fn ended(&self) -> usize {
+        self.ended
     }
 
-    /// For a new stream of the tensors not finished yet, after this one broke: the tensor
-    /// that was arriving keeps its destination and is received again from its start.
-    fn restart(&mut self) {
-        if let Some(tensor) = self.current.take() {
-            self.kept = tensor.destination;
-        }
-        self.first = self.finished;
+    /// Whether every tensor's end has come.
+    pub fn complete(&self) -> bool {
+        self.current.is_none() && self.ended == self.names.len()
     }
 
-    /// Whether every tensor arrived.
-    fn complete(&self) -> bool {
-        self.current.is_none() && self.finished == self.names.len()
-    }
-
-    /// Takes the next message: a chunk is copied into place and hashed, an end checked. A
-    /// header is returned, for the caller to [`Self::open`] its destination before the next
-    /// message, unless the tensor is one received again (its destination is kept).
-    pub fn receive(
-        &mut self,
-        response: GenerateResponse,
-    ) -> Result<Option<TensorHeader>, IntegrityError> {
-        let index = self.finished;
-        // Indices in the stream count from the stream's own request's first tensor.
-        let expected = index - self.first;
+    /// The next message, checked.
+    pub fn check(&mut self, response: GenerateResponse) -> Result<Checked, IntegrityError> {
+        let index = self.ended;
         match (response.item, &mut self.current) {
             (Some(Item::Header(header)), current) => {
                 if let Some(open) = current {
@@ -485,27 +478,20 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                 let Some(name) = self.names.get(index) else {
                     return Err(broken!("header of a tensor beyond the request's"));
                 };
-                if header.index as usize != expected || &header.name != name {
+                if header.index as usize != index || &header.name != name {
                     return Err(broken!(
-                        "header for tensor {} {:?}, expected {expected} {name:?}",
+                        "header for tensor {} {:?}, expected {index} {name:?}",
                         header.index,
                         header.name
                     ));
                 }
-                let tensor = current.insert(Receiving {
+                *current = Some(Checking {
                     name: name.clone(),
                     length: header.byte_length,
-                    destination: None,
                     received: 0,
                     hasher: blake3::Hasher::new(),
                 });
-                match self.kept.take() {
-                    Some(kept) => {
-                        // Received again: the same tensor, into the destination it had.
-                        check_length(tensor, kept).map(|_| None)
-                    }
-                    None => Ok(Some(header)),
-                }
+                Ok(Checked::Header(header))
             }
             (None, _) => Err(broken!("empty GenerateResponse")),
             (Some(item), None) => {
@@ -517,7 +503,7 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                 Err(broken!("{what} outside a tensor (no header before it)"))
             }
             (Some(Item::Chunk(chunk)), Some(tensor)) => {
-                if chunk.tensor_index as usize != expected {
+                if chunk.tensor_index as usize != index {
                     return Err(broken!(
                         "chunk of tensor {} inside {:?}",
                         chunk.tensor_index,
@@ -540,18 +526,15 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                         tensor.length
                     ));
                 }
-                let destination = tensor
-                    .destination
-                    .as_mut()
-                    .expect("Receiver::open follows every header")
-                    .as_mut();
-                destination[tensor.received as usize..stop as usize].copy_from_slice(&chunk.data);
                 tensor.hasher.update(&chunk.data);
                 tensor.received = stop;
-                Ok(None)
+                Ok(Checked::Data {
+                    offset: chunk.offset,
+                    data: chunk.data,
+                })
             }
             (Some(Item::End(end)), Some(tensor)) => {
-                if end.tensor_index as usize != expected {
+                if end.tensor_index as usize != index {
                     return Err(broken!(
                         "end of tensor {} inside {:?}",
                         end.tensor_index,
@@ -567,27 +550,17 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                         tensor.length
                     ));
                 }
-                let digest = tensor.hasher.finalize();
-                if digest.as_bytes().as_slice() != end.blake3.as_slice() {
-                    return Err(broken!(
-                        "{:?}: BLAKE3 of the received bytes is {}, the server's is {}",
-                        tensor.name,
-                        digest.to_hex(),
-                        hex(&end.blake3)
-                    ));
-                }
+                verify(
+                    &tensor.name,
+                    "TensorEnd",
+                    &tensor.hasher.finalize(),
+                    &end.blake3,
+                )?;
                 self.current = None;
-                self.finished += 1;
-                Ok(None)
+                self.ended += 1;
+                Ok(Checked::End)
             }
         }
-    }
-
-    /// Gives the destination of the tensor whose header [`Self::receive`] just returned:
-    /// exactly its byte length.
-    pub fn open(&mut self, destination: D) -> Result<(), IntegrityError> {
-        let tensor = self.current.as_mut().expect("open follows a header");
-        check_length(tensor, destination)
     }
 
     /// Checks, once the stream has ended, that every tensor arrived.
@@ -595,7 +568,7 @@ impl<D: AsMut<[u8]>> Receiver<D> {
         if !self.complete() {
             return Err(broken!(
                 "stream ended after {} of {} tensors",
-                self.finished,
+                self.ended,
                 self.names.len()
             ));
         }
@@ -603,21 +576,140 @@ impl<D: AsMut<[u8]>> Receiver<D> {
     }
 }
 
-/// Gives `tensor` its destination, which must be exactly its byte length.
-fn check_length<D: AsMut<[u8]>>(
-    tensor: &mut Receiving<D>,
-    mut destination: D,
-) -> Result<(), IntegrityError> {
-    let actual = destination.as_mut().len();
-    if actual as u64 != tensor.length {
-        return Err(broken!(
-            "{:?}: destination of {actual} bytes for byte_length {}",
-            tensor.name,
-            tensor.length
-        ));
+/// Bytes received that do not hash to what the server says they are.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "tensor {tensor:?}: the bytes received hash to BLAKE3 {computed}, the server's {against} \
+     says {sent}"
+)]
+pub struct VerifyError {
+    pub tensor: String,
+    /// What the server's digest came in: "TensorEnd" or "Digest".
+    pub against: &'static str,
+    pub computed: String,
+    pub sent: String,
+}
+
+/// Checks a digest computed here against the one the server sent in `against`.
+pub fn verify(
+    tensor: &str,
+    against: &'static str,
+    computed: &blake3::Hash,
+    sent: &[u8],
+) -> Result<(), VerifyError> {
+    if computed.as_bytes().as_slice() == sent {
+        return Ok(());
     }
-    tensor.destination = Some(destination);
-    Ok(())
+    Err(VerifyError {
+        tensor: tensor.to_owned(),
+        against,
+        computed: computed.to_hex().to_string(),
+        sent: hex(sent),
+    })
+}
+
+/// Puts a Generate stream's tensors, checked by [`StreamCheck`], into destinations of type
+/// `D`, each chunk copied once into place. After a broken stream, [`Self::restart`] readies it
+/// for a new stream of the tensors not finished yet.
+#[derive(Debug)]
+pub struct Receiver<D> {
+    names: Vec<String>,
+    /// Tensors finished before the current stream began.
+    first: usize,
+    check: StreamCheck,
+    /// The current tensor's, once opened.
+    destination: Option<D>,
+    /// The destination of a tensor that broke off, for when it is received again.
+    kept: Option<D>,
+}
+
+impl<D: AsMut<[u8]>> Receiver<D> {
+    /// A receiver of the tensors named `names`, in this order.
+    pub fn new(names: Vec<String>) -> Self {
+        Self {
+            check: StreamCheck::new(names.clone()),
+            names,
+            first: 0,
+            destination: None,
+            kept: None,
+        }
+    }
+
+    /// Tensors finished.
+    fn finished(&self) -> usize {
+        self.first + self.check.ended()
+    }
+
+    /// Tensors finished, and bytes of the current one received.
+    fn progress(&self) -> (usize, u64) {
+        let received = self.check.current.as_ref().map_or(0, |t| t.received);
+        (self.finished(), received)
+    }
+
+    /// For a new stream of the tensors not finished yet, after this one broke: the tensor
+    /// that was arriving keeps its destination and is received again from its start.
+    fn restart(&mut self) {
+        if self.check.current.is_some() {
+            self.kept = self.destination.take();
+        }
+        self.first = self.finished();
+        self.check = StreamCheck::new(self.names[self.first..].to_vec());
+    }
+
+    /// Whether every tensor arrived.
+    fn complete(&self) -> bool {
+        self.check.complete()
+    }
+
+    /// Takes the next message: a chunk is copied into place, an end checked. A header is
+    /// returned, for the caller to [`Self::open`] its destination before the next message,
+    /// unless the tensor is one received again (its destination is kept).
+    pub fn receive(
+        &mut self,
+        response: GenerateResponse,
+    ) -> Result<Option<TensorHeader>, IntegrityError> {
+        match self.check.check(response)? {
+            Checked::Header(header) => match self.kept.take() {
+                Some(kept) => self.open(kept).map(|()| None),
+                None => Ok(Some(header)),
+            },
+            Checked::Data { offset, data } => {
+                let destination = self
+                    .destination
+                    .as_mut()
+                    .expect("Receiver::open follows every header")
+                    .as_mut();
+                let start = offset as usize;
+                destination[start..start + data.len()].copy_from_slice(&data);
+                Ok(None)
+            }
+            Checked::End => {
+                self.destination = None;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Gives the destination of the tensor whose header [`Self::receive`] just returned:
+    /// exactly its byte length.
+    pub fn open(&mut self, mut destination: D) -> Result<(), IntegrityError> {
+        let tensor = self.check.current.as_ref().expect("open follows a header");
+        let actual = destination.as_mut().len();
+        if actual as u64 != tensor.length {
+            return Err(broken!(
+                "{:?}: destination of {actual} bytes for byte_length {}",
+                tensor.name,
+                tensor.length
+            ));
+        }
+        self.destination = Some(destination);
+        Ok(())
+    }
+
+    /// Checks, once the stream has ended, that every tensor arrived.
+    pub fn finish(&self) -> Result<(), IntegrityError> {
+        self.check.finish()
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -627,7 +719,7 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weightinit_service::proto::{Chunk, TensorEnd};
+    use weightinit_proto::{Chunk, TensorEnd};
 
     fn header(index: u32, name: &str, byte_length: u64) -> GenerateResponse {
         let header = TensorHeader {

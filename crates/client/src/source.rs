@@ -1,8 +1,5 @@
 //! Where the client commands get their tensors: a request file (with command-line overrides)
-//! and a server, remote over gRPC or the service itself in this process (`--local`).
-//!
-//! Both kinds of server are seen through the generated `WeightInit` trait, so `fetch` and
-//! `describe` run the very same code against either, and tests can wrap one to misbehave.
+//! and a [`Server`], remote over gRPC or the engine in this process (`--local`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -11,14 +8,11 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::local::LocalServer;
 use super::remote::Remote;
 use super::target::{Caller, ClientSecurity, Refusal, Unreachable};
-use weightinit_engine::Limits;
-use weightinit_service::handler::Handler;
-use weightinit_service::proto::weight_init_server::WeightInit;
-use weightinit_service::proto::{
-    self, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
-    ServerInfo,
+use weightinit_proto::{
+    self as proto, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse,
 };
 
 /// The request and the server: flags shared by `fetch` and `describe`.
@@ -32,8 +26,9 @@ pub struct SourceArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
-    /// Generate in this process instead of asking a server (offline use, or to check one);
-    /// --server is then ignored.
+    /// Generate in this process instead of asking a server (offline use, or to check one):
+    /// the engine on all cores, as the Python package's target "local"; --server is then
+    /// ignored.
     #[arg(long)]
     pub local: bool,
     /// GenerateRequest in proto3 JSON, as grpcurl -d takes it; "-" reads stdin.
@@ -100,12 +95,17 @@ impl SourceArgs {
         Ok(request)
     }
 
-    pub fn source(&self) -> Result<Source, SourceError> {
+    /// The server asked: [`LocalServer`] with --local, else the one at --server.
+    pub fn source(&self) -> Result<Box<dyn Server>, SourceError> {
         if self.local {
-            Ok(Source::local())
-        } else {
-            Ok(Source::remote(&self.server, &self.security)?)
+            return Ok(Box::new(LocalServer));
         }
+        let security = self.security.read()?;
+        Ok(Box::new(Remote::new(
+            &self.server,
+            security,
+            Caller::Cli("--server"),
+        )?))
     }
 }
 
@@ -126,80 +126,29 @@ fn read_request(path: &Path) -> Result<GenerateRequest, SourceError> {
     })
 }
 
-/// A server: over gRPC, or the service's own handler running in this process.
-pub enum Source {
-    Remote(Box<Remote>),
-    Local(Handler),
-}
-
-impl Source {
-    /// A server at `url` (given by --server), reached as `security` says; connects on first
-    /// use and reconnects after a failure.
-    pub fn remote(url: &str, security: &ClientSecurity) -> Result<Self, Refusal> {
-        let remote = Remote::new(url, security.read()?, Caller::Cli("--server"))?;
-        Ok(Self::Remote(Box::new(remote)))
-    }
-
-    /// The service in this process, with the default limits and a worker per core.
-    pub fn local() -> Self {
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::Local(Handler::in_process(Limits::default(), workers))
-    }
-}
-
-/// The messages of one Generate stream, whichever server sends them.
-pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
-
+/// A server as `fetch` and `describe` see it: remote over gRPC ([`Remote`]), or the engine in
+/// this process ([`LocalServer`]), so that both run the very same code against either, and
+/// tests can wrap one to misbehave. The calls and answers are those of the gRPC service.
 #[tonic::async_trait]
-impl WeightInit for Source {
-    type GenerateStream = GenerateStream;
-
+pub trait Server: Send + Sync {
     async fn generate(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<GenerateStream>, Status> {
-        Ok(match self {
-            Self::Remote(remote) => remote
-                .generate(request)
-                .await?
-                .map(|s| Box::pin(s) as GenerateStream),
-            Self::Local(handler) => handler
-                .generate(request)
-                .await?
-                .map(|s| Box::pin(s) as GenerateStream),
-        })
-    }
+    ) -> Result<Response<GenerateStream>, Status>;
 
     async fn describe(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<DescribeResponse>, Status> {
-        match self {
-            Self::Remote(remote) => remote.describe(request).await,
-            Self::Local(handler) => handler.describe(request).await,
-        }
-    }
+    ) -> Result<Response<DescribeResponse>, Status>;
 
     async fn digest(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<DigestResponse>, Status> {
-        match self {
-            Self::Remote(remote) => remote.digest(request).await,
-            Self::Local(handler) => handler.digest(request).await,
-        }
-    }
-
-    async fn get_info(
-        &self,
-        request: Request<GetInfoRequest>,
-    ) -> Result<Response<ServerInfo>, Status> {
-        match self {
-            Self::Remote(remote) => remote.get_info(request).await,
-            Self::Local(handler) => handler.get_info(request).await,
-        }
-    }
+    ) -> Result<Response<DigestResponse>, Status>;
 }
+
+/// The messages of one Generate stream, whichever server sends them.
+pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 /// A status as a person reads it: the code and the server's message, without the metadata;
 /// a connection failure's explanation alone.

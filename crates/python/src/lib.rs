@@ -21,7 +21,7 @@ use weightinit_client::remote::{self, RemoteError, Unary};
 use weightinit_client::retry::RetryPolicy;
 use weightinit_client::target::{Caller, Given, Security};
 use weightinit_engine::RequestError;
-use weightinit_service::proto::GenerateRequest;
+use weightinit_proto::GenerateRequest;
 
 #[pymodule]
 mod _native {

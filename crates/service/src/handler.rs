@@ -221,14 +221,6 @@ impl Handler {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
     }
-
-    /// The service for use in this process, without a server around it (the client's
-    /// `--local`): `workers` threads; a few streams at once, since an abandoned stream may
-    /// still hold its slot for a moment while the next starts; and no idle limit, which
-    /// guards a server against remote clients, while here the only reader is this process.
-    pub fn in_process(limits: Limits, workers: usize) -> Self {
-        Self::new(Arc::new(Shared::new(limits, workers, 8, Duration::ZERO)))
-    }
 }
 
 #[tonic::async_trait]
