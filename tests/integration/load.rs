@@ -178,7 +178,7 @@ async fn run_load(url: &str, clients: usize, duration: Duration) -> (Tally, Dura
                 let pick = rng.random_range(..mix.len());
                 let (message, expected) = (&mix[pick], &expected[pick]);
                 let started = Instant::now();
-                let result = match rng.random_range(..10) {
+                let result = match rng.random_range(..10u32) {
                     0 => client
                         .digest(message.clone())
                         .await
