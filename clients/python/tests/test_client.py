@@ -63,7 +63,9 @@ def test_the_default_deadline_ends_a_call_to_a_server_that_never_answers():
         ):
             client.digest(REQUEST)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert raised.value.details() == f"the call to http://{address} did not finish within its timeout"
+    assert (
+        raised.value.details() == f"the call to http://{address} did not finish within its timeout"
+    )
     assert client_module.DEFAULT_TIMEOUT is not None
 
 
@@ -73,7 +75,7 @@ def test_client_arguments_are_checked(timeout):
         weightinit.Client("127.0.0.1:1", timeout=timeout)
     with pytest.raises(ValueError, match="retries: must be an int >= 0"):
         weightinit.Client("127.0.0.1:1", retries=-1)
-    with pytest.raises(weightinit.InvalidOption, match="^target: \"\" is not a server address"):
+    with pytest.raises(weightinit.InvalidOption, match='^target: "" is not a server address'):
         weightinit.Client("")
 
 
@@ -121,9 +123,7 @@ def test_describe_and_digest_answers_that_would_pass_4_mib_are_refused(call, ten
     naming the field and what to do; one tensor less fits for Digest."""
     request = {
         "seed": 1,
-        "tensors": [
-            {"name": f"t{i}", "shape": [2], "init": {"zeros": {}}} for i in range(tensors)
-        ],
+        "tensors": [{"name": f"t{i}", "shape": [2], "init": {"zeros": {}}} for i in range(tensors)],
     }
     with pytest.raises(weightinit.RequestRefused) as raised:
         call(request, target, timeout=60)

@@ -15,7 +15,8 @@ from conftest import serve
 from test_security import _ca, _leaf
 
 import weightinit
-from weightinit import Security, client as client_module
+from weightinit import Security
+from weightinit import client as client_module
 from weightinit.errors import InvalidOption, RequestRefused, ServerUnreachable
 
 TIMEOUT = 30
@@ -164,9 +165,7 @@ def test_server_refusals_name_the_field(target):
 # Big enough that the stream is still running when the second tensor's header arrives.
 LARGE = {
     "seed": 8,
-    "tensors": [
-        {"name": f"t{i}", "shape": [1024, 2048], "init": {"normal": {}}} for i in range(4)
-    ],
+    "tensors": [{"name": f"t{i}", "shape": [1024, 2048], "init": {"normal": {}}} for i in range(4)],
 }
 
 

@@ -35,6 +35,8 @@ _KINDS = {
     "tls_server_name": (str,),
     "token_file": (str, os.PathLike),
 }
+
+
 @dataclass(frozen=True)
 class Security:
     """TLS, mutual TLS and bearer-token options of a connection; the default is plaintext.
