@@ -113,15 +113,28 @@ impl LocalPlan {
             let size = tensor.dtype.size();
             let chunk_step = (self.plan.chunk_bytes / size).max(1) * size;
             let job = STREAM_JOB_BYTES.next_multiple_of(job_bytes(tensor)) as u64;
-            let mut hasher = blake3::Hasher::new();
+            let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
             for offset in (0..total).step_by(job as usize) {
                 let mut data = vec![0u8; (total - offset).min(job) as usize];
-                if let Err(error) = fill_at(tensor, offset, &mut data) {
-                    return out
-                        .blocking_send(Err(Status::internal(error.to_string())))
-                        .map_err(|_| Gone);
+                let hashes = fill_at(tensor, offset, &mut data).and_then(|()| {
+                    // The blocks hashed in parallel, as the server's workers do.
+                    Ok(pool()?.install(|| {
+                        data.par_chunks(BLOCK_BYTES)
+                            .enumerate()
+                            .map(|(k, part)| {
+                                BlockHash::of(total, offset + (k * BLOCK_BYTES) as u64, part)
+                            })
+                            .collect::<Vec<_>>()
+                    }))
+                });
+                match hashes {
+                    Ok(hashes) => hashes.into_iter().for_each(|hash| tree.push(hash)),
+                    Err(error) => {
+                        return out
+                            .blocking_send(Err(Status::internal(error.to_string())))
+                            .map_err(|_| Gone);
+                    }
                 }
-                hasher.update(&data);
                 let data = Bytes::from(data);
                 for first in (0..data.len()).step_by(BLOCK_BYTES) {
                     let last = (first + BLOCK_BYTES).min(data.len());
@@ -136,7 +149,7 @@ impl LocalPlan {
             }
             send(Item::End(TensorEnd {
                 tensor_index: tensor.index,
-                blake3: hasher.finalize().as_bytes().to_vec(),
+                blake3: tree.root().as_bytes().to_vec(),
                 byte_length: total,
             }))?;
         }
@@ -215,7 +228,8 @@ impl Server for LocalServer {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let plan = Self::plan(request).await?;
-        let (sender, receiver) = mpsc::channel(4);
+        // Room for a job's chunks: the next job is made while the last one is written.
+        let (sender, receiver) = mpsc::channel(STREAM_JOB_BYTES / BLOCK_BYTES);
         tokio::task::spawn_blocking(move || plan.stream(&sender));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
