@@ -46,6 +46,7 @@ RUN awk '/^[[:space:]]*\[\[(bench|test|example)\]\]/ { skip = 1; next } /^[[:spa
         Cargo.toml > Cargo.toml.build \
     && mv Cargo.toml.build Cargo.toml
 COPY crates/engine/Cargo.toml crates/engine/
+COPY crates/proto/Cargo.toml crates/proto/
 COPY crates/service/Cargo.toml crates/service/
 COPY crates/client/Cargo.toml crates/client/
 # The Python extension is a workspace member, not part of the image: its manifest only lets
@@ -54,7 +55,7 @@ COPY crates/python/Cargo.toml crates/python/
 
 # Dependencies first, against stub sources, so that a change in the sources only
 # rebuilds the workspace's own crates. A failure here is reported by the real build below.
-RUN for crate in . crates/engine crates/service crates/client crates/python; do \
+RUN for crate in . crates/engine crates/proto crates/service crates/client crates/python; do \
         mkdir -p "$crate/src" && touch "$crate/src/lib.rs"; \
     done \
     && echo 'fn main() {}' > src/main.rs \

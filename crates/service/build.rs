@@ -1,37 +1,18 @@
-//! Compiles the protobuf contract with protox (pure Rust, no system protoc) into
-//! tonic/prost code, proto3-JSON (serde) impls, and a descriptor set for reflection.
-//!
-//! Reflection also serves google/rpc/error_details.proto (vendored from googleapis, with its
-//! import from protox's built-in well-known types) so that grpcurl can decode the BadRequest
-//! detail of a refusal; no code is generated for it (tonic-types has the Rust types).
-
-use prost::Message;
-use std::{env, fs, path::PathBuf};
+//! Compiles the server side of the protobuf contract with protox (pure Rust, no system
+//! protoc): the tonic server trait, over weightinit-proto's messages, decoding requests with
+//! this crate's codec.
 
 const PROTO: &str = "../../proto/weightinit/v1/weightinit.proto";
-const ERROR_DETAILS: &str = "../../proto/google/rpc/error_details.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../../proto");
-    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let descriptors = protox::compile([PROTO], ["../../proto"])?;
-    let descriptor_bytes = descriptors.encode_to_vec();
-    fs::write(out_dir.join("weightinit_descriptor.bin"), &descriptor_bytes)?;
-    let error_details = protox::compile([ERROR_DETAILS], ["../../proto"])?;
-    fs::write(
-        out_dir.join("error_details_descriptor.bin"),
-        error_details.encode_to_vec(),
-    )?;
-
     tonic_prost_build::configure()
-        // Chunk payloads are handed to tonic as `Bytes` without copying.
-        .bytes(".weightinit.v1.Chunk.data")
-        // Counts a request's tensors before decoding them (src/service/codec.rs).
+        .build_client(false)
+        // The messages are weightinit-proto's.
+        .extern_path(".weightinit.v1", "::weightinit_proto")
+        // Counts a request's tensors before decoding them (src/codec.rs).
         .codec_path("crate::codec::RequestCodec")
         .compile_fds(descriptors)?;
-
-    pbjson_build::Builder::new()
-        .register_descriptors(&descriptor_bytes)?
-        .build(&[".weightinit.v1"])?;
     Ok(())
 }

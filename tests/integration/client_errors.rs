@@ -118,7 +118,10 @@ async fn connection_failures_name_the_address_the_cause_and_the_fix() {
     all_say(&said, &["unknown host no-such-host.invalid"]);
 
     let said = all_three(&dir, "localhost", &[]).await;
-    all_say(&said, &["no port; write --", "localhost:50051"]);
+    all_say(&said, &["no valid port; write --", "localhost:50051"]);
+    // As the Python client: a URL's default port (80) is not a weightinit server's.
+    let said = all_three(&dir, "http://127.0.0.1", &[]).await;
+    all_say(&said, &["no valid port; write --", "127.0.0.1:50051"]);
     let said = all_three(&dir, "grpc://localhost:50051", &[]).await;
     all_say(
         &said,

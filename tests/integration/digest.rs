@@ -5,8 +5,8 @@
 
 use crate::util::{TestServer, generate};
 use serde_json::json;
+use weightinit::engine::blocks::BLOCK_BYTES;
 use weightinit::proto::GenerateRequest;
-use weightinit::service::pipeline::BLOCK_BYTES;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn digests_are_blake3_of_the_bytes_for_every_length() {

@@ -18,6 +18,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::util::{Served, expected_digests, mib, percentile, request};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -152,15 +154,6 @@ async fn generate_verified(
     Ok(bytes)
 }
 
-/// Splitmix64 per client, to pick from the mix.
-fn next(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// `clients` clients, each on its own connection, run the mix until `duration` is over.
 async fn run_load(url: &str, clients: usize, duration: Duration) -> (Tally, Duration) {
     let mix = std::sync::Arc::new(mix());
@@ -179,12 +172,13 @@ async fn run_load(url: &str, clients: usize, duration: Duration) -> (Tally, Dura
                     return tally;
                 }
             };
-            let mut state = id as u64 * 7919;
+            // rand's seeded SmallRng per client, to pick from the mix.
+            let mut rng = SmallRng::seed_from_u64(id as u64 * 7919);
             while Instant::now() < deadline {
-                let pick = next(&mut state) as usize % mix.len();
+                let pick = rng.random_range(..mix.len());
                 let (message, expected) = (&mix[pick], &expected[pick]);
                 let started = Instant::now();
-                let result = match next(&mut state) % 10 {
+                let result = match rng.random_range(..10u32) {
                     0 => client
                         .digest(message.clone())
                         .await

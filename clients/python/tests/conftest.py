@@ -34,15 +34,15 @@ def _server_binary():
 
 
 @contextmanager
-def serve(log, *flags):
-    """Runs `serve --addr 127.0.0.1:0 FLAGS...` with stderr going to `log`, and yields its
-    address, 127.0.0.1:PORT, read from the first line it prints."""
+def serve(log, *flags, addr="127.0.0.1:0", started=None):
+    """Runs `serve --addr ADDR FLAGS...` with stderr going to `log`, and yields its address,
+    127.0.0.1:PORT, read from the first line it prints. `started` (a list) gets the process."""
     binary = _server_binary()
     if not binary.exists():
         pytest.fail(f"no server binary at {binary}: cargo build --release, or set WEIGHTINIT_BIN")
-    with open(log, "wb") as stderr:
+    with open(log, "ab") as stderr:
         server = subprocess.Popen(
-            [str(binary), "serve", "--addr", "127.0.0.1:0", *map(str, flags)],
+            [str(binary), "serve", "--addr", addr, *map(str, flags)],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -55,6 +55,8 @@ def serve(log, *flags):
             pytest.fail(f"{binary} printed {line!r}, not its listening line (stderr: {log})")
         # Keep reading stdout so that the server can never block on a full pipe.
         threading.Thread(target=server.stdout.read, daemon=True).start()
+        if started is not None:
+            started.append(server)
         yield match.group(1)
     finally:
         server.terminate()

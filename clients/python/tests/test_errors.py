@@ -1,10 +1,14 @@
 """Targets and connection errors against real servers: "http://HOST:PORT" works as well as
-"HOST:PORT", other spellings are refused with what to write, and a call that cannot reach its
-server raises ServerUnreachable naming the address, the cause and the fix.
+"HOST:PORT", other spellings are refused with what to write (the same rules as the CLI's),
+and a call that cannot reach its server raises ServerUnreachable naming the address, the cause
+and the fix in the words of Security(...), after retrying when another attempt may help.
 """
 
 import socket
+import threading
+import time
 
+import blake3
 import grpc
 import pytest
 from conftest import serve
@@ -12,11 +16,13 @@ from test_security import _ca, _leaf
 
 import weightinit
 from weightinit import Security
-from weightinit.security import ServerUnreachable
+from weightinit import client as client_module
+from weightinit.errors import InvalidOption, RequestRefused, ServerUnreachable
 
 TIMEOUT = 30
 REQUEST = {"seed": 3, "tensors": [{"name": "w", "shape": [8, 4], "init": {"xavierUniform": {}}}]}
 CALLS = [weightinit.fetch, weightinit.digest, weightinit.describe]
+METHODS = ["fetch", "digest", "describe"]
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +48,20 @@ def _closed_port():
         return probe.getsockname()[1]
 
 
-def _unreachable(call, target, security=None):
-    with pytest.raises(ServerUnreachable) as raised:
-        call(REQUEST, target, timeout=TIMEOUT, security=security)
+def _unreachable(method, target, security=None, cause=None, retries=0):
+    """The message of the ServerUnreachable that Client(target).method raises."""
+    with (
+        weightinit.Client(target, security=security, timeout=TIMEOUT, retries=retries) as client,
+        pytest.raises(ServerUnreachable) as raised,
+    ):
+        getattr(client, method)(REQUEST)
     error = raised.value
-    # Still what grpc raised, for handlers written for it.
+    # Still what grpc raises, for handlers written for it.
     assert isinstance(error, grpc.RpcError) and isinstance(error, ConnectionError)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert isinstance(error.__cause__, grpc.RpcError)
+    assert error.address == target.split("://")[-1]
+    if cause is not None:
+        assert error.cause == cause
     return str(error)
 
 
@@ -65,9 +77,10 @@ def test_http_scheme_and_bare_host_port_reach_the_same_server(target):
     ("given", "says"),
     [
         ("localhost", "write 'localhost:50051'"),
-        ("http://localhost", "write 'localhost:50051'"),
+        # As the CLI: a URL's default port (80) is not a weightinit server's.
+        ("http://127.0.0.1", "has no valid port; write '127.0.0.1:50051'"),
         ("grpc://localhost:50051", "grpc:// is not a scheme"),
-        ("dns:///localhost:50051", "is not a server address"),
+        ("dns:///localhost:50051", "dns:// is not a scheme"),
         ("http://localhost:50051/api", "is not a server address"),
         ("localhost:99999", "no valid port"),
         ("https://localhost:50051", "needs security=Security(tls_ca=...)"),
@@ -75,50 +88,144 @@ def test_http_scheme_and_bare_host_port_reach_the_same_server(target):
 )
 def test_targets_that_cannot_work_say_what_to_write(given, says):
     for call in CALLS:
-        with pytest.raises(ValueError, match=r"^target: ") as raised:
+        with pytest.raises(InvalidOption, match=r"^target: ") as raised:
             call(REQUEST, given, timeout=TIMEOUT)
+        assert raised.value.field == "target"
         assert says in str(raised.value)
         assert "50051" in str(raised.value)
+        assert "--" not in str(raised.value), "no command-line flags"
     with pytest.raises(TypeError, match="target must be a str"):
         weightinit.digest(REQUEST, ("localhost", 50051))
 
 
-@pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
-def test_connection_refused_names_the_address(call):
+@pytest.mark.parametrize("method", METHODS)
+def test_connection_refused_names_the_address(method):
     port = _closed_port()
-    message = _unreachable(call, f"127.0.0.1:{port}")
-    assert message.startswith(f"connection refused at 127.0.0.1:{port}: "), message
+    message = _unreachable(method, f"127.0.0.1:{port}", cause="refused")
+    assert message.startswith(f"connection refused at http://127.0.0.1:{port}: "), message
     assert f"weightinit serve --addr 0.0.0.0:{port}" in message
+    assert "pass as target the address" in message
+
+
+def test_refused_connections_are_retried_with_backoff_then_given_up():
+    port = _closed_port()
+    started = time.monotonic()
+    message = _unreachable("digest", f"127.0.0.1:{port}", cause="refused", retries=3)
+    # Waits of 50-100, 100-200 and 200-400 ms between the four attempts.
+    assert time.monotonic() - started >= 0.35
+    assert message.endswith("gave up after 4 failed attempts in a row"), message
 
 
 def test_unknown_host_names_the_host():
     # RFC 2606 reserves .invalid: it never resolves.
-    message = _unreachable(weightinit.digest, "http://no-such-host.invalid:50051")
-    assert message.startswith("unknown host no-such-host.invalid "), message
+    message = _unreachable("digest", "http://no-such-host.invalid:50051", cause="unknown_host")
+    assert message.startswith("unknown host no-such-host.invalid in target "), message
 
 
-@pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
-def test_tls_on_one_side_only_is_named_with_the_fix(call, tls, target):
+def test_a_peer_that_never_answers_fails_fast_with_what_it_is():
+    with socket.socket() as silent:  # accepts connections (backlog), never speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        message = _unreachable("digest", address, cause="silent", retries=8)
+    assert time.monotonic() - started < 10, "not the call's 30 s timeout"
+    assert message.startswith(f"no answer from http://{address}: it accepts connections"), message
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tls_on_one_side_only_is_named_with_the_fix(method, tls, target):
     address, trusting, _ = tls
-    message = _unreachable(call, address)
-    assert message.startswith(f"TLS mismatch at {address}: the server speaks TLS"), message
-    assert "security=Security(tls_ca=...)" in message
-    message = _unreachable(call, target, trusting)
-    assert message.startswith(f"TLS mismatch at {target}: the server speaks plaintext"), message
-    assert "without tls_ca" in message
+    message = _unreachable(method, address, cause="speaks_tls")
+    assert message.startswith(f"TLS mismatch at http://{address}: the server speaks TLS"), message
+    assert f"write 'https://{address}' with security=Security(tls_ca=...)" in message
+    message = _unreachable(method, target, trusting, cause="speaks_plaintext")
+    assert message.startswith(f"TLS mismatch at https://{target}: the server speaks plaintext")
+    assert "without tls_ca, tls_cert, tls_key and tls_server_name in Security(...)" in message
+    assert "--tls" not in message, "no command-line flags"
 
 
 def test_a_certificate_from_another_ca_is_named(tls):
     address, trusting, distrusting = tls
     assert weightinit.digest(REQUEST, f"https://{address}", timeout=TIMEOUT, security=trusting)
-    message = _unreachable(weightinit.digest, address, distrusting)
-    assert message.startswith(f"TLS at {address}: the server's certificate does not verify"), (
-        message
-    )
+    message = _unreachable("digest", address, distrusting, cause="certificate")
+    assert message.startswith(
+        f"TLS at https://{address}: the server's certificate is not signed by the CA in tls_ca"
+    ), message
 
 
-def test_server_errors_are_not_rewritten(target):
-    with pytest.raises(grpc.RpcError) as raised:
+def test_server_refusals_name_the_field(target):
+    with pytest.raises(RequestRefused) as raised:
         weightinit.digest({"tensors": [{"name": "w", "shape": [8]}]}, target, timeout=TIMEOUT)
-    assert not isinstance(raised.value, ServerUnreachable)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.field == "tensors[0].init"
+    assert str(raised.value).startswith("tensors[0].init: "), str(raised.value)
+
+
+# Big enough that the stream is still running when the second tensor's header arrives.
+LARGE = {
+    "seed": 8,
+    "tensors": [{"name": f"t{i}", "shape": [1024, 2048], "init": {"normal": {}}} for i in range(4)],
+}
+
+
+def _kill_at_second_header(monkeypatch, server, then=None):
+    """Kills `server` (SIGKILL) when fetch() opens the second tensor's destination, then runs
+    `then`; returns the list of headers opened."""
+    opened = []
+    real = client_module._Destination
+
+    def destination(header, dest):
+        opened.append(header.name)
+        if len(opened) == 2:
+            server.kill()
+            server.wait()
+            if then is not None:
+                then()
+        return real(header, dest)
+
+    monkeypatch.setattr(client_module, "_Destination", destination)
+    return opened
+
+
+def test_a_server_killed_mid_fetch_and_back_is_resumed(tmp_path, monkeypatch):
+    expected = weightinit.digest(LARGE, "local")
+    started, restarted = [], threading.Event()
+    with serve(tmp_path / "first.log", started=started) as address:
+
+        def restart():
+            # The same port: the retries find the new server there.
+            def run():
+                with serve(tmp_path / "second.log", addr=address):
+                    restarted.set()
+                    done.wait(60)
+
+            threading.Thread(target=run, daemon=True).start()
+            restarted.wait(30)
+
+        done = threading.Event()
+        opened = _kill_at_second_header(monkeypatch, started[0], restart)
+        try:
+            with weightinit.Client(address, timeout=TIMEOUT) as client:
+                arrays = client.fetch(LARGE)
+        finally:
+            done.set()
+    assert restarted.is_set()
+    # The tensor that broke off went to the destination it had: no second one.
+    assert opened == ["t0", "t1", "t2", "t3"]
+    assert {name: blake3.blake3(a.tobytes()).hexdigest() for name, a in arrays.items()} == expected
+
+
+def test_a_server_killed_mid_fetch_for_good_is_unreachable(tmp_path, monkeypatch):
+    started = []
+    with serve(tmp_path / "stderr.log", started=started) as address:
+        _kill_at_second_header(monkeypatch, started[0])
+        with (
+            weightinit.Client(address, timeout=TIMEOUT, retries=2) as client,
+            pytest.raises(ServerUnreachable) as raised,
+        ):
+            client.fetch(LARGE)
+    assert raised.value.address == address and raised.value.cause == "refused"
+    message = str(raised.value)
+    assert message.startswith(f"connection refused at http://{address}: "), message
+    assert message.endswith("gave up after 3 failed attempts in a row"), message

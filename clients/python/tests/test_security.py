@@ -5,6 +5,7 @@ The certificates are made with the openssl CLI: a CA, a server certificate for 1
 localhost, a client certificate from the same CA, and another CA with a client certificate.
 """
 
+import socket
 import subprocess
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from conftest import serve
 from test_vectors import CASES, _raw
 
 import weightinit
-from weightinit import Security
+from weightinit import InvalidOption, Security, ServerUnreachable
 
 TIMEOUT = 30
 TOKEN = "s3cret-token-0123456789"
@@ -109,10 +110,25 @@ def _mtls(pki, **more):
     return Security(tls_ca=pki.ca_pem, tls_cert=pki.client_pem, tls_key=pki.client_key, **more)
 
 
-def _refused(call, target, security, code):
+# What each refusal says: the server's reason for UNAUTHENTICATED, and for UNAVAILABLE the
+# cause of a ServerUnreachable and the fix in Security(...)'s words.
+UNAUTHENTICATED = "this server needs `authorization: Bearer <token>`"
+WRONG_TOKEN = "the bearer token is not valid"
+
+
+def _refused(call, target, security, code, says, cause=None):
     with pytest.raises(grpc.RpcError) as raised:
         call(REQUEST, target, timeout=TIMEOUT, security=security)
-    assert raised.value.code() == code, raised.value.details()
+    error = raised.value
+    assert error.code() == code, error.details()
+    assert says in error.details(), error.details()
+    # The command line's flags are not the Python caller's (--tls-client-ca is the server's).
+    assert not any(f in error.details() for f in ("--tls-ca", "--tls-cert", "--server")), (
+        error.details()
+    )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        assert isinstance(error, ServerUnreachable)
+        assert (error.address, error.cause) == (target, cause)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case["case"] for case in CASES])
@@ -134,17 +150,23 @@ def test_tls_server_name_is_the_name_checked(pki, tls_target):
     named = Security(tls_ca=pki.ca_pem, tls_server_name="localhost")
     assert weightinit.digest(REQUEST, tls_target, timeout=TIMEOUT, security=named)
     misnamed = Security(tls_ca=pki.ca_pem, tls_server_name="weights.example.com")
-    _refused(weightinit.digest, tls_target, misnamed, grpc.StatusCode.UNAVAILABLE)
+    says = "give tls_server_name a name the certificate has"
+    _refused(weightinit.digest, tls_target, misnamed, UNAVAILABLE, says, "certificate")
+
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
 def test_plaintext_client_to_tls_server_is_unavailable(call, tls_target):
-    _refused(call, tls_target, None, grpc.StatusCode.UNAVAILABLE)
+    says = "the server speaks TLS, this client plaintext"
+    _refused(call, tls_target, None, UNAVAILABLE, says, "speaks_tls")
 
 
 def test_client_trusting_another_ca_is_unavailable(pki, tls_target):
     other = Security(tls_ca=pki.other_ca_pem)
-    _refused(weightinit.fetch, tls_target, other, grpc.StatusCode.UNAVAILABLE)
+    says = "the server's certificate is not signed by the CA in tls_ca"
+    _refused(weightinit.fetch, tls_target, other, UNAVAILABLE, says, "certificate")
 
 
 @pytest.mark.parametrize("client", [None, "intruder"], ids=["no-certificate", "other-ca"])
@@ -156,7 +178,13 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(client, pk
             tls_cert=pki.dir / f"{client}.pem",
             tls_key=pki.dir / f"{client}.key",
         )
-    _refused(weightinit.fetch, mtls_target, security, grpc.StatusCode.UNAVAILABLE)
+    # Security(...)'s words, not the CLI's "--tls-cert and --tls-key".
+    says = "wants a client certificate signed by its --tls-client-ca; pass one from that CA: "
+    says += "Security(tls_cert=..., tls_key=...)"
+    with pytest.raises(ServerUnreachable) as raised:
+        weightinit.fetch(REQUEST, mtls_target, timeout=TIMEOUT, security=security)
+    assert raised.value.cause == "client_certificate" and raised.value.address == mtls_target
+    assert says in str(raised.value), str(raised.value)
 
 
 def test_mutual_tls_serves_a_client_certificate_from_its_ca(pki, mtls_target, target):
@@ -187,7 +215,8 @@ def test_pem_bytes_work_as_well_as_paths(pki, mtls_target, target):
     "security", [None, Security(token="not-the-token-at-all")], ids=["missing", "wrong"]
 )
 def test_calls_without_the_right_token_are_unauthenticated(security, call, token_target):
-    _refused(call, token_target, security, grpc.StatusCode.UNAUTHENTICATED)
+    says = UNAUTHENTICATED if security is None else WRONG_TOKEN
+    _refused(call, token_target, security, grpc.StatusCode.UNAUTHENTICATED, says)
 
 
 @pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
@@ -204,9 +233,10 @@ def test_calls_with_the_token_are_served(given, call, pki, token_target, target)
 @pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
 def test_token_with_mutual_tls(call, pki, locked_target):
     assert call(REQUEST, locked_target, timeout=TIMEOUT, security=_mtls(pki, token=TOKEN))
-    _refused(call, locked_target, _mtls(pki), grpc.StatusCode.UNAUTHENTICATED)
+    _refused(call, locked_target, _mtls(pki), grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
     tls_only = Security(tls_ca=pki.ca_pem, token=TOKEN)
-    _refused(call, locked_target, tls_only, grpc.StatusCode.UNAVAILABLE)
+    says = "pass one from that CA: Security(tls_cert=..., tls_key=...)"
+    _refused(call, locked_target, tls_only, UNAVAILABLE, says, "client_certificate")
 
 
 ENV = {
@@ -251,23 +281,38 @@ def test_from_env_refuses_an_empty_variable(monkeypatch):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"tls_ca": "ca.pem", "tls_cert": "client.pem"}, "tls_cert and tls_key go together"),
-        ({"tls_ca": "ca.pem", "tls_key": "client.key"}, "tls_cert and tls_key go together"),
-        ({"tls_cert": "client.pem", "tls_key": "client.key"}, "need tls_ca"),
-        ({"tls_server_name": "localhost"}, "need tls_ca"),
         ({"tls_ca": ""}, "tls_ca is empty"),
         ({"tls_ca": "ca.pem", "tls_server_name": ""}, "tls_server_name is empty"),
         ({"token": TOKEN, "token_file": "token"}, "pass one"),
-        ({"token": ""}, "token is empty"),
-        ({"token": " \n"}, "token is empty"),
-        ({"token": "two words"}, "visible ASCII"),
-        ({"token": "jeton-\u00e9t\u00e9"}, "visible ASCII"),
-        ({"token": "x" * 4097}, "visible ASCII"),
     ],
 )
 def test_options_that_cannot_work_are_refused_on_construction(options, message):
     with pytest.raises(ValueError, match=message):
         Security(**options)
+
+
+@pytest.mark.parametrize(
+    "options, field, message",
+    [
+        ({"tls_ca": "ca.pem", "tls_cert": "client.pem"}, "tls_key", "tls_cert and tls_key go"),
+        ({"tls_ca": "ca.pem", "tls_key": "client.key"}, "tls_cert", "tls_cert and tls_key go"),
+        ({"tls_cert": "client.pem", "tls_key": "client.key"}, "tls_cert", "need tls_ca"),
+        ({"tls_server_name": "localhost"}, "tls_server_name", "need tls_ca"),
+        ({"token": ""}, "token", "token: the token is empty"),
+        ({"token": " \n"}, "token", "token: the token is empty"),
+        ({"token": "two words"}, "token", "visible ASCII"),
+        ({"token": "jeton-\u00e9t\u00e9"}, "token", "visible ASCII"),
+        ({"token": "x" * 4097}, "token", "visible ASCII"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_before_dialing(
+    options, field, message, pki, listener
+):
+    files = {"tls_ca", "tls_cert", "tls_key"}
+    options = {name: pki.dir / v if name in files else v for name, v in options.items()}
+    with pytest.raises(InvalidOption, match=message) as raised:
+        weightinit.Client(listener(), security=Security(**options))
+    assert raised.value.field == field
 
 
 def test_options_of_the_wrong_type_are_refused_on_construction():
@@ -278,14 +323,23 @@ def test_options_of_the_wrong_type_are_refused_on_construction():
 
 
 @pytest.fixture
-def no_dialing(monkeypatch):
-    """Makes opening any channel a test failure."""
+def listener():
+    """A function that returns the address of a socket that listens, and afterwards checks
+    that nothing connected to it: what a refused option must not do."""
+    sockets = []
 
-    def dial(*args, **kwargs):
-        pytest.fail("a channel was opened")
+    def listen():
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        sockets.append(sock)
+        return f"127.0.0.1:{sock.getsockname()[1]}"
 
-    monkeypatch.setattr(grpc, "insecure_channel", dial)
-    monkeypatch.setattr(grpc, "secure_channel", dial)
+    yield listen
+    for sock in sockets:
+        with sock, pytest.raises(BlockingIOError):
+            sock.accept()[0].close()
 
 
 @pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
@@ -309,15 +363,17 @@ def no_dialing(monkeypatch):
         ({"token_file": "latin1-token"}, "visible ASCII"),
     ],
 )
-def test_unusable_files_are_refused_before_dialing(call, files, message, pki, no_dialing):
+def test_unusable_files_are_refused_before_dialing(call, files, message, pki, listener):
     (pki.dir / "empty-token").write_text("\n")
     (pki.dir / "spaced-token").write_text("two words\n")
     (pki.dir / "latin1-token").write_bytes(b"jeton-\xe9t\xe9\n")
     security = Security(
         **{name: v if isinstance(v, bytes) else pki.dir / v for name, v in files.items()}
     )
-    with pytest.raises(ValueError, match=message):
-        call(REQUEST, "127.0.0.1:1", timeout=TIMEOUT, security=security)
+    with pytest.raises(InvalidOption, match=message) as raised:
+        call(REQUEST, listener(), timeout=TIMEOUT, security=security)
+    # The option at fault, named first.
+    assert raised.value.field in files and str(raised.value).startswith(f"{raised.value.field}: ")
 
 
 def test_repr_hides_the_token():

@@ -11,6 +11,8 @@
 `security=weightinit.Security(...)` adds TLS, mutual TLS or a bearer token to any call.
 `weightinit.torch.verify(model, seed, target)` proves every rank holds what the request serves:
 it returns a `Report` or raises `WeightsDiffer` naming each tensor that differs and where.
+Failures raise the exceptions of `weightinit.errors` (also here): RequestRefused, CallFailed,
+ServerUnreachable, IntegrityError and InvalidOption.
 `weightinit.torch` (imported on first use) initializes torch modules in place; `weightinit.jax`,
 `weightinit.flax` and `weightinit.keras` do the same for sharded jax.Arrays, Flax parameters and
 Keras 3 models.
@@ -26,25 +28,21 @@ import os
 __path__.append(os.path.join(os.path.dirname(__file__), "_proto", "weightinit"))
 
 from ._verify import Report, WeightsDiffer
-from .client import (
-    LOCAL,
-    Client,
-    IntegrityError,
-    RequestRefused,
-    describe,
-    digest,
-    fetch,
-)
+from .client import LOCAL, Client, describe, digest, fetch
+from .errors import CallFailed, IntegrityError, InvalidOption, RequestRefused, ServerUnreachable
 from .request import to_message
 from .security import Security
 
 __all__ = [
     "LOCAL",
+    "CallFailed",
     "Client",
     "IntegrityError",
+    "InvalidOption",
     "Report",
     "RequestRefused",
     "Security",
+    "ServerUnreachable",
     "WeightsDiffer",
     "describe",
     "digest",

@@ -14,17 +14,30 @@ import ctypes
 import importlib.util
 import math
 import os
-import re
 import threading
 
-import grpc
 import numpy as np
 
 from weightinit.v1 import weightinit_pb2 as pb
 
 from . import _native
+from .errors import CallFailed, IntegrityError, RequestRefused, ServerUnreachable, native_errors
 from .request import to_dict, to_message
-from .security import Security, ServerUnreachable, explain, native_options
+from .security import Security, native_options
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LOCAL",
+    "CallFailed",
+    "Client",
+    "IntegrityError",
+    "RequestRefused",
+    "ServerUnreachable",
+    "describe",
+    "digest",
+    "fetch",
+    "shared_client",
+]
 
 # The target that runs the engine in this process instead of calling a server.
 LOCAL = "local"
@@ -32,6 +45,11 @@ LOCAL = "local"
 # Seconds a call may take unless told otherwise: long enough to stream a large model's shard,
 # short enough that a call to a server that hangs fails instead of waiting forever.
 DEFAULT_TIMEOUT = 600.0
+
+# Failed attempts in a row, without progress in between, that a call tries again (as the
+# command line's fetch --retries): a restarting server is back within a few of the waits
+# (100 ms at first, doubling up to 4 s), a dead one reported within about 15 s.
+DEFAULT_RETRIES = 8
 
 # Output element types, little-endian as on the wire. bfloat16 arrives as its raw 16-bit
 # patterns, which numpy has no float type for.
@@ -43,88 +61,39 @@ _NUMPY_DTYPES = {
 }
 
 
-class IntegrityError(Exception):
-    """The Generate stream broke the protocol, or a tensor's bytes do not match its digest."""
-
-
-class RequestRefused(grpc.RpcError, ValueError):
-    """The request is invalid (INVALID_ARGUMENT) or over a limit (RESOURCE_EXHAUSTED), refused
-    before any data by the server or, for target "local", by the engine in this process.
-
-    `field` is the path of the field at fault, such as "tensors[0].shape"; code() and details()
-    answer as grpc's own error does, so handlers written for grpc.RpcError keep working.
-    """
-
-    def __init__(self, code, field, message):
-        super().__init__(message)
-        self.field = field
-        self._code = grpc.StatusCode[code]
-        self._details = message
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-
-class CallFailed(grpc.RpcError):
-    """A call the server (or the transport) ended with an error status; code() and details()
-    answer as grpc's own error does, so handlers written for grpc.RpcError keep working."""
-
-    def __init__(self, code, details):
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-
-def _failed(code, message, unreachable):
-    """The exception of a failed call, for weightinit._native: `code` is the status code's
-    name in CamelCase (None when the stream broke the protocol or a digest), `unreachable`
-    (cause, detail, "HOST:PORT") when the server could not be reached."""
-    if code is None:
-        return IntegrityError(message)
-    status = grpc.StatusCode[_SNAKE.sub("_", code).upper()]
-    error = CallFailed(status, message)
-    if unreachable is not None:
-        unreachable = ServerUnreachable(explain(*unreachable) or message, error)
-        unreachable.__cause__ = error
-        return unreachable
-    if status == grpc.StatusCode.INVALID_ARGUMENT:
-        # The server's refusal reads "field: reason".
-        return RequestRefused(status.name, message.split(": ", 1)[0], message)
-    return error
-
-
-_SNAKE = re.compile(r"(?<=[a-z])(?=[A-Z])")
-
-
 class Client:
     """A connection to the weightinit server at `target` ("host:port"), reused by every call;
     target "local" runs the engine in this process instead (no channel, no deadline).
 
     security: a weightinit.Security for TLS, mutual TLS or a bearer token; None for plaintext.
-        Its files are read once, here, before anything is dialed (ValueError if unusable).
+        Its files are read once, here, and the target and every option checked before anything
+        is dialed (weightinit.errors.InvalidOption, a ValueError naming the option, if unusable).
     timeout: the default deadline of each call in seconds; None for no deadline.
+    retries: failed attempts in a row (without progress in between) that a call tries again,
+        after a backoff, when another attempt may help: a refused connection, a broken stream
+        (a Generate then continues with the tensors that have not arrived). 0: none.
 
     A Client is thread-safe and a context manager that closes its channel.
-    A server that cannot be reached raises weightinit.security.ServerUnreachable, which names the
+    A server that cannot be reached raises weightinit.errors.ServerUnreachable, which names the
     address, the cause and the fix.
     """
 
-    def __init__(self, target, *, security=None, timeout=DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        target: str,
+        *,
+        security: Security | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+    ):
         if not isinstance(target, str):
             raise TypeError(f"target must be a str such as '127.0.0.1:50051', got {target!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(
                 f"timeout: must be a positive number of seconds or None, got {timeout}"
             )
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries: must be an int >= 0, got {retries!r}")
         self.target = target
         self.timeout = timeout
         self._security = security
@@ -133,8 +102,9 @@ class Client:
                 raise ValueError('security: target "local" runs in this process, over no network')
             self._remote = None
             return
-        url, options = native_options(target, security)
-        self._remote = _native.Remote(url, **options)
+        self._remote = native_errors(_native.Remote)(
+            target, **native_options(security), retries=retries
+        )
 
     def __enter__(self):
         return self
@@ -154,14 +124,14 @@ class Client:
     def _deadline(self, timeout):
         return self.timeout if timeout is None else timeout
 
+    @native_errors
     def fetch(self, request, out=None, timeout=None):
         """Generates every tensor of `request` and returns them; see weightinit.fetch().
         timeout: seconds for this call (default: the client's)."""
         message = to_message(request)
         if self.target == LOCAL:
             return _generate_here(message, out)
-        names = [tensor.name for tensor in message.tensors]
-        out = _destinations(out, names)
+        out = _destinations(out, [tensor.name for tensor in message.tensors])
         # Kept here, exported, until the call returns: Rust writes into their buffers.
         destinations = []
 
@@ -171,11 +141,10 @@ class Client:
             destinations.append(destination)
             return _address(destination.buffer), destination.length
 
-        self._open().generate(
-            message.SerializeToString(), names, self._deadline(timeout), open_tensor
-        )
+        self._open().generate(message.SerializeToString(), self._deadline(timeout), open_tensor)
         return {d.name: d.value() for d in destinations}
 
+    @native_errors
     def digest(self, request, timeout=None):
         """Returns {name: hex BLAKE3 digest}; see weightinit.digest()."""
         message = to_message(request)
@@ -187,6 +156,7 @@ class Client:
         )
         return {message.tensors[d.tensor_index].name: d.blake3.hex() for d in response.digests}
 
+    @native_errors
     def describe(self, request, timeout=None):
         """Returns {name: TensorHeader in proto3 JSON form}; see weightinit.describe()."""
         message = to_message(request)
@@ -271,10 +241,13 @@ def fetch(request, target, out=None, timeout=None, *, security=None):
     (float32, float64 or float16), except bfloat16: a torch.bfloat16 tensor when torch is
     importable, otherwise a numpy uint16 array of the raw bfloat16 bit patterns.
 
-    Raises RequestRefused (a ValueError and a grpc.RpcError) for a request the server or the
-    local engine refuses, naming the field; grpc.RpcError for other server errors (ServerUnreachable when it cannot be reached);
-    IntegrityError when what arrives is not what the server promised; ValueError for a request
-    or security options that cannot work (before anything is dialed).
+    Calls that fail in a way another attempt may cure are retried (DEFAULT_RETRIES times in a
+    row, with a backoff); see Client. The exceptions are weightinit.errors': RequestRefused (a
+    ValueError and a grpc.RpcError) for a request the server or the local engine refuses,
+    naming the field; ServerUnreachable when the server cannot be reached, naming the address
+    and the cause; CallFailed (a grpc.RpcError) for other server errors; IntegrityError when
+    what arrives is not what the server promised; InvalidOption (a ValueError) for a target or
+    security options that cannot work, before anything is dialed.
     """
     message = to_message(request)
     return shared_client(target, security).fetch(message, out, timeout)

@@ -8,8 +8,7 @@ use super::output;
 use super::progress::human_bytes;
 use super::remote::hex;
 use super::source::{SourceArgs, SourceError, status_text};
-use weightinit_service::proto::weight_init_server::WeightInit;
-use weightinit_service::proto::{Resolved, TensorHeader};
+use weightinit_proto::{Resolved, TensorHeader};
 
 #[derive(clap::Args, Debug)]
 pub struct DescribeArgs {

@@ -22,13 +22,10 @@ use tonic::{Request, Status};
 
 use super::output::{self, Format, Output, OutputError, Provenance};
 use super::progress::{Progress, human_bytes};
+use super::remote::{Checked, IntegrityError, StreamCheck, VerifyError, verify};
 use super::retry::{self, Backoff, RetryPolicy};
-use super::source::{SourceArgs, SourceError, status_text};
-use weightinit_service::proto::weight_init_server::WeightInit;
-use weightinit_service::proto::{
-    GenerateRequest, Range, Slice, TensorEnd, TensorHeader, TensorSpec, generate_response::Item,
-    slice,
-};
+use super::source::{Server, SourceArgs, SourceError, status_text};
+use weightinit_proto::{GenerateRequest, Range, Slice, TensorHeader, TensorSpec, slice};
 
 #[derive(clap::Args, Debug)]
 pub struct FetchArgs {
@@ -116,6 +113,15 @@ impl Signal {
     }
 }
 
+impl From<IntegrityError> for FetchError {
+    fn from(error: IntegrityError) -> Self {
+        match error {
+            IntegrityError::Protocol(what) => Self::Protocol(what),
+            IntegrityError::Digest(error) => Self::Verify(error),
+        }
+    }
+}
+
 impl FetchError {
     fn is_transient(&self) -> bool {
         match self {
@@ -124,38 +130,6 @@ impl FetchError {
             _ => false,
         }
     }
-}
-
-/// Bytes written that do not hash to what the server says they are.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "tensor {tensor:?}: the bytes written hash to BLAKE3 {computed}, the server's {against} says \
-     {sent}"
-)]
-pub struct VerifyError {
-    pub tensor: String,
-    /// What the server's digest came in: "TensorEnd" or "Digest".
-    pub against: &'static str,
-    pub computed: String,
-    pub sent: String,
-}
-
-/// Checks a digest computed here against the one the server sent in `against`.
-pub fn verify(
-    tensor: &str,
-    against: &'static str,
-    computed: &blake3::Hash,
-    sent: &[u8],
-) -> Result<(), VerifyError> {
-    if computed.as_bytes().as_slice() == sent {
-        return Ok(());
-    }
-    Err(VerifyError {
-        tensor: tensor.to_owned(),
-        against,
-        computed: computed.to_hex().to_string(),
-        sent: sent.iter().map(|b| format!("{b:02x}")).collect(),
-    })
 }
 
 /// The slice asking for what `spec` asks for from element `done` on, when one flat slice
@@ -187,7 +161,7 @@ pub struct Summary {
 
 /// Fetches every tensor of `request` from `server` into `out`, retrying per `policy`; with
 /// `check_space`, only when the output fits in the free space.
-pub async fn fetch<S: WeightInit>(
+pub async fn fetch<S: Server + ?Sized>(
     server: &S,
     request: &GenerateRequest,
     out: &Path,
@@ -238,7 +212,7 @@ pub async fn fetch<S: WeightInit>(
 }
 
 /// Every tensor's header, checked to match the request.
-async fn describe<S: WeightInit>(
+async fn describe<S: Server + ?Sized>(
     server: &S,
     request: &GenerateRequest,
 ) -> Result<Vec<TensorHeader>, FetchError> {
@@ -310,14 +284,10 @@ struct Tensor {
     digest: Digest,
 }
 
-/// One tensor's part of one Generate stream: its bytes from `start` on.
+/// One tensor's part of one Generate stream (its bytes from where it stood), whose
+/// [`StreamCheck`] hashes that part alone for its TensorEnd.
 struct Segment {
     tensor: usize,
-    /// The tensor's index in the stream's request.
-    index: u32,
-    start: u64,
-    /// The hash of this part alone, for its TensorEnd, when it is not the whole tensor.
-    own: Option<blake3::Hasher>,
 }
 
 /// The tensors of a fetch and where each stands, fed by Generate streams.
@@ -377,7 +347,7 @@ impl<'a> Assembly<'a> {
 
     /// One Generate for every tensor still missing, then a Digest for those it completed
     /// from more than one stream.
-    async fn attempt<S: WeightInit>(
+    async fn attempt<S: Server + ?Sized>(
         &mut self,
         server: &S,
         progress: &mut Progress,
@@ -390,35 +360,26 @@ impl<'a> Assembly<'a> {
             progress.update(self.done);
             let stream = server.generate(Request::new(request)).await?.into_inner();
             tokio::pin!(stream);
+            let names = pending.iter().map(|&i| self.manifest[i].name.clone());
+            let mut check = StreamCheck::new(names.collect());
             let mut segment: Option<Segment> = None;
-            let mut next = 0;
             while let Some(message) = stream.next().await {
-                match message?.item {
-                    Some(Item::Header(header)) => {
-                        let &tensor = pending
-                            .get(next)
-                            .filter(|_| segment.is_none() && header.index as usize == next)
-                            .ok_or_else(|| protocol("a header out of order"))?;
-                        segment = Some(self.begin(tensor, &header)?);
-                        next += 1;
+                match check.check(message?)? {
+                    Checked::Header(header) => {
+                        segment = Some(self.begin(pending[check.ended()], &header)?);
                     }
-                    Some(Item::Chunk(chunk)) => {
-                        let part = segment
-                            .as_mut()
-                            .ok_or_else(|| protocol("a chunk outside a tensor"))?;
-                        self.chunk(part, &chunk.data, chunk.tensor_index, chunk.offset)?;
+                    Checked::Data { data, .. } => {
+                        let part = segment.as_ref().expect("the check puts data in a tensor");
+                        self.chunk(part, &data)?;
                         progress.update(self.done);
                     }
-                    Some(Item::End(end)) => {
-                        let part = segment
-                            .take()
-                            .ok_or_else(|| protocol("an end outside a tensor"))?;
-                        self.end(part, &end)?;
+                    Checked::End => {
+                        let part = segment.take().expect("the check puts ends in a tensor");
+                        self.end(part);
                     }
-                    None => return Err(protocol("an empty message")),
                 }
             }
-            if segment.is_some() || next < pending.len() {
+            if !check.complete() {
                 return Err(FetchError::Interrupted);
             }
         }
@@ -460,6 +421,8 @@ impl<'a> Assembly<'a> {
         }
     }
 
+    /// A segment of tensor `index`, whose header must agree with Describe's from where the
+    /// tensor stands.
     fn begin(&mut self, index: usize, header: &TensorHeader) -> Result<Segment, FetchError> {
         let expected = &self.manifest[index];
         let tensor = &self.tensors[index];
@@ -472,66 +435,37 @@ impl<'a> Assembly<'a> {
                 expected.name
             )));
         }
-        Ok(Segment {
-            tensor: index,
-            index: header.index,
-            start: tensor.written,
-            own: (tensor.written > 0).then(blake3::Hasher::new),
-        })
+        Ok(Segment { tensor: index })
     }
 
-    fn chunk(
-        &mut self,
-        segment: &mut Segment,
-        data: &[u8],
-        index: u32,
-        offset: u64,
-    ) -> Result<(), FetchError> {
+    /// Writes the next bytes of `segment`'s tensor (the check keeps them in order and within
+    /// its length).
+    fn chunk(&mut self, segment: &Segment, data: &[u8]) -> Result<(), FetchError> {
         let tensor = &mut self.tensors[segment.tensor];
         let len = data.len() as u64;
-        if index != segment.index
-            || offset != tensor.written - segment.start
-            || len > tensor.byte_length - tensor.written
-        {
-            return Err(protocol(format!(
-                "a chunk of {:?} out of place",
-                self.manifest[segment.tensor].name
-            )));
-        }
         self.output.write(segment.tensor, tensor.written, data)?;
         tensor.hasher.get_or_insert_default().update(data);
-        if let Some(own) = &mut segment.own {
-            own.update(data);
-        }
         tensor.written += len;
         self.done += len;
         self.furthest = self.furthest.max(self.done);
         Ok(())
     }
 
-    fn end(&mut self, segment: Segment, end: &TensorEnd) -> Result<(), FetchError> {
-        let name = &self.manifest[segment.tensor].name;
+    /// `segment`'s tensor is complete and its stream's part checked: verified if that part
+    /// was the whole tensor, else to be confirmed by a Digest.
+    fn end(&mut self, segment: Segment) {
         let tensor = &mut self.tensors[segment.tensor];
-        if end.tensor_index != segment.index
-            || tensor.written != tensor.byte_length
-            || end.byte_length != tensor.byte_length - segment.start
-        {
-            return Err(protocol(format!("the end of {name:?} out of place")));
-        }
         let whole = tensor.hasher.take().unwrap_or_default().finalize();
-        let own = segment.own.map_or(whole, |h| h.finalize());
-        verify(name, "TensorEnd", &own, &end.blake3)?;
         tensor.digest = if tensor.resumed {
             Digest::Unconfirmed(whole)
         } else {
             Digest::Verified(whole)
         };
         self.settled += 1;
-        Ok(())
     }
 
     /// Compares every unconfirmed tensor with a Digest of the original tensor.
-    async fn confirm<S: WeightInit>(&mut self, server: &S) -> Result<(), FetchError> {
+    async fn confirm<S: Server + ?Sized>(&mut self, server: &S) -> Result<(), FetchError> {
         let unconfirmed: Vec<usize> = (0..self.tensors.len())
             .filter(|&i| matches!(self.tensors[i].digest, Digest::Unconfirmed(_)))
             .collect();
@@ -587,7 +521,7 @@ pub async fn run(args: FetchArgs) -> Result<(), FetchError> {
     let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let fetching = fetch(
-        &source,
+        &*source,
         &request,
         &args.out,
         format,
@@ -624,14 +558,13 @@ mod tests {
     use tonic::Response;
 
     use super::*;
-    use crate::source::{GenerateStream, Source};
-    use weightinit_service::proto::{
-        DescribeResponse, DigestResponse, GetInfoRequest, ServerInfo, generate_response,
-    };
+    use crate::local::LocalServer;
+    use crate::source::GenerateStream;
+    use weightinit_proto::{DescribeResponse, DigestResponse, generate_response};
 
     /// The in-process service, made to break its streams or to lie about digests.
     struct Faulty {
-        inner: Source,
+        inner: LocalServer,
         /// Per Generate call, in order: the messages let through before the stream breaks,
         /// and whether it breaks with an error (or just ends).
         cuts: Mutex<VecDeque<(usize, bool)>>,
@@ -644,7 +577,7 @@ mod tests {
     impl Faulty {
         fn new(cuts: &[(usize, bool)]) -> Self {
             Self {
-                inner: Source::local(),
+                inner: LocalServer,
                 cuts: Mutex::new(cuts.iter().copied().collect()),
                 bad_ends: false,
                 bad_digests: false,
@@ -663,9 +596,7 @@ mod tests {
     }
 
     #[tonic::async_trait]
-    impl WeightInit for Faulty {
-        type GenerateStream = GenerateStream;
-
+    impl Server for Faulty {
         async fn generate(
             &self,
             request: Request<GenerateRequest>,
@@ -722,13 +653,6 @@ mod tests {
                 }
             }
             Ok(response)
-        }
-
-        async fn get_info(
-            &self,
-            request: Request<GetInfoRequest>,
-        ) -> Result<Response<ServerInfo>, Status> {
-            self.inner.get_info(request).await
         }
     }
 

@@ -7,7 +7,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use super::target::{ClientSecurity, Unreachable};
+use super::target::{Caller, ClientSecurity, Unreachable};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -31,7 +31,9 @@ pub async fn is_serving_with(
     timeout: Duration,
     security: &ClientSecurity,
 ) -> Result<bool, Error> {
-    let target = security.target(addr, "--addr")?;
+    let caller = Caller::Cli("--addr");
+    let security = security.read()?;
+    let target = security.target(addr, caller)?;
     let channel = security
         .endpoint(&target)?
         .connect_timeout(timeout)
@@ -45,14 +47,14 @@ pub async fn is_serving_with(
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
     });
-    if let Some(value) = security.authorization()? {
+    if let Some(value) = security.authorization(caller)? {
         request.metadata_mut().insert("authorization", value);
     }
     let response = match HealthClient::new(channel).check(request).await {
         Ok(response) => response,
         Err(status) => {
             return Err(
-                match Unreachable::explain(&status, &target, security).await {
+                match Unreachable::explain(&status, &target, &security).await {
                     Some(unreachable) => Box::new(unreachable),
                     None => format!("{:?}: {}", status.code(), status.message()).into(),
                 },

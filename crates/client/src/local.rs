@@ -1,18 +1,26 @@
-//! Generation in the caller's process, for the Python package's `target="local"`: the same
-//! validation, plans and BLAKE3 digests as the server, written straight into the caller's
-//! memory on all cores instead of being streamed.
+//! Generation in this process: the same validation, plans and BLAKE3 digests as the server,
+//! on all cores. [`LocalPlan`] writes straight into the caller's memory (the Python
+//! package's `target="local"`); [`LocalServer`] streams as a server does (`--local`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use blake3::Hash;
+use bytes::Bytes;
 use prost::Message;
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuildError, ThreadPoolBuilder};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
 
+use crate::source::{GenerateStream, Server};
+use weightinit_engine::blocks::{BLOCK_BYTES, BlockHash, Tree, row_job_bytes};
 use weightinit_engine::{Limits, RequestError, RequestPlan, TensorPlan};
-use weightinit_service::convert;
-use weightinit_service::pipeline::{BLOCK_BYTES, BlockHash, Tree, row_job_bytes};
-use weightinit_service::proto::{DescribeResponse, GenerateRequest};
+use weightinit_proto::convert;
+use weightinit_proto::{
+    Chunk, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, TensorEnd,
+    generate_response::Item,
+};
 
 /// Why an in-process call cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -44,17 +52,24 @@ impl LocalPlan {
     /// Decodes and validates an encoded GenerateRequest as a server with the default limits
     /// does (the limits of one process's memory are the caller's own business).
     pub fn decode(request: &[u8]) -> Result<Self, LocalError> {
-        let request = GenerateRequest::decode(request)?;
-        let plan = convert::request(&request)?.plan(&Limits::default())?;
+        Self::new(&GenerateRequest::decode(request)?)
+    }
+
+    /// Validates `request` as [`Self::decode`] does.
+    pub fn new(request: &GenerateRequest) -> Result<Self, LocalError> {
+        let plan = convert::request(request)?.plan(&Limits::default())?;
         Ok(Self { plan })
     }
 
     /// The tensors' headers as an encoded DescribeResponse, as Describe answers.
     pub fn describe(&self) -> Vec<u8> {
+        self.headers().encode_to_vec()
+    }
+
+    fn headers(&self) -> DescribeResponse {
         DescribeResponse {
             tensors: self.plan.tensors.iter().map(convert::header).collect(),
         }
-        .encode_to_vec()
     }
 
     /// Writes tensor `index`'s output bytes into `out`, which must be exactly their length,
@@ -68,43 +83,13 @@ impl LocalPlan {
                 actual: out.len(),
             });
         }
-        let pool = pool()?;
-        // A few pieces per thread balance the load; whole jobs (as the server's) keep every
-        // piece element-aligned and a transposed matrix's columns long runs.
-        let pieces = 4 * pool.current_num_threads();
-        let job = job_bytes(tensor);
-        let piece = out.len().div_ceil(pieces).next_multiple_of(job).max(job);
-        pool.install(|| {
-            out.par_chunks_mut(piece)
-                .enumerate()
-                .for_each(|(i, part)| tensor.fill((i * piece) as u64, part));
-        });
-        Ok(())
+        fill_at(tensor, 0, out)
     }
 
     /// Tensor `index`'s BLAKE3 digest, as a server's Digest computes it: block by block in
     /// a reused buffer, so memory stays small whatever the tensor's size.
     pub fn digest(&self, index: usize) -> Result<Hash, LocalError> {
-        let tensor = self.tensor(index)?;
-        let total = tensor.byte_length();
-        let job = job_bytes(tensor) as u64;
-        let hashes: Vec<Vec<BlockHash>> = pool()?.install(|| {
-            (0..total.div_ceil(job))
-                .into_par_iter()
-                .map_init(Vec::new, |buffer, j| {
-                    let offset = j * job;
-                    buffer.resize((total - offset).min(job) as usize, 0);
-                    tensor.fill(offset, buffer);
-                    BlockHash::of_blocks(total, offset, buffer)
-                })
-                .collect()
-        });
-        let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
-        hashes
-            .into_iter()
-            .flatten()
-            .for_each(|hash| tree.push(hash));
-        Ok(tree.root())
+        self.tensor(index).and_then(digest)
     }
 
     fn tensor(&self, index: usize) -> Result<&TensorPlan, LocalError> {
@@ -112,6 +97,173 @@ impl LocalPlan {
             index,
             count: self.plan.tensors.len(),
         })
+    }
+
+    /// Sends every tensor's header, chunks and end to `out`, as a server's Generate does:
+    /// chunks of at most the request's chunk size that never span a block. Generates
+    /// [`STREAM_JOB_BYTES`] at a time, on all cores; stops when the receiver is gone.
+    fn stream(&self, out: &mpsc::Sender<Result<GenerateResponse, Status>>) -> Result<(), Gone> {
+        let send = |item| {
+            out.blocking_send(Ok(GenerateResponse { item: Some(item) }))
+                .map_err(|_| Gone)
+        };
+        for tensor in &self.plan.tensors {
+            send(Item::Header(convert::header(tensor)))?;
+            let total = tensor.byte_length();
+            let size = tensor.dtype.size();
+            let chunk_step = (self.plan.chunk_bytes / size).max(1) * size;
+            let job = STREAM_JOB_BYTES.next_multiple_of(job_bytes(tensor)) as u64;
+            let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
+            for offset in (0..total).step_by(job as usize) {
+                let mut data = vec![0u8; (total - offset).min(job) as usize];
+                let hashes = fill_at(tensor, offset, &mut data).and_then(|()| {
+                    // The blocks hashed in parallel, as the server's workers do.
+                    Ok(pool()?.install(|| {
+                        data.par_chunks(BLOCK_BYTES)
+                            .enumerate()
+                            .map(|(k, part)| {
+                                BlockHash::of(total, offset + (k * BLOCK_BYTES) as u64, part)
+                            })
+                            .collect::<Vec<_>>()
+                    }))
+                });
+                match hashes {
+                    Ok(hashes) => hashes.into_iter().for_each(|hash| tree.push(hash)),
+                    Err(error) => {
+                        return out
+                            .blocking_send(Err(Status::internal(error.to_string())))
+                            .map_err(|_| Gone);
+                    }
+                }
+                let data = Bytes::from(data);
+                for first in (0..data.len()).step_by(BLOCK_BYTES) {
+                    let last = (first + BLOCK_BYTES).min(data.len());
+                    for start in (first..last).step_by(chunk_step) {
+                        send(Item::Chunk(Chunk {
+                            tensor_index: tensor.index,
+                            offset: offset + start as u64,
+                            data: data.slice(start..(start + chunk_step).min(last)),
+                        }))?;
+                    }
+                }
+            }
+            send(Item::End(TensorEnd {
+                tensor_index: tensor.index,
+                blake3: tree.root().as_bytes().to_vec(),
+                byte_length: total,
+            }))?;
+        }
+        Ok(())
+    }
+}
+
+/// The receiver of a stream went away.
+struct Gone;
+
+/// Bytes a [`LocalServer`] stream generates at once per tensor: enough for every core.
+const STREAM_JOB_BYTES: usize = 16 * BLOCK_BYTES;
+
+/// Writes `tensor`'s output bytes from `offset` (a multiple of its job size) into `out`, in
+/// parallel on rayon's pool.
+fn fill_at(tensor: &TensorPlan, offset: u64, out: &mut [u8]) -> Result<(), LocalError> {
+    let pool = pool()?;
+    // A few pieces per thread balance the load; whole jobs (as the server's) keep every
+    // piece element-aligned and a transposed matrix's columns long runs.
+    let pieces = 4 * pool.current_num_threads();
+    let job = job_bytes(tensor);
+    let piece = out.len().div_ceil(pieces).next_multiple_of(job).max(job);
+    pool.install(|| {
+        out.par_chunks_mut(piece)
+            .enumerate()
+            .for_each(|(i, part)| tensor.fill(offset + (i * piece) as u64, part));
+    });
+    Ok(())
+}
+
+/// `tensor`'s BLAKE3 digest, block by block in a reused buffer per thread.
+fn digest(tensor: &TensorPlan) -> Result<Hash, LocalError> {
+    let total = tensor.byte_length();
+    let job = job_bytes(tensor) as u64;
+    let hashes: Vec<Vec<BlockHash>> = pool()?.install(|| {
+        (0..total.div_ceil(job))
+            .into_par_iter()
+            .map_init(Vec::new, |buffer, j| {
+                let offset = j * job;
+                buffer.resize((total - offset).min(job) as usize, 0);
+                tensor.fill(offset, buffer);
+                BlockHash::of_blocks(total, offset, buffer)
+            })
+            .collect()
+    });
+    let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
+    hashes
+        .into_iter()
+        .flatten()
+        .for_each(|hash| tree.push(hash));
+    Ok(tree.root())
+}
+
+/// The engine in this process as a [`Server`], for `weightinit fetch --local` and
+/// `describe --local`: the same answers as a server with the default limits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalServer;
+
+impl LocalServer {
+    /// `request` planned, in a blocking task (planning may factor a large matrix).
+    async fn plan(request: Request<GenerateRequest>) -> Result<Arc<LocalPlan>, Status> {
+        let planned = tokio::task::spawn_blocking(move || LocalPlan::new(request.get_ref()));
+        match planned.await {
+            Ok(Ok(plan)) => Ok(Arc::new(plan)),
+            Ok(Err(LocalError::Refused(refused))) => Err(convert::status(refused)),
+            Ok(Err(error)) => Err(Status::internal(error.to_string())),
+            Err(panicked) => Err(Status::internal(panicked.to_string())),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Server for LocalServer {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let plan = Self::plan(request).await?;
+        // Room for a job's chunks: the next job is made while the last one is written.
+        let (sender, receiver) = mpsc::channel(STREAM_JOB_BYTES / BLOCK_BYTES);
+        tokio::task::spawn_blocking(move || plan.stream(&sender));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        Ok(Response::new(Self::plan(request).await?.headers()))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        let plan = Self::plan(request).await?;
+        let digests = tokio::task::spawn_blocking(move || {
+            plan.plan
+                .tensors
+                .iter()
+                .map(|tensor| {
+                    Ok(TensorEnd {
+                        tensor_index: tensor.index,
+                        blake3: digest(tensor)?.as_bytes().to_vec(),
+                        byte_length: tensor.byte_length(),
+                    })
+                })
+                .collect::<Result<Vec<_>, LocalError>>()
+        });
+        match digests.await {
+            Ok(Ok(digests)) => Ok(Response::new(DigestResponse { digests })),
+            Ok(Err(error)) => Err(Status::internal(error.to_string())),
+            Err(panicked) => Err(Status::internal(panicked.to_string())),
+        }
     }
 }
 
@@ -144,7 +296,7 @@ fn pool() -> Result<Arc<ThreadPool>, ThreadPoolBuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weightinit_service::proto::{Init, TensorSpec, init};
+    use weightinit_proto::{Init, TensorSpec, init};
 
     fn request(shape: Vec<u64>, permute: Vec<u32>) -> Vec<u8> {
         GenerateRequest {

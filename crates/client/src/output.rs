@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use super::progress::human_bytes;
 use weightinit_engine::DType;
-use weightinit_service::convert;
-use weightinit_service::proto::TensorHeader;
+use weightinit_proto::TensorHeader;
+use weightinit_proto::convert;
 
 /// How the tensors are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

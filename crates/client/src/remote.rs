@@ -1,251 +1,472 @@
-//! Calls to a server for the Python package: a client built from in-memory PEM and token,
-//! and [`Receiver`], which checks a Generate stream and copies each chunk once into the
-//! caller's destination of its tensor.
+//! One server over gRPC, for the command line and the Python package alike: [`Remote`], a
+//! client built from PEM bytes and a token ([`Security`]) whose failures are explained (the
+//! address, the cause and the fix, in the caller's words); calls retried with backoff after
+//! failures another attempt can cure ([`retry`]); [`StreamCheck`], which checks a Generate
+//! stream (for `fetch` too), and [`Receiver`], which copies each chunk once into the caller's
+//! destination of its tensor.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use prost::Message;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_types::StatusExt;
 
-use crate::source;
-use crate::target::{Cause, Target, Unreachable, tls_endpoint};
-use weightinit_service::proto::weight_init_client::WeightInitClient;
-use weightinit_service::proto::{
-    GenerateRequest, GenerateResponse, TensorHeader, generate_response::Item,
+use crate::retry::{self, Backoff, RetryPolicy};
+use crate::source::{GenerateStream, Server, unreachable};
+use crate::target::{Caller, Refusal, Security, Target, Unreachable, silent};
+use weightinit_proto::weight_init_client::WeightInitClient;
+use weightinit_proto::{
+    DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, TensorHeader,
+    generate_response::Item,
 };
 
-/// How to reach a server, as the Python package's `Security` gives it: PEM bytes and a token.
-#[derive(Debug, Default)]
-pub struct Security {
-    pub tls_ca: Option<Vec<u8>>,
-    /// The client's certificate and key, for mutual TLS.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-    pub tls_server_name: Option<String>,
-    pub token: Option<String>,
-}
+/// Largest message accepted from a server: chunks are at most 1 MiB unless a server raises
+/// its --max-chunk-bytes; this bounds memory all the same.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How long a call waits for a first answer before asking whether the peer speaks HTTP/2 at
+/// all: one that accepts connections and never answers would hold the call until its deadline.
+const SILENT_AFTER: Duration = Duration::from_secs(3);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     /// Options that cannot work, found before anything is dialled.
-    #[error("{0}")]
-    Options(String),
-    /// The server answered with an error status.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The server answered with an error status, or the connection failed: then the status
+    /// carries the [`Unreachable`] that says where, why and what to do (its source).
     #[error("{}", .0.message())]
     Status(Status),
-    /// The connection failed (UNAVAILABLE); the address, the cause and the fix.
-    #[error("{0}")]
-    Unreachable(Box<Unreachable>),
+    /// Failures another attempt could have cured, `attempts` in a row; the last one.
+    #[error("{}; gave up after {attempts} failed attempts in a row", .last.message())]
+    GaveUp { attempts: u32, last: Status },
     #[error(transparent)]
     Integrity(#[from] IntegrityError),
 }
 
 impl RemoteError {
-    /// For a server that could not be reached: which of the causes the Python package words
-    /// itself ("refused", "unknown_host", "speaks_tls", "speaks_plaintext", "certificate",
-    /// else "other"), the system's or TLS library's words, and the `HOST:PORT` dialled.
-    pub fn unreachable(&self) -> Option<(&'static str, String, String)> {
-        let Self::Unreachable(unreachable) = self else {
-            return None;
-        };
-        let (kind, detail) = match &unreachable.cause {
-            Cause::Refused => ("refused", String::new()),
-            Cause::UnknownHost(detail) => ("unknown_host", detail.clone()),
-            Cause::ServerSpeaksTls => ("speaks_tls", String::new()),
-            Cause::ServerSpeaksPlaintext => ("speaks_plaintext", String::new()),
-            Cause::Certificate(error) => ("certificate", format!("{error:?}")),
-            _ => ("other", String::new()),
-        };
-        let target = &unreachable.target;
-        Some((kind, detail, format!("{}:{}", target.host, target.port)))
+    /// The status the failure ended with (none for refused options and integrity errors).
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            Self::Status(status) | Self::GaveUp { last: status, .. } => Some(status),
+            Self::Refused(_) | Self::Integrity(_) => None,
+        }
     }
 
-    /// The gRPC status code the failure stands for (none for integrity errors).
-    pub fn code(&self) -> Option<Code> {
+    /// The server could not be reached: where, and why.
+    pub fn unreachable(&self) -> Option<&Unreachable> {
+        self.status().and_then(unreachable)
+    }
+
+    /// The request field at fault, as the server's BadRequest detail names it, or the option.
+    pub fn field(&self) -> Option<String> {
         match self {
-            Self::Options(_) => Some(Code::InvalidArgument),
-            Self::Status(status) => Some(status.code()),
-            Self::Unreachable(_) => Some(Code::Unavailable),
-            Self::Integrity(_) => None,
+            Self::Refused(refusal) => Some(refusal.field.to_owned()),
+            _ => {
+                let bad_request = self.status()?.get_details_bad_request()?;
+                Some(bad_request.field_violations.first()?.field.clone())
+            }
         }
     }
 }
 
 /// A Generate stream that broke the protocol, or a tensor whose bytes do not match its digest.
-/// The messages are the Python package's.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct IntegrityError(String);
-
-macro_rules! broken {
-    ($($arg:tt)*) => { IntegrityError(format!($($arg)*)) };
+pub enum IntegrityError {
+    /// Messages out of order, sizes that disagree.
+    #[error("the server broke the protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Digest(#[from] VerifyError),
 }
 
-/// One server, over one channel reused by every call.
+macro_rules! broken {
+    ($($arg:tt)*) => { IntegrityError::Protocol(format!($($arg)*)) };
+}
+
+/// One server, over one channel reused by every call; it connects on first use and
+/// reconnects after a failure. Its [`Server`] calls explain connection failures.
 #[derive(Clone, Debug)]
 pub struct Remote {
     client: WeightInitClient<Channel>,
     authorization: Option<AsciiMetadataValue>,
     target: Target,
-    /// The CA's PEM and whether the client has a certificate, to explain failures.
-    ca: Option<Vec<u8>>,
-    identity: bool,
+    /// How it is reached, for the explanations of failures.
+    security: Arc<Security>,
 }
 
 impl Remote {
     /// A client of the server at `addr` (`HOST:PORT`, `http://` or `https://`), reached as
-    /// `security` says; connects on first use. Must be called within a tokio runtime.
-    pub fn new(addr: &str, security: Security) -> Result<Self, RemoteError> {
-        let options = |error: Box<dyn std::error::Error + Send + Sync>| {
-            RemoteError::Options(error.to_string())
-        };
-        let target = Target::parse(addr, security.tls_ca.is_some(), "target")
-            .map_err(RemoteError::Options)?;
-        let authorization = security
-            .token
-            .map(|token| {
-                AsciiMetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| RemoteError::Options("token: not a valid header value".into()))
-            })
-            .transpose()?;
-        let ca = security.tls_ca;
-        let identity = security.identity.is_some();
-        let endpoint = tls_endpoint(
-            &target,
-            ca.clone(),
-            security.identity,
-            security.tls_server_name,
-        )
-        .map_err(options)?;
+    /// `security` says, its messages in `caller`'s words. Must be called within a tokio
+    /// runtime.
+    pub fn new(addr: &str, security: Security, caller: Caller) -> Result<Self, Refusal> {
+        let target = security.target(addr, caller)?;
+        let endpoint = security.endpoint(&target)?;
         Ok(Self {
-            client: source::client(endpoint),
-            authorization,
+            client: client(endpoint),
+            authorization: security.authorization(caller)?,
             target,
-            ca,
-            identity,
+            security: Arc::new(security),
         })
     }
 
-    fn request(
-        &self,
-        message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Request<GenerateRequest> {
-        let mut request = Request::new(message);
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        if let Some(timeout) = timeout {
-            request.set_timeout(timeout);
-        }
-        request
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
-    /// `status` as an error: a connection failure explained when it is one, as UNAVAILABLE
-    /// (what grpc reports for it, however the transport happened to end the call).
-    pub async fn failed(&self, status: Status) -> RemoteError {
-        let explained =
-            Unreachable::explain_pem(&status, &self.target, self.ca.as_deref(), self.identity);
+    /// `status`, or when the connection is what failed, UNAVAILABLE (what grpc reports for
+    /// it, however the transport happened to end the call) saying the address, the cause and
+    /// the fix ([`Unreachable`], kept as its source for the retry decision).
+    pub async fn explain(&self, status: Status) -> Status {
+        let explained = Unreachable::explain(&status, &self.target, &self.security);
         match explained.await {
-            Some(unreachable) => RemoteError::Unreachable(Box::new(unreachable)),
+            Some(unreachable) => unreachable_status(unreachable),
             // A status with a source is the transport's, not the server's: the connection
             // broke (with TLS 1.3, how a server refusing the client's certificate shows).
             None if std::error::Error::source(&status).is_some()
                 && matches!(
                     status.code(),
-                    Code::Unknown | Code::Cancelled | Code::Internal
+                    Code::Unknown | Code::Cancelled | Code::Internal | Code::Unavailable
                 ) =>
             {
-                RemoteError::Status(Status::unavailable(status.message()))
+                Status::unavailable(format!(
+                    "the connection to {} broke: {}",
+                    self.target,
+                    status.message()
+                ))
             }
-            None => RemoteError::Status(status),
+            None => status,
         }
     }
 
-    /// Starts a Generate call; its messages then arrive from the stream.
-    pub async fn generate(
+    /// The client and `request` with the token if there is one; the call's answer, or its
+    /// failure explained. A peer that gives no answer within [`SILENT_AFTER`] is asked
+    /// whether it speaks HTTP/2 at all.
+    async fn call<T, R>(
+        &self,
+        mut request: Request<T>,
+        call: impl AsyncFnOnce(WeightInitClient<Channel>, Request<T>) -> Result<R, Status>,
+    ) -> Result<R, Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        let watch = async {
+            tokio::time::sleep(SILENT_AFTER).await;
+            match silent(&self.target).await {
+                Some(unreachable) => unreachable,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            result = call(self.client.clone(), request) => result,
+            unreachable = watch => return Err(unreachable_status(unreachable)),
+        };
+        match result {
+            Ok(response) => Ok(response),
+            Err(status) => Err(self.explain(status).await),
+        }
+    }
+
+    /// A Generate stream as tonic gives it.
+    async fn stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Streaming<GenerateResponse>, Status> {
+        self.call(request, async |mut c, r| c.generate(r).await)
+            .await
+            .map(Response::into_inner)
+    }
+
+    /// A request for `message` with what is left of the time until `deadline`.
+    fn request(message: GenerateRequest, deadline: Option<Instant>) -> Request<GenerateRequest> {
+        let mut request = Request::new(message);
+        if let Some(deadline) = deadline {
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        request
+    }
+
+    /// After failure `status`: waits and returns when another attempt is worth it, or else
+    /// returns the error.
+    async fn recover(
+        &self,
+        backoff: &mut Backoff,
+        status: Status,
+        progressed: bool,
+    ) -> Result<(), RemoteError> {
+        if !retry::is_transient(&status) {
+            return Err(RemoteError::Status(status));
+        }
+        let Some(wait) = backoff.next(progressed) else {
+            return Err(RemoteError::GaveUp {
+                attempts: backoff.failures(),
+                last: status,
+            });
+        };
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    /// The encoded response of unary call `which` for `message`, retried per `policy` after
+    /// failures [`retry::is_transient`] calls transient.
+    pub async fn unary_retried(
+        &self,
+        which: Unary,
+        message: GenerateRequest,
+        deadline: Option<Instant>,
+        policy: RetryPolicy,
+    ) -> Result<Vec<u8>, RemoteError> {
+        let mut backoff = Backoff::new(policy);
+        loop {
+            let request = Self::request(message.clone(), deadline);
+            let answer = match which {
+                Unary::Digest => Server::digest(self, request)
+                    .await
+                    .map(|r| r.into_inner().encode_to_vec()),
+                Unary::Describe => Server::describe(self, request)
+                    .await
+                    .map(|r| r.into_inner().encode_to_vec()),
+            };
+            match answer {
+                Ok(encoded) => return Ok(encoded),
+                Err(status) => self.recover(&mut backoff, status, false).await?,
+            }
+        }
+    }
+
+    /// A Generate of `message` received into destinations of type `D`; see [`Generation`].
+    pub fn generation<D: AsMut<[u8]>>(
         &self,
         message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Result<Streaming<GenerateResponse>, RemoteError> {
-        let request = self.request(message, timeout);
-        self.answer(self.client.clone().generate(request).await)
+        deadline: Option<Instant>,
+        policy: RetryPolicy,
+    ) -> Generation<D> {
+        let names = message.tensors.iter().map(|t| t.name.clone()).collect();
+        Generation {
+            remote: self.clone(),
+            backoff: Backoff::new(policy),
+            message,
+            deadline,
+            receiver: Receiver::new(names),
+            stream: None,
+        }
+    }
+}
+
+fn unreachable_status(unreachable: Unreachable) -> Status {
+    let mut status = Status::unavailable(unreachable.to_string());
+    status.set_source(Arc::new(unreachable));
+    status
+}
+
+/// A client of the server at `endpoint`, tuned for streaming large tensors; it connects on
+/// first use and reconnects after a failure. Must be called within a tokio runtime.
+fn client(endpoint: Endpoint) -> WeightInitClient<Channel> {
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        // A peer that vanished without closing the connection is noticed within seconds.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // Windows as large as the server's keep a loopback or LAN stream from stalling.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+#[tonic::async_trait]
+impl Server for Remote {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let stream = self.stream(request).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        self.call(request, async |mut c, r| c.describe(r).await)
             .await
     }
 
-    /// The encoded DigestResponse of `message`.
-    pub async fn digest(
+    async fn digest(
         &self,
-        message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, RemoteError> {
-        let request = self.request(message, timeout);
-        let response = self.answer(self.client.clone().digest(request).await);
-        Ok(response.await?.encode_to_vec())
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        self.call(request, async |mut c, r| c.digest(r).await).await
     }
+}
 
-    /// The encoded DescribeResponse of `message`.
-    pub async fn describe(
-        &self,
-        message: GenerateRequest,
-        timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, RemoteError> {
-        let request = self.request(message, timeout);
-        let response = self.answer(self.client.clone().describe(request).await);
-        Ok(response.await?.encode_to_vec())
-    }
+/// The unary calls that [`Remote::unary_retried`] makes.
+#[derive(Clone, Copy, Debug)]
+pub enum Unary {
+    Digest,
+    Describe,
+}
 
-    /// The message a call answered with, or its failure explained.
-    async fn answer<T>(&self, response: Result<Response<T>, Status>) -> Result<T, RemoteError> {
-        match response {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.failed(status).await),
+/// A Generate call received into the caller's destinations: when the stream breaks for a
+/// reason another attempt can cure, a Generate of the tensors not yet finished follows after
+/// a backoff, and the tensor that was arriving is received again from its start into the same
+/// destination. [`Self::next`] returns each header whose destination is wanted.
+pub struct Generation<D> {
+    remote: Remote,
+    backoff: Backoff,
+    message: GenerateRequest,
+    deadline: Option<Instant>,
+    receiver: Receiver<D>,
+    stream: Option<Streaming<GenerateResponse>>,
+}
+
+impl<D: AsMut<[u8]>> Generation<D> {
+    /// The next header to [`Self::open`] a destination for, or `None` once every tensor has
+    /// arrived and checked.
+    pub async fn next(&mut self) -> Result<Option<TensorHeader>, RemoteError> {
+        loop {
+            let before = self.receiver.progress();
+            let failure = match self.step().await {
+                Ok(Step::Header(header)) => return Ok(Some(header)),
+                Ok(Step::Done) => return Ok(None),
+                Err(Failure::Final(error)) => return Err(error),
+                Err(Failure::Status(status)) => status,
+            };
+            self.stream = None;
+            let progressed = self.receiver.progress() != before;
+            self.remote
+                .recover(&mut self.backoff, failure, progressed)
+                .await?;
+            self.receiver.restart();
         }
     }
+
+    /// Messages until a header wants a destination, the stream ends or fails.
+    async fn step(&mut self) -> Result<Step, Failure> {
+        let stream = match &mut self.stream {
+            Some(stream) => stream,
+            None => {
+                let first = self.receiver.finished();
+                let message = GenerateRequest {
+                    tensors: self.message.tensors[first..].to_vec(),
+                    ..self.message.clone()
+                };
+                let request = Remote::request(message, self.deadline);
+                let stream = self.remote.stream(request).await;
+                self.stream.insert(stream.map_err(Failure::Status)?)
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    if let Some(header) = self.receiver.receive(response)? {
+                        return Ok(Step::Header(header));
+                    }
+                }
+                // Ended early: as a broken connection, which another attempt can cure.
+                Ok(None) if !self.receiver.complete() => {
+                    return Err(Failure::Status(Status::unavailable(format!(
+                        "the stream from {} ended after {} of {} tensors",
+                        self.remote.target,
+                        self.receiver.finished(),
+                        self.receiver.names.len()
+                    ))));
+                }
+                Ok(None) => return Ok(Step::Done),
+                Err(status) => return Err(Failure::Status(self.remote.explain(status).await)),
+            }
+        }
+    }
+
+    /// Gives the destination of the header [`Self::next`] just returned: exactly its byte
+    /// length.
+    pub fn open(&mut self, destination: D) -> Result<(), IntegrityError> {
+        self.receiver.open(destination)
+    }
 }
 
-/// Assembles a Generate stream's tensors into destinations of type `D`, checking that tensors
-/// arrive in request order, that each tensor's chunks are contiguous and add up to its byte
-/// length, and that the BLAKE3 digest of its bytes equals the one in its TensorEnd.
+enum Step {
+    Header(TensorHeader),
+    Done,
+}
+
+/// A failed step: a failed call, retried when [`retry::is_transient`] says so, or an error
+/// that is final.
+enum Failure {
+    Status(Status),
+    Final(RemoteError),
+}
+
+impl From<IntegrityError> for Failure {
+    fn from(error: IntegrityError) -> Self {
+        Self::Final(error.into())
+    }
+}
+
+/// Checks a Generate stream against the protocol, for `fetch` and the Python package alike:
+/// tensors in the order asked for, each a header, then chunks contiguous from offset 0 that
+/// add up to its byte length, then an end whose length and BLAKE3 digest match the bytes that
+/// came in this stream.
 #[derive(Debug)]
-pub struct Receiver<D> {
+pub struct StreamCheck {
     names: Vec<String>,
-    finished: usize,
-    current: Option<Receiving<D>>,
+    /// Tensors whose end has come.
+    ended: usize,
+    current: Option<Checking>,
 }
 
 #[derive(Debug)]
-struct Receiving<D> {
+struct Checking {
     name: String,
     length: u64,
-    /// None until [`Receiver::open`] gives the header's destination.
-    destination: Option<D>,
     received: u64,
     hasher: blake3::Hasher,
 }
 
-impl<D: AsMut<[u8]>> Receiver<D> {
-    /// A receiver of the tensors named `names`, in this order.
+/// What a checked message brings.
+#[derive(Debug)]
+pub enum Checked {
+    Header(TensorHeader),
+    /// Bytes of the current tensor, at `offset` of what this stream sends of it.
+    Data {
+        offset: u64,
+        data: Bytes,
+    },
+    /// The current tensor's end: its bytes are all there and hash to its digest.
+    End,
+}
+
+impl StreamCheck {
+    /// A check of a stream of the tensors named `names`, in this order.
     pub fn new(names: Vec<String>) -> Self {
         Self {
             names,
-            finished: 0,
+            ended: 0,
             current: None,
         }
     }
 
-    /// Takes the next message: a chunk is copied into place and hashed, an end checked. A
-    /// header is returned, for the caller to [`Self::open`] its destination before the next
-    /// message.
-    pub fn receive(
-        &mut self,
-        response: GenerateResponse,
-    ) -> Result<Option<TensorHeader>, IntegrityError> {
-        let index = self.finished;
+    /// Tensors whose end has come.
+    pub fn ended(&self) -> usize {
+        self.ended
+    }
+
+    /// Whether every tensor's end has come.
+    pub fn complete(&self) -> bool {
+        self.current.is_none() && self.ended == self.names.len()
+    }
+
+    /// The next message, checked.
+    pub fn check(&mut self, response: GenerateResponse) -> Result<Checked, IntegrityError> {
+        let index = self.ended;
         match (response.item, &mut self.current) {
             (Some(Item::Header(header)), current) => {
                 if let Some(open) = current {
@@ -264,14 +485,13 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                         header.name
                     ));
                 }
-                *current = Some(Receiving {
+                *current = Some(Checking {
                     name: name.clone(),
                     length: header.byte_length,
-                    destination: None,
                     received: 0,
                     hasher: blake3::Hasher::new(),
                 });
-                Ok(Some(header))
+                Ok(Checked::Header(header))
             }
             (None, _) => Err(broken!("empty GenerateResponse")),
             (Some(item), None) => {
@@ -306,15 +526,12 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                         tensor.length
                     ));
                 }
-                let destination = tensor
-                    .destination
-                    .as_mut()
-                    .expect("Receiver::open follows every header")
-                    .as_mut();
-                destination[tensor.received as usize..stop as usize].copy_from_slice(&chunk.data);
                 tensor.hasher.update(&chunk.data);
                 tensor.received = stop;
-                Ok(None)
+                Ok(Checked::Data {
+                    offset: chunk.offset,
+                    data: chunk.data,
+                })
             }
             (Some(Item::End(end)), Some(tensor)) => {
                 if end.tensor_index as usize != index {
@@ -333,17 +550,141 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                         tensor.length
                     ));
                 }
-                let digest = tensor.hasher.finalize();
-                if digest.as_bytes().as_slice() != end.blake3.as_slice() {
-                    return Err(broken!(
-                        "{:?}: BLAKE3 of the received bytes is {}, the server's is {}",
-                        tensor.name,
-                        digest.to_hex(),
-                        hex(&end.blake3)
-                    ));
-                }
+                verify(
+                    &tensor.name,
+                    "TensorEnd",
+                    &tensor.hasher.finalize(),
+                    &end.blake3,
+                )?;
                 self.current = None;
-                self.finished += 1;
+                self.ended += 1;
+                Ok(Checked::End)
+            }
+        }
+    }
+
+    /// Checks, once the stream has ended, that every tensor arrived.
+    pub fn finish(&self) -> Result<(), IntegrityError> {
+        if !self.complete() {
+            return Err(broken!(
+                "stream ended after {} of {} tensors",
+                self.ended,
+                self.names.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes received that do not hash to what the server says they are.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "tensor {tensor:?}: the bytes received hash to BLAKE3 {computed}, the server's {against} \
+     says {sent}"
+)]
+pub struct VerifyError {
+    pub tensor: String,
+    /// What the server's digest came in: "TensorEnd" or "Digest".
+    pub against: &'static str,
+    pub computed: String,
+    pub sent: String,
+}
+
+/// Checks a digest computed here against the one the server sent in `against`.
+pub fn verify(
+    tensor: &str,
+    against: &'static str,
+    computed: &blake3::Hash,
+    sent: &[u8],
+) -> Result<(), VerifyError> {
+    if computed.as_bytes().as_slice() == sent {
+        return Ok(());
+    }
+    Err(VerifyError {
+        tensor: tensor.to_owned(),
+        against,
+        computed: computed.to_hex().to_string(),
+        sent: hex(sent),
+    })
+}
+
+/// Puts a Generate stream's tensors, checked by [`StreamCheck`], into destinations of type
+/// `D`, each chunk copied once into place. After a broken stream, [`Self::restart`] readies it
+/// for a new stream of the tensors not finished yet.
+#[derive(Debug)]
+pub struct Receiver<D> {
+    names: Vec<String>,
+    /// Tensors finished before the current stream began.
+    first: usize,
+    check: StreamCheck,
+    /// The current tensor's, once opened.
+    destination: Option<D>,
+    /// The destination of a tensor that broke off, for when it is received again.
+    kept: Option<D>,
+}
+
+impl<D: AsMut<[u8]>> Receiver<D> {
+    /// A receiver of the tensors named `names`, in this order.
+    pub fn new(names: Vec<String>) -> Self {
+        Self {
+            check: StreamCheck::new(names.clone()),
+            names,
+            first: 0,
+            destination: None,
+            kept: None,
+        }
+    }
+
+    /// Tensors finished.
+    fn finished(&self) -> usize {
+        self.first + self.check.ended()
+    }
+
+    /// Tensors finished, and bytes of the current one received.
+    fn progress(&self) -> (usize, u64) {
+        let received = self.check.current.as_ref().map_or(0, |t| t.received);
+        (self.finished(), received)
+    }
+
+    /// For a new stream of the tensors not finished yet, after this one broke: the tensor
+    /// that was arriving keeps its destination and is received again from its start.
+    fn restart(&mut self) {
+        if self.check.current.is_some() {
+            self.kept = self.destination.take();
+        }
+        self.first = self.finished();
+        self.check = StreamCheck::new(self.names[self.first..].to_vec());
+    }
+
+    /// Whether every tensor arrived.
+    fn complete(&self) -> bool {
+        self.check.complete()
+    }
+
+    /// Takes the next message: a chunk is copied into place, an end checked. A header is
+    /// returned, for the caller to [`Self::open`] its destination before the next message,
+    /// unless the tensor is one received again (its destination is kept).
+    pub fn receive(
+        &mut self,
+        response: GenerateResponse,
+    ) -> Result<Option<TensorHeader>, IntegrityError> {
+        match self.check.check(response)? {
+            Checked::Header(header) => match self.kept.take() {
+                Some(kept) => self.open(kept).map(|()| None),
+                None => Ok(Some(header)),
+            },
+            Checked::Data { offset, data } => {
+                let destination = self
+                    .destination
+                    .as_mut()
+                    .expect("Receiver::open follows every header")
+                    .as_mut();
+                let start = offset as usize;
+                destination[start..start + data.len()].copy_from_slice(&data);
+                Ok(None)
+            }
+            Checked::End => {
+                self.destination = None;
                 Ok(None)
             }
         }
@@ -352,7 +693,7 @@ impl<D: AsMut<[u8]>> Receiver<D> {
     /// Gives the destination of the tensor whose header [`Self::receive`] just returned:
     /// exactly its byte length.
     pub fn open(&mut self, mut destination: D) -> Result<(), IntegrityError> {
-        let tensor = self.current.as_mut().expect("open follows a header");
+        let tensor = self.check.current.as_ref().expect("open follows a header");
         let actual = destination.as_mut().len();
         if actual as u64 != tensor.length {
             return Err(broken!(
@@ -361,20 +702,13 @@ impl<D: AsMut<[u8]>> Receiver<D> {
                 tensor.length
             ));
         }
-        tensor.destination = Some(destination);
+        self.destination = Some(destination);
         Ok(())
     }
 
     /// Checks, once the stream has ended, that every tensor arrived.
     pub fn finish(&self) -> Result<(), IntegrityError> {
-        if self.current.is_some() || self.finished != self.names.len() {
-            return Err(broken!(
-                "stream ended after {} of {} tensors",
-                self.finished,
-                self.names.len()
-            ));
-        }
-        Ok(())
+        self.check.finish()
     }
 }
 
@@ -386,7 +720,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weightinit_service::proto::{Chunk, TensorEnd};
+    use weightinit_proto::{Chunk, TensorEnd};
 
     fn header(index: u32, name: &str, byte_length: u64) -> GenerateResponse {
         let header = TensorHeader {
@@ -451,6 +785,31 @@ mod tests {
             end(0, b"abcdef"),
         ];
         assert_eq!(receive(stream).unwrap(), b"abcdef");
+    }
+
+    #[test]
+    fn a_restarted_stream_refills_the_tensor_that_broke_off_in_place() {
+        let mut first = vec![0u8; 2];
+        let mut second = vec![0u8; 6];
+        let mut receiver = Receiver::new(vec!["v".to_owned(), "w".to_owned()]);
+        let mut feed = |receiver: &mut Receiver<&mut [u8]>, response| receiver.receive(response);
+        assert!(feed(&mut receiver, header(0, "v", 2)).unwrap().is_some());
+        receiver.open(&mut first[..]).unwrap();
+        feed(&mut receiver, chunk(0, 0, b"ab")).unwrap();
+        feed(&mut receiver, end(0, b"ab")).unwrap();
+        assert!(feed(&mut receiver, header(1, "w", 6)).unwrap().is_some());
+        receiver.open(&mut second[..]).unwrap();
+        feed(&mut receiver, chunk(1, 0, b"XYZ")).unwrap();
+        let before = receiver.progress();
+        receiver.restart();
+        // The new stream's request starts at "w": its index 0, no second destination.
+        assert!(feed(&mut receiver, header(0, "w", 6)).unwrap().is_none());
+        feed(&mut receiver, chunk(0, 0, b"cdef")).unwrap();
+        feed(&mut receiver, chunk(0, 4, b"gh")).unwrap();
+        feed(&mut receiver, end(0, b"cdefgh")).unwrap();
+        assert!(receiver.progress() > before && receiver.complete());
+        drop(receiver);
+        assert_eq!((&first[..], &second[..]), (&b"ab"[..], &b"cdefgh"[..]));
     }
 
     #[test]

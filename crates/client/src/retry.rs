@@ -154,6 +154,6 @@ mod tests {
             "all stream slots taken"
         )));
         let too_big = weightinit_engine::RequestError::over_limit("tensors", "too many bytes");
-        assert!(!is_transient(&weightinit_service::convert::status(too_big)));
+        assert!(!is_transient(&weightinit_proto::convert::status(too_big)));
     }
 }

@@ -1,33 +1,19 @@
 //! Where the client commands get their tensors: a request file (with command-line overrides)
-//! and a server, remote over gRPC or the service itself in this process (`--local`).
-//!
-//! Both kinds of server are seen through the generated `WeightInit` trait, so `fetch` and
-//! `describe` run the very same code against either, and tests can wrap one to misbehave.
+//! and a [`Server`], remote over gRPC or the engine in this process (`--local`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_stream::Stream;
-use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use super::target::{ClientSecurity, Target, Unreachable};
-use weightinit_engine::Limits;
-use weightinit_service::handler::Handler;
-use weightinit_service::proto::weight_init_client::WeightInitClient;
-use weightinit_service::proto::weight_init_server::WeightInit;
-use weightinit_service::proto::{
-    self, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse, GetInfoRequest,
-    ServerInfo,
+use super::local::LocalServer;
+use super::remote::Remote;
+use super::target::{Caller, ClientSecurity, Refusal, Unreachable};
+use weightinit_proto::{
+    self as proto, DescribeResponse, DigestResponse, GenerateRequest, GenerateResponse,
 };
-
-/// Largest message accepted from a server: chunks are below 4 MiB unless a server raises
-/// its --max-chunk-bytes; this bounds memory all the same.
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// The request and the server: flags shared by `fetch` and `describe`.
 #[derive(clap::Args, Debug)]
@@ -40,8 +26,9 @@ pub struct SourceArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
-    /// Generate in this process instead of asking a server (offline use, or to check one);
-    /// --server is then ignored.
+    /// Generate in this process instead of asking a server (offline use, or to check one):
+    /// the engine on all cores, as the Python package's target "local"; --server is then
+    /// ignored.
     #[arg(long)]
     pub local: bool,
     /// GenerateRequest in proto3 JSON, as grpcurl -d takes it; "-" reads stdin.
@@ -91,11 +78,8 @@ pub enum SourceError {
         source: serde_json::Error,
     },
     /// The server address, TLS files or token cannot be used.
-    #[error("cannot use server {url}: {source}")]
-    Server {
-        url: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    #[error("cannot use the server: {0}")]
+    Server(#[from] Refusal),
 }
 
 impl SourceArgs {
@@ -111,12 +95,17 @@ impl SourceArgs {
         Ok(request)
     }
 
-    pub fn source(&self) -> Result<Source, SourceError> {
+    /// The server asked: [`LocalServer`] with --local, else the one at --server.
+    pub fn source(&self) -> Result<Box<dyn Server>, SourceError> {
         if self.local {
-            Ok(Source::local())
-        } else {
-            Source::remote(&self.server, &self.security)
+            return Ok(Box::new(LocalServer));
         }
+        let security = self.security.read()?;
+        Ok(Box::new(Remote::new(
+            &self.server,
+            security,
+            Caller::Cli("--server"),
+        )?))
     }
 }
 
@@ -137,160 +126,29 @@ fn read_request(path: &Path) -> Result<GenerateRequest, SourceError> {
     })
 }
 
-/// A server: over gRPC, or the service's own handler running in this process.
-pub enum Source {
-    Remote(Box<Remote>),
-    Local(Handler),
-}
-
-/// A server over gRPC, with the token to present if it wants one.
-pub struct Remote {
-    client: WeightInitClient<Channel>,
-    authorization: Option<AsciiMetadataValue>,
-    target: Target,
-    /// How it is reached, for the explanations of failures.
-    security: ClientSecurity,
-}
-
-impl Remote {
-    /// `status`, or when the connection is what failed, a status that says so: the address,
-    /// the cause and the fix ([`Unreachable`], kept as its source for the retry decision).
-    async fn explain(&self, status: Status) -> Status {
-        let explained = Unreachable::explain(&status, &self.target, &self.security);
-        let Some(unreachable) = explained.await else {
-            return status;
-        };
-        let mut explained = Status::new(status.code(), unreachable.to_string());
-        explained.set_source(Arc::new(unreachable));
-        explained
-    }
-
-    /// The client and `request`, with the token if there is one.
-    fn call<T>(&self, mut request: Request<T>) -> (WeightInitClient<Channel>, Request<T>) {
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        (self.client.clone(), request)
-    }
-}
-
-impl Source {
-    /// A server at `url` (given by --server), reached as `security` says; connects on first
-    /// use and reconnects after a failure.
-    pub fn remote(url: &str, security: &ClientSecurity) -> Result<Self, SourceError> {
-        let error = |source| SourceError::Server {
-            url: url.to_owned(),
-            source,
-        };
-        let target = security.target(url, "--server").map_err(error)?;
-        let endpoint = security.endpoint(&target).map_err(error)?;
-        Ok(Self::Remote(Box::new(Remote {
-            client: client(endpoint),
-            authorization: security.authorization().map_err(error)?,
-            target,
-            security: security.clone(),
-        })))
-    }
-
-    /// The service in this process, with the default limits and a worker per core.
-    pub fn local() -> Self {
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::Local(Handler::in_process(Limits::default(), workers))
-    }
-}
-
-/// A client of the server at `endpoint`, tuned for streaming large tensors; it connects on
-/// first use and reconnects after a failure. Must be called within a tokio runtime.
-pub fn client(endpoint: Endpoint) -> WeightInitClient<Channel> {
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        // A peer that vanished without closing the connection is noticed within seconds.
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        // Windows as large as the server's keep a loopback or LAN stream from stalling.
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .tcp_nodelay(true)
-        .connect_lazy();
-    WeightInitClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// The messages of one Generate stream, whichever server sends them.
-pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
-
+/// A server as `fetch` and `describe` see it: remote over gRPC ([`Remote`]), or the engine in
+/// this process ([`LocalServer`]), so that both run the very same code against either, and
+/// tests can wrap one to misbehave. The calls and answers are those of the gRPC service.
 #[tonic::async_trait]
-impl WeightInit for Source {
-    type GenerateStream = GenerateStream;
-
+pub trait Server: Send + Sync {
     async fn generate(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<GenerateStream>, Status> {
-        Ok(match self {
-            Self::Remote(remote) => {
-                let (mut client, request) = remote.call(request);
-                match client.generate(request).await {
-                    Ok(response) => response.map(|s| Box::pin(s) as GenerateStream),
-                    Err(status) => return Err(remote.explain(status).await),
-                }
-            }
-            Self::Local(handler) => handler
-                .generate(request)
-                .await?
-                .map(|s| Box::pin(s) as GenerateStream),
-        })
-    }
+    ) -> Result<Response<GenerateStream>, Status>;
 
     async fn describe(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<DescribeResponse>, Status> {
-        match self {
-            Self::Remote(remote) => {
-                let (mut client, request) = remote.call(request);
-                match client.describe(request).await {
-                    Err(status) => Err(remote.explain(status).await),
-                    ok => ok,
-                }
-            }
-            Self::Local(handler) => handler.describe(request).await,
-        }
-    }
+    ) -> Result<Response<DescribeResponse>, Status>;
 
     async fn digest(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<DigestResponse>, Status> {
-        match self {
-            Self::Remote(remote) => {
-                let (mut client, request) = remote.call(request);
-                match client.digest(request).await {
-                    Err(status) => Err(remote.explain(status).await),
-                    ok => ok,
-                }
-            }
-            Self::Local(handler) => handler.digest(request).await,
-        }
-    }
-
-    async fn get_info(
-        &self,
-        request: Request<GetInfoRequest>,
-    ) -> Result<Response<ServerInfo>, Status> {
-        match self {
-            Self::Remote(remote) => {
-                let (mut client, request) = remote.call(request);
-                match client.get_info(request).await {
-                    Err(status) => Err(remote.explain(status).await),
-                    ok => ok,
-                }
-            }
-            Self::Local(handler) => handler.get_info(request).await,
-        }
-    }
+    ) -> Result<Response<DigestResponse>, Status>;
 }
+
+/// The messages of one Generate stream, whichever server sends them.
+pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 /// A status as a person reads it: the code and the server's message, without the metadata;
 /// a connection failure's explanation alone.

@@ -2,8 +2,10 @@
 //!
 //! seed + name -> [`keystream`] words -> [`unit`] numbers -> a [`distribution`] (chosen by a
 //! [`scheme`] from the [`fans`]) -> values -> [`dtype`] bytes, for the elements a [`slice`]
-//! selects. A [`request`] is validated into [`plan`]s, each able to fill any byte range.
+//! selects. A [`request`] is validated into [`plan`]s, each able to fill any byte range;
+//! [`blocks`] cuts an output into blocks, hashed in parallel into its BLAKE3 digest.
 
+pub mod blocks;
 pub mod distribution;
 pub mod dtype;
 pub mod fans;

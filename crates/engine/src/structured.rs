@@ -156,11 +156,19 @@ pub enum Structure {
     },
 }
 
+/// How far past 1 the range check lets an entry of Q reach: 2^-20, far above the few ulps
+/// a factorization may add (a 1 x 1 matrix gives 1 + 2^-51).
+const ORTHOGONAL_MARGIN: f64 = 1.0 / (1u64 << 20) as f64;
+
 impl Structure {
     /// The smallest and largest value an element can take.
     pub fn extremes(&self) -> [f64; 2] {
         match *self {
-            Self::Orthogonal { gain, .. } => [-gain, gain],
+            // A computed entry of Q can exceed 1 by a few ulps (algorithm-v1.md section 9).
+            Self::Orthogonal { gain, .. } => {
+                let reach = gain * (1.0 + ORTHOGONAL_MARGIN);
+                [-reach, reach]
+            }
             Self::Eye { value } => [value, value],
             Self::Dirac { .. } => [1.0, 1.0],
             Self::Sparse { std, .. } => [-8.3 * std, 8.3 * std],

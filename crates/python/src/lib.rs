@@ -1,24 +1,32 @@
 //! `weightinit._native`: the engine in the Python caller's process, and calls to a server
 //! received in Rust. A thin layer over [`weightinit_client::local`] and
 //! [`weightinit_client::remote`]; the Python package checks destinations and builds results.
+//! Failures are raised as [`Failure`], described (kind, status code, field, cause, address)
+//! for weightinit.errors, the one place that turns them into the package's exceptions.
 
+use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::runtime::Runtime;
-use tonic::Status;
+use tonic::{Code, Status};
 use weightinit_client::local::{LocalError, LocalPlan};
-use weightinit_client::remote::{self, Receiver, RemoteError, Security};
+use weightinit_client::remote::{self, RemoteError, Unary};
+use weightinit_client::retry::RetryPolicy;
+use weightinit_client::target::{Caller, Given, Security};
 use weightinit_engine::RequestError;
-use weightinit_service::proto::GenerateRequest;
+use weightinit_proto::GenerateRequest;
 
 #[pymodule]
 mod _native {
+    #[pymodule_export]
+    use super::Failure;
     #[pymodule_export]
     use super::Plan;
     #[pymodule_export]
@@ -36,7 +44,7 @@ impl Plan {
         // Planning may factor a large orthogonal matrix: let other threads run meanwhile.
         py.detach(|| LocalPlan::decode(request))
             .map(Self)
-            .map_err(|error| raise(py, error))
+            .map_err(local_failure)
     }
 
     /// The tensors' headers as an encoded DescribeResponse.
@@ -55,38 +63,110 @@ impl Plan {
             // writable bytes that stay alive and are not moved while the call runs.
             unsafe { std::slice::from_raw_parts_mut(address as *mut u8, length) }
         };
-        py.detach(|| self.0.fill(index, out))
-            .map_err(|error| raise(py, error))
+        py.detach(|| self.0.fill(index, out)).map_err(local_failure)
     }
 
     /// Tensor `index`'s BLAKE3 digest (32 bytes), computed as a server's Digest does.
     fn digest<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let hash = py
-            .detach(|| self.0.digest(index))
-            .map_err(|error| raise(py, error))?;
+        let hash = py.detach(|| self.0.digest(index)).map_err(local_failure)?;
         Ok(PyBytes::new(py, hash.as_bytes()))
     }
 }
 
-/// A refused request becomes weightinit.RequestRefused, as a server's refusal does, so that
-/// callers handle both targets alike; anything else is a plain ValueError.
-fn raise(py: Python<'_>, error: LocalError) -> PyErr {
+/// A failure as weightinit.errors turns it into the package's exception.
+fn local_failure(error: LocalError) -> PyErr {
     let LocalError::Refused(refused) = &error else {
         return PyValueError::new_err(error.to_string());
     };
     let code = match refused {
-        RequestError::Invalid { .. } => "INVALID_ARGUMENT",
-        RequestError::OverLimit { .. } => "RESOURCE_EXHAUSTED",
+        RequestError::Invalid { .. } => Code::InvalidArgument,
+        RequestError::OverLimit { .. } => Code::ResourceExhausted,
     };
-    py.import("weightinit.client")
-        .and_then(|client| client.getattr("RequestRefused"))
-        .and_then(|class| class.call1((code, refused.field(), refused.to_string())))
-        .map_or_else(|failed| failed, PyErr::from_value)
+    Described {
+        kind: "status",
+        code: Some(code),
+        field: Some(refused.field().to_owned()),
+        message: refused.to_string(),
+        ..Described::default()
+    }
+    .into()
 }
 
-/// A server over gRPC: one channel, kept for every call of the Python Client that owns it.
+create_exception!(
+    _native,
+    Failure,
+    PyException,
+    "A failed call, described for weightinit.errors: `kind` (\"options\", \"status\", \
+     \"unreachable\", \"integrity\"), `code` (the gRPC status code's number, or None), `field` \
+     (the option or request field at fault, or None), `cause` and `address` (for \
+     \"unreachable\"), and the message."
+);
+
+/// What weightinit.errors needs to raise the package's own exception for a failure.
+#[derive(Default)]
+struct Described {
+    kind: &'static str,
+    code: Option<Code>,
+    field: Option<String>,
+    cause: Option<&'static str>,
+    address: Option<String>,
+    message: String,
+}
+
+impl From<Described> for PyErr {
+    fn from(described: Described) -> Self {
+        Python::attach(|py| {
+            let error = Failure::new_err(described.message);
+            let value = error.value(py);
+            let attributes = [
+                ("kind", described.kind.into_pyobject(py)?.into_any()),
+                ("code", described.code.map(|c| c as i32).into_pyobject(py)?),
+                ("field", described.field.into_pyobject(py)?),
+                ("cause", described.cause.into_pyobject(py)?),
+                ("address", described.address.into_pyobject(py)?),
+            ];
+            for (name, attribute) in attributes {
+                value.setattr(name, attribute)?;
+            }
+            Ok(error)
+        })
+        .unwrap_or_else(|failed: PyErr| failed)
+    }
+}
+
+impl From<RemoteError> for Described {
+    fn from(error: RemoteError) -> Self {
+        let field = error.field();
+        let message = error.to_string();
+        if let Some(unreachable) = error.unreachable() {
+            return Self {
+                kind: "unreachable",
+                code: Some(Code::Unavailable),
+                cause: Some(unreachable.cause.name()),
+                address: Some(unreachable.target.address()),
+                message,
+                ..Self::default()
+            };
+        }
+        let kind = match &error {
+            RemoteError::Refused(_) => "options",
+            RemoteError::Status(_) | RemoteError::GaveUp { .. } => "status",
+            RemoteError::Integrity(_) => "integrity",
+        };
+        Self {
+            kind,
+            code: error.status().map(Status::code),
+            field,
+            message,
+            ..Self::default()
+        }
+    }
+}
+
+/// A server over gRPC: one channel, kept for every call of the Python Client that owns it,
+/// and how often a call is retried.
 #[pyclass(frozen, module = "weightinit._native")]
-struct Remote(weightinit_client::remote::Remote);
+struct Remote(weightinit_client::remote::Remote, RetryPolicy);
 
 /// A destination the Python caller keeps exported for the whole call, as `Plan.fill`'s.
 struct Destination(&'static mut [u8]);
@@ -100,67 +180,61 @@ impl AsMut<[u8]> for Destination {
 /// How often a wait for the server looks for Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
+/// PEM or token bytes from Python, and the file they were read from (None: given as bytes).
+type FromPython = Option<(Vec<u8>, Option<PathBuf>)>;
+
+fn given(from: FromPython) -> Option<Given> {
+    from.map(|(bytes, path)| Given { bytes, path })
+}
+
 #[pymethods]
 impl Remote {
-    /// The server at `target`, over TLS when `tls_ca` (PEM bytes) is given; connects on first
-    /// use. The caller (weightinit.client) has checked the options and read the files.
+    /// The server at `target`, over TLS when `tls_ca` is given; connects on first use.
+    /// Options that cannot work are refused here (Failure of kind "options"), in the words of
+    /// the Python package's Security. `retries`: failed attempts in a row, without progress
+    /// in between, that are tried again (after a backoff) before a call gives up.
     #[new]
-    #[pyo3(signature = (target, tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None, token=None))]
+    #[pyo3(signature = (target, tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None, token=None, retries=8))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
-        py: Python<'_>,
         target: &str,
-        tls_ca: Option<Vec<u8>>,
-        tls_cert: Option<Vec<u8>>,
-        tls_key: Option<Vec<u8>>,
+        tls_ca: FromPython,
+        tls_cert: FromPython,
+        tls_key: FromPython,
         tls_server_name: Option<String>,
-        token: Option<String>,
+        token: FromPython,
+        retries: u32,
     ) -> PyResult<Self> {
         let security = Security {
-            tls_ca,
-            identity: tls_cert.zip(tls_key),
+            tls_ca: given(tls_ca),
+            tls_cert: given(tls_cert),
+            tls_key: given(tls_key),
             tls_server_name,
-            token,
+            token: given(token),
         };
         let runtime = runtime().map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         let _entered = runtime.enter();
-        remote::Remote::new(target, security)
-            .map(Self)
-            .map_err(|error| failed(py, error))
+        let remote = remote::Remote::new(target, security, Caller::Python)
+            .map_err(|refusal| PyErr::from(Described::from(RemoteError::from(refusal))))?;
+        Ok(Self(remote, RetryPolicy::new(retries)))
     }
 
-    /// Runs Generate for an encoded GenerateRequest whose tensors are `names`.
-    /// `open(header)` gets each encoded TensorHeader and returns (address, length) of the
-    /// tensor's destination, which the caller keeps exported until the call returns.
+    /// Runs Generate for an encoded GenerateRequest. `open(header)` gets each encoded
+    /// TensorHeader and returns (address, length) of the tensor's destination, which the
+    /// caller keeps exported until the call returns. A tensor received again after a retry
+    /// goes to the destination it had.
     fn generate(
         &self,
         py: Python<'_>,
         request: &[u8],
-        names: Vec<String>,
         timeout: Option<f64>,
         open: Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let request = decode(request)?;
-        let (deadline, timeout) = deadline(timeout);
-        let mut stream = wait(py, deadline, self.0.generate(request, timeout))
-            .map_err(|error| failed(py, error))?;
-        let mut receiver = Receiver::<Destination>::new(names);
-        loop {
-            // Chunks are received and copied here without the GIL; a header needs Python.
-            let next = wait(py, deadline, async {
-                loop {
-                    let response = match stream.message().await {
-                        Ok(Some(response)) => response,
-                        Ok(None) => return Ok(None),
-                        Err(status) => return Err(self.0.failed(status).await),
-                    };
-                    if let Some(header) = receiver.receive(response)? {
-                        return Ok(Some(header));
-                    }
-                }
-            });
-            let Some(header) = next.map_err(|error| failed(py, error))? else {
-                break;
-            };
+        let deadline = deadline(timeout);
+        let mut generation = self.0.generation::<Destination>(request, deadline, self.1);
+        // Chunks are received and copied without the GIL; a header needs Python.
+        while let Some(header) = wait(py, deadline, &self.0, generation.next())? {
             let (address, length): (usize, usize) = open
                 .call1((PyBytes::new(py, &header.encode_to_vec()),))?
                 .extract()?;
@@ -169,16 +243,14 @@ impl Remote {
             } else {
                 // SAFETY: per this private method's contract, `address` is the start of
                 // `length` writable bytes that stay alive and unmoved until it returns, and
-                // the receiver is dropped before it does.
+                // the generation is dropped before it does.
                 unsafe { std::slice::from_raw_parts_mut(address as *mut u8, length) }
             };
-            receiver
+            generation
                 .open(Destination(destination))
-                .map_err(|error| failed(py, RemoteError::from(error)))?;
+                .map_err(|error| PyErr::from(Described::from(RemoteError::from(error))))?;
         }
-        receiver
-            .finish()
-            .map_err(|error| failed(py, RemoteError::from(error)))
+        Ok(())
     }
 
     /// The encoded DigestResponse of an encoded GenerateRequest.
@@ -188,8 +260,7 @@ impl Remote {
         request: &[u8],
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let request = decode(request)?;
-        unary(py, timeout, |timeout| self.0.digest(request, timeout))
+        self.unary(py, Unary::Digest, request, timeout)
     }
 
     /// The encoded DescribeResponse of an encoded GenerateRequest.
@@ -199,8 +270,22 @@ impl Remote {
         request: &[u8],
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        self.unary(py, Unary::Describe, request, timeout)
+    }
+}
+
+impl Remote {
+    fn unary<'py>(
+        &self,
+        py: Python<'py>,
+        which: Unary,
+        request: &[u8],
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let request = decode(request)?;
-        unary(py, timeout, |timeout| self.0.describe(request, timeout))
+        let deadline = deadline(timeout);
+        let call = self.0.unary_retried(which, request, deadline, self.1);
+        Ok(PyBytes::new(py, &wait(py, deadline, &self.0, call)?))
     }
 }
 
@@ -208,36 +293,21 @@ fn decode(request: &[u8]) -> PyResult<GenerateRequest> {
     GenerateRequest::decode(request).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// A unary call's encoded response as bytes, waited for as [`wait`] does.
-fn unary<'py, F>(
-    py: Python<'py>,
-    timeout: Option<f64>,
-    call: impl FnOnce(Option<Duration>) -> F,
-) -> PyResult<Bound<'py, PyBytes>>
-where
-    F: Future<Output = Result<Vec<u8>, RemoteError>> + Send,
-{
-    let (deadline, timeout) = deadline(timeout);
-    let response = wait(py, deadline, call(timeout)).map_err(|error| failed(py, error))?;
-    Ok(PyBytes::new(py, &response))
+/// When a call with `timeout` seconds must be over.
+fn deadline(timeout: Option<f64>) -> Option<Instant> {
+    timeout.map(|t| Instant::now() + Duration::from_secs_f64(t))
 }
 
-/// When a call with `timeout` seconds must be over, and the timeout to send the server.
-fn deadline(timeout: Option<f64>) -> (Option<Instant>, Option<Duration>) {
-    let timeout = timeout.map(Duration::from_secs_f64);
-    (timeout.map(|t| Instant::now() + t), timeout)
-}
-
-/// Runs `future` on the runtime without the GIL, until it completes, the deadline passes
-/// (DEADLINE_EXCEEDED) or Ctrl-C arrives (KeyboardInterrupt, raised here; dropping the
-/// future cancels the call).
+/// Runs `future`, a call to `remote`, on the runtime without the GIL, until it completes,
+/// the deadline passes (DEADLINE_EXCEEDED) or Ctrl-C arrives (KeyboardInterrupt, raised here;
+/// dropping the future cancels the call).
 fn wait<T: Send>(
     py: Python<'_>,
     deadline: Option<Instant>,
+    remote: &weightinit_client::remote::Remote,
     future: impl Future<Output = Result<T, RemoteError>> + Send,
-) -> Result<T, Interrupted> {
-    let runtime =
-        runtime().map_err(|e| Interrupted::Python(PyRuntimeError::new_err(e.to_string())))?;
+) -> PyResult<T> {
+    let runtime = runtime().map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     let mut future = pin!(future);
     loop {
         let tick = Instant::now() + SIGNAL_POLL;
@@ -246,42 +316,17 @@ fn wait<T: Send>(
             runtime.block_on(async { tokio::time::timeout_at(until.into(), future.as_mut()).await })
         });
         match done {
-            Ok(result) => return result.map_err(Interrupted::Remote),
+            Ok(result) => return result.map_err(|error| Described::from(error).into()),
             Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                return Err(Interrupted::Remote(RemoteError::Status(
-                    Status::deadline_exceeded("Deadline Exceeded"),
-                )));
+                let status = Status::deadline_exceeded(format!(
+                    "the call to {} did not finish within its timeout",
+                    remote.target()
+                ));
+                return Err(Described::from(RemoteError::Status(status)).into());
             }
-            Err(_) => py.check_signals().map_err(Interrupted::Python)?,
+            Err(_) => py.check_signals()?,
         }
     }
-}
-
-/// Why a wait ended without a result.
-enum Interrupted {
-    Remote(RemoteError),
-    Python(PyErr),
-}
-
-impl From<RemoteError> for Interrupted {
-    fn from(error: RemoteError) -> Self {
-        Self::Remote(error)
-    }
-}
-
-/// A failed call as the Python package's exception: weightinit.client builds it from the
-/// status code's name (None for an integrity error), the message, and when the server could
-/// not be reached, the cause (see [`RemoteError::unreachable`]).
-fn failed(py: Python<'_>, error: impl Into<Interrupted>) -> PyErr {
-    let error = match error.into() {
-        Interrupted::Python(error) => return error,
-        Interrupted::Remote(error) => error,
-    };
-    let code = error.code().map(|code| format!("{code:?}"));
-    py.import("weightinit.client")
-        .and_then(|client| client.getattr("_failed"))
-        .and_then(|build| build.call1((code, error.to_string(), error.unreachable())))
-        .map_or_else(|failed| failed, PyErr::from_value)
 }
 
 /// This process's tokio runtime. A forked child (Python programs fork: DataLoader workers,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
@@ -22,6 +23,26 @@ use weightinit_engine::{self as engine, DType, Limits, RequestPlan, Scheme};
 
 /// Messages buffered between the producer and tonic, per stream.
 const STREAM_BUFFER: usize = 2;
+
+/// The largest response Describe and Digest send: what gRPC clients receive by default (C++,
+/// Go, Java, grpcio). A larger one would reach them only as an error of their own.
+const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+/// The most bytes one TensorEnd adds to a DigestResponse: its key and length, then
+/// tensor_index (a 5-byte varint at most), blake3 (32 bytes) and byte_length (10), each keyed.
+const MAX_DIGEST_BYTES: usize = 2 + 6 + 34 + 11;
+
+/// RESOURCE_EXHAUSTED for an `rpc` response of `bytes` bytes, over [`MAX_RESPONSE_BYTES`].
+fn response_too_large(rpc: Rpc, bytes: usize) -> Status {
+    convert::status(engine::RequestError::over_limit(
+        "tensors",
+        format!(
+            "the {} response would take up to {bytes} bytes, over the {MAX_RESPONSE_BYTES} \
+             (4 MiB) that gRPC clients receive by default; split the request",
+            rpc.name()
+        ),
+    ))
+}
 
 /// State shared by every RPC of one server.
 pub struct Shared {
@@ -200,14 +221,6 @@ impl Handler {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
     }
-
-    /// The service for use in this process, without a server around it (the client's
-    /// `--local`): `workers` threads; a few streams at once, since an abandoned stream may
-    /// still hold its slot for a moment while the next starts; and no idle limit, which
-    /// guards a server against remote clients, while here the only reader is this process.
-    pub fn in_process(limits: Limits, workers: usize) -> Self {
-        Self::new(Arc::new(Shared::new(limits, workers, 8, Duration::ZERO)))
-    }
 }
 
 #[tonic::async_trait]
@@ -235,16 +248,27 @@ impl WeightInit for Handler {
             .shared
             .plan(request.get_ref())
             .inspect_err(|s| call.failed(s))?;
-        call.finish(0, Code::Ok, "ok");
-        Ok(Response::new(DescribeResponse {
+        let response = DescribeResponse {
             tensors: plan.tensors.iter().map(convert::header).collect(),
-        }))
+        };
+        if response.encoded_len() > MAX_RESPONSE_BYTES {
+            let status = response_too_large(Rpc::Describe, response.encoded_len());
+            call.failed(&status);
+            return Err(status);
+        }
+        call.finish(0, Code::Ok, "ok");
+        Ok(Response::new(response))
     }
 
     async fn digest(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
+        // Refused before any work: its bound is known from the request alone.
+        let bound = request.get_ref().tensors.len() * MAX_DIGEST_BYTES;
+        if bound > MAX_RESPONSE_BYTES {
+            return Err(response_too_large(Rpc::Digest, bound));
+        }
         // Dropping this future (the client cancelled) drops the receiver, which stops the work.
         let mut stream = self
             .shared

@@ -1,12 +1,13 @@
 //! The weightinit gRPC service: a thin layer between protobuf and the engine.
 //!
 //! Public, for the command line, the client library and the tests:
-//! - [`proto`]: the generated types of `weightinit.v1` (with proto3 JSON).
-//! - [`convert`]: proto <-> engine types, and engine errors -> gRPC statuses.
+//! - [`proto`]: the types of `weightinit.v1` (weightinit-proto's, with proto3 JSON) and the
+//!   server trait generated here, whose requests [`codec`] decodes.
+//! - [`convert`]: proto <-> engine types, and engine errors -> gRPC statuses
+//!   (weightinit-proto's, shared with the clients).
 //! - [`codec`]: prost decoding that counts a request's tensors first.
 //! - [`pipeline`]: a validated request streamed as headers, chunks and ends.
-//! - [`handler`]: the `weightinit.v1.WeightInit` RPCs; [`handler::Handler::in_process`]
-//!   serves them in this process without a server around them.
+//! - [`handler`]: the `weightinit.v1.WeightInit` RPCs.
 //! - [`metrics`]: counters, and the OpenMetrics endpoint (prometheus-client behind hyper).
 //! - [`server`]: [`ServeConfig`] (a plain struct; the flags live in the `weightinit` binary),
 //!   health, reflection, reload and graceful shutdown.
@@ -20,7 +21,6 @@
 
 mod auth;
 pub mod codec;
-pub mod convert;
 pub mod handler;
 mod listener;
 pub mod metrics;
@@ -28,6 +28,8 @@ pub mod pipeline;
 mod pool;
 pub mod proto;
 pub mod server;
+
+pub use weightinit_proto::convert;
 mod tls;
 mod watchdog;
 

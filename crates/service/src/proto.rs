@@ -1,15 +1,11 @@
-//! Generated types of the `weightinit.v1` protobuf package, with proto3-JSON (serde) support.
+//! The `weightinit.v1` contract: weightinit-proto's messages, client and descriptor sets, and
+//! the server trait generated here, whose requests are decoded by [`crate::codec`].
 
-#![allow(clippy::all, missing_docs)]
+pub use weightinit_proto::*;
 
-tonic::include_proto!("weightinit.v1");
-include!(concat!(env!("OUT_DIR"), "/weightinit.v1.serde.rs"));
+#[allow(clippy::all, missing_docs)]
+mod server {
+    tonic::include_proto!("weightinit.v1");
+}
 
-/// The encoded file descriptor set, served by reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/weightinit_descriptor.bin"));
-
-/// google/rpc/error_details.proto and its import, encoded: reflection serves them so that
-/// grpcurl can show the BadRequest detail a refusal carries.
-pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/error_details_descriptor.bin"));
+pub use server::weight_init_server;

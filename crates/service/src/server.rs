@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -229,7 +230,11 @@ impl Server {
             self.guard(reflection().build_v1alpha().expect("valid descriptors"));
         let weightinit = self.guard(DecodeLimits::new(
             WeightInitServer::new(Handler::new(Arc::clone(&self.shared)))
-                .max_decoding_message_size(config.max_message_bytes),
+                .max_decoding_message_size(config.max_message_bytes)
+                // Clients may compress requests (bounded by the decoding limit once inflated);
+                // responses are random floats, which do not compress: sent as they are.
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd),
             self.shared.limits,
             Arc::clone(&metrics),
         ));

@@ -4,7 +4,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::proto::{self, init, slice};
+use crate::{self as proto, init, slice};
 use weightinit_engine::{
     self as engine, DType, Distribution, FanMode, Kaiming, Layout, Nonlinearity, RequestError,
     ScalingDistribution, Scheme, SliceSpec, Structure, StructuredScheme, TensorPlan,
