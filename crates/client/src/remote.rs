@@ -335,8 +335,7 @@ impl<D: AsMut<[u8]>> Generation<D> {
         loop {
             let before = self.receiver.progress();
             let failure = match self.step().await {
-                Ok(Step::Header(header)) => return Ok(Some(header)),
-                Ok(Step::Done) => return Ok(None),
+                Ok(next) => return Ok(next),
                 Err(Failure::Final(error)) => return Err(error),
                 Err(Failure::Status(status)) => status,
             };
@@ -349,8 +348,8 @@ impl<D: AsMut<[u8]>> Generation<D> {
         }
     }
 
-    /// Messages until a header wants a destination, the stream ends or fails.
-    async fn step(&mut self) -> Result<Step, Failure> {
+    /// Messages until a header wants a destination (it), the stream ends (none) or fails.
+    async fn step(&mut self) -> Result<Option<TensorHeader>, Failure> {
         let stream = match &mut self.stream {
             Some(stream) => stream,
             None => {
@@ -368,7 +367,7 @@ impl<D: AsMut<[u8]>> Generation<D> {
             match stream.message().await {
                 Ok(Some(response)) => {
                     if let Some(header) = self.receiver.receive(response)? {
-                        return Ok(Step::Header(header));
+                        return Ok(Some(header));
                     }
                 }
                 // Ended early: as a broken connection, which another attempt can cure.
@@ -380,7 +379,7 @@ impl<D: AsMut<[u8]>> Generation<D> {
                         self.receiver.names.len()
                     ))));
                 }
-                Ok(None) => return Ok(Step::Done),
+                Ok(None) => return Ok(None),
                 Err(status) => return Err(Failure::Status(self.remote.explain(status).await)),
             }
         }
@@ -391,11 +390,6 @@ impl<D: AsMut<[u8]>> Generation<D> {
     pub fn open(&mut self, destination: D) -> Result<(), IntegrityError> {
         self.receiver.open(destination)
     }
-}
-
-enum Step {
-    Header(TensorHeader),
-    Done,
 }
 
 /// A failed step: a failed call, retried when [`retry::is_transient`] says so, or an error
@@ -434,7 +428,7 @@ struct Checking {
 /// What a checked message brings.
 #[derive(Debug)]
 pub enum Checked {
-    Header(TensorHeader),
+    Header(Box<TensorHeader>),
     /// Bytes of the current tensor, at `offset` of what this stream sends of it.
     Data {
         offset: u64,
@@ -491,7 +485,7 @@ impl StreamCheck {
                     received: 0,
                     hasher: blake3::Hasher::new(),
                 });
-                Ok(Checked::Header(header))
+                Ok(Checked::Header(Box::new(header)))
             }
             (None, _) => Err(broken!("empty GenerateResponse")),
             (Some(item), None) => {
@@ -671,7 +665,7 @@ impl<D: AsMut<[u8]>> Receiver<D> {
         match self.check.check(response)? {
             Checked::Header(header) => match self.kept.take() {
                 Some(kept) => self.open(kept).map(|()| None),
-                None => Ok(Some(header)),
+                None => Ok(Some(*header)),
             },
             Checked::Data { offset, data } => {
                 let destination = self
@@ -789,10 +783,10 @@ mod tests {
 
     #[test]
     fn a_restarted_stream_refills_the_tensor_that_broke_off_in_place() {
-        let mut first = vec![0u8; 2];
-        let mut second = vec![0u8; 6];
+        let mut first = [0u8; 2];
+        let mut second = [0u8; 6];
         let mut receiver = Receiver::new(vec!["v".to_owned(), "w".to_owned()]);
-        let mut feed = |receiver: &mut Receiver<&mut [u8]>, response| receiver.receive(response);
+        let feed = |receiver: &mut Receiver<&mut [u8]>, response| receiver.receive(response);
         assert!(feed(&mut receiver, header(0, "v", 2)).unwrap().is_some());
         receiver.open(&mut first[..]).unwrap();
         feed(&mut receiver, chunk(0, 0, b"ab")).unwrap();
