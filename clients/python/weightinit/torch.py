@@ -45,7 +45,8 @@ from torch import nn
 from ._capture import Copy, Draw, Fill, InitRefused, Program, Refused, Scale, captured
 from ._rules import check_rules, rule_for
 from ._verify import verify
-from .client import Client, RequestRefused, shared_client
+from .client import Client, shared_client
+from .errors import RequestRefused
 from .request import check_seed
 
 __all__ = [

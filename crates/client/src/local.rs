@@ -151,6 +151,7 @@ impl LocalPlan {
                 tensor_index: tensor.index,
                 blake3: tree.root().as_bytes().to_vec(),
                 byte_length: total,
+                name: tensor.name.clone(),
             }))?;
         }
         Ok(())
@@ -255,6 +256,7 @@ impl Server for LocalServer {
                         tensor_index: tensor.index,
                         blake3: digest(tensor)?.as_bytes().to_vec(),
                         byte_length: tensor.byte_length(),
+                        name: tensor.name.clone(),
                     })
                 })
                 .collect::<Result<Vec<_>, LocalError>>()
