@@ -11,14 +11,14 @@ use tonic::{Code, Request, Response, Status};
 
 use super::convert;
 use super::metrics::{Live, Metrics, Rpc};
-use super::pipeline::{Emit, Outcome, Pipeline};
+use super::pipeline::{Emit, Outcome, Pipeline, Structured};
 use super::pool::WorkerPool;
 use super::watchdog::{Watch, WatchedStream};
 use crate::proto::{
     DescribeResponse, DigestResponse, GenerateRequest, GetInfoRequest, ServerInfo, ServerLimits,
     generate_response::Item, weight_init_server::WeightInit,
 };
-use weightinit_engine::{self as engine, DType, Limits, RequestPlan, Scheme};
+use weightinit_engine::{self as engine, DType, Limits, RequestPlan, Scheme, whole_bytes_bound};
 
 /// Messages buffered between the producer and tonic, per stream.
 const STREAM_BUFFER: usize = 2;
@@ -31,23 +31,31 @@ pub struct Shared {
     /// DEADLINE_EXCEEDED; zero = never.
     pub stream_idle_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// Whole-tensor computations at once, and their memory budget in bytes (for GetInfo).
+    pub structured_jobs: usize,
+    pub structured_memory_bytes: u64,
     pipeline: Pipeline,
     streams: Arc<Semaphore>,
 }
 
 impl Shared {
-    /// Starts `workers` generation threads.
+    /// Starts `workers` generation threads; `structured_jobs` whole-tensor computations
+    /// run at once within `structured_memory_bytes`.
     pub fn new(
         limits: Limits,
         workers: usize,
         max_concurrent_streams: u32,
         stream_idle_timeout: Duration,
+        (structured_jobs, structured_memory_bytes): (usize, u64),
     ) -> Self {
         let pool = Arc::new(WorkerPool::new(workers));
+        let structured = Structured::new(structured_jobs, structured_memory_bytes);
         Self {
             limits,
             max_concurrent_streams,
-            pipeline: Pipeline::new(pool, workers + 1),
+            structured_jobs,
+            structured_memory_bytes,
+            pipeline: Pipeline::new(pool, workers + 1, structured),
             stream_idle_timeout,
             metrics: Arc::new(Metrics::default()),
             streams: Arc::new(Semaphore::new(max_concurrent_streams as usize)),
@@ -205,8 +213,17 @@ impl Handler {
     /// `--local`): `workers` threads; a few streams at once, since an abandoned stream may
     /// still hold its slot for a moment while the next starts; and no idle limit, which
     /// guards a server against remote clients, while here the only reader is this process.
+    /// One whole-tensor computation at a time (each uses every core) within the memory of the
+    /// largest.
     pub fn in_process(limits: Limits, workers: usize) -> Self {
-        Self::new(Arc::new(Shared::new(limits, workers, 8, Duration::ZERO)))
+        let structured = (1, whole_bytes_bound(limits.max_matrix_elements));
+        Self::new(Arc::new(Shared::new(
+            limits,
+            workers,
+            8,
+            Duration::ZERO,
+            structured,
+        )))
     }
 }
 
@@ -282,6 +299,9 @@ impl WeightInit for Handler {
                 max_rank: limits.max_rank,
                 max_name_bytes: limits.max_name_bytes,
                 max_matrix_elements: limits.max_matrix_elements,
+                max_request_work: limits.max_request_work,
+                structured_jobs: self.shared.structured_jobs as u32,
+                structured_memory_bytes: self.shared.structured_memory_bytes,
             }),
         }))
     }

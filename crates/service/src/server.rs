@@ -18,9 +18,10 @@ use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
 use super::metrics::{self, Metrics};
+use super::pipeline::mib;
 use super::tls::{Tls, TlsError};
 use crate::proto::{self, weight_init_server::WeightInitServer};
-use weightinit_engine::Limits;
+use weightinit_engine::{Limits, whole_bytes_bound};
 
 /// Everything a server can be told. The `weightinit serve` flags and their WEIGHTINIT_*
 /// variables (src/serve.rs of the root package) fill it in.
@@ -38,6 +39,13 @@ pub struct ServeConfig {
     pub max_rank: u32,
     pub max_name_bytes: u32,
     pub max_matrix_elements: u64,
+    /// Largest CPU cost of one request, in element-equivalents.
+    pub max_request_work: u64,
+    /// Whole-tensor computations (QR, sparse selection) at once; `None` = half the workers.
+    pub structured_jobs: Option<usize>,
+    /// Memory of whole-tensor computations and of their results until sent, in bytes;
+    /// `None` = two of the largest that `max_matrix_elements` allows.
+    pub structured_memory_bytes: Option<u64>,
     /// How long in-flight streams may run once shutdown begins.
     pub shutdown_grace: Duration,
     pub stream_window_bytes: u32,
@@ -76,6 +84,9 @@ impl Default for ServeConfig {
             max_rank: limits.max_rank,
             max_name_bytes: limits.max_name_bytes,
             max_matrix_elements: limits.max_matrix_elements,
+            max_request_work: limits.max_request_work,
+            structured_jobs: None,
+            structured_memory_bytes: None,
             shutdown_grace: Duration::from_secs(30),
             stream_window_bytes: 8 << 20,
             connection_window_bytes: 16 << 20,
@@ -114,6 +125,7 @@ impl ServeConfig {
             max_rank: self.max_rank,
             max_name_bytes: self.max_name_bytes,
             max_matrix_elements: self.max_matrix_elements,
+            max_request_work: self.max_request_work,
         };
         if limits.default_chunk_bytes < 8 || limits.default_chunk_bytes > limits.max_chunk_bytes {
             return Err(ConfigError::Limit(format!(
@@ -124,6 +136,19 @@ impl ServeConfig {
         if self.max_concurrent_streams == 0 || self.workers == Some(0) {
             return Err(ConfigError::Limit(
                 "--max-concurrent-streams and --workers must be at least 1".into(),
+            ));
+        }
+        let largest = whole_bytes_bound(self.max_matrix_elements);
+        let memory = self.structured_memory_bytes();
+        if memory < largest || mib(memory) > u32::MAX.into() {
+            return Err(ConfigError::Limit(format!(
+                "--structured-memory-bytes must hold the largest whole-tensor computation that \
+                 --max-matrix-elements allows ({largest} bytes) and be under 4 PiB, got {memory}"
+            )));
+        }
+        if self.structured_jobs == Some(0) {
+            return Err(ConfigError::Limit(
+                "--structured-jobs must be at least 1".into(),
             ));
         }
         if self.max_connections == 0 || self.max_connection_streams == 0 {
@@ -161,6 +186,18 @@ impl ServeConfig {
         self.workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
+
+    /// Whole-tensor computations at once: each uses every core, so half the workers leave
+    /// the other half's worth of CPU to plain streams.
+    fn structured_job_count(&self) -> usize {
+        self.structured_jobs
+            .unwrap_or_else(|| (self.worker_count() / 2).max(1))
+    }
+
+    fn structured_memory_bytes(&self) -> u64 {
+        self.structured_memory_bytes
+            .unwrap_or_else(|| 2 * whole_bytes_bound(self.max_matrix_elements))
+    }
 }
 
 /// A configured server, ready to run on a listener.
@@ -183,6 +220,10 @@ impl Server {
             config.worker_count(),
             config.max_concurrent_streams,
             config.stream_idle_timeout,
+            (
+                config.structured_job_count(),
+                config.structured_memory_bytes(),
+            ),
         );
         Ok(Self {
             config,
