@@ -43,7 +43,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WEIGHTINIT_MAX_MATRIX_ELEMENTS", default_value_t = defaults().max_matrix_elements)]
     max_matrix_elements: u64,
     /// Largest CPU cost of one request, in element-equivalents: one element of a plain scheme
-    /// costs 1, orthogonal adds its QR (about 23e9 for [4096, 4096]), sparse its selection.
+    /// costs 1, orthogonal adds its QR (about 11e9 for [4096, 4096], 40 CPU-seconds), sparse its selection.
     #[arg(long, env = "WEIGHTINIT_MAX_REQUEST_WORK", default_value_t = defaults().max_request_work)]
     max_request_work: u64,
     /// Whole-tensor computations (orthogonal's QR, sparse's selection) at once, each on every

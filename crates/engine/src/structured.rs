@@ -23,9 +23,10 @@ pub const SPARSE_WORD_BASE: u64 = 1 << 63;
 /// panel is only as wide as the columns left, so a tall, narrow matrix costs no padding.
 const PANEL: usize = 16;
 
-/// Multiply-adds of the QR that cost as much CPU as generating one element of a plain scheme
-/// (measured: BENCHMARKS.md, "Cost model"); converts QR work into element-equivalents.
-const QR_MADDS_PER_ELEMENT: f64 = 8.0;
+/// Multiply-adds of the QR that cost as much CPU as generating one element of a plain normal
+/// scheme: about 4.5 G multiply-adds against 250 M elements per second and core (BENCHMARKS.md,
+/// "orthogonal" and "Engine"); converts QR work into element-equivalents.
+const QR_MADDS_PER_ELEMENT: f64 = 16.0;
 
 /// A whole-tensor computation was stopped by its caller before it finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
