@@ -117,11 +117,10 @@ async fn cancelled_orthogonal_streams_leave_the_server_idle_within_a_second() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let inflight = "weightinit_inflight_streams";
     assert_eq!(server.scrape().get(inflight), 64.0, "every call started");
-    let busy = cpu_seconds(server.child.id());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let computing = cpu_seconds(server.child.id());
     assert!(
-        cpu_seconds(server.child.id()) - busy > 0.1,
-        "the server was computing"
+        computing > 0.2,
+        "{computing} CPU-s: the server was not computing"
     );
     let cancelled = Instant::now();
     for call in &calls {
