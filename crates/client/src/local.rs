@@ -9,6 +9,7 @@ use prost::Message;
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuildError, ThreadPoolBuilder};
 
+use weightinit_engine::structured::{StopCheck, Stopped, check};
 use weightinit_engine::{Limits, RequestError, RequestPlan, TensorPlan};
 use weightinit_service::convert;
 use weightinit_service::pipeline::{BLOCK_BYTES, BlockHash, Tree, row_job_bytes};
@@ -32,6 +33,9 @@ pub enum LocalError {
         expected: u64,
         actual: usize,
     },
+    /// The caller's stop check asked to stop (e.g. Ctrl-C).
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
 }
 
 /// A validated request, planned once and then generated tensor by tensor.
@@ -58,8 +62,14 @@ impl LocalPlan {
     }
 
     /// Writes tensor `index`'s output bytes into `out`, which must be exactly their length,
-    /// in parallel on rayon's pool.
-    pub fn fill(&self, index: usize, out: &mut [u8]) -> Result<(), LocalError> {
+    /// in parallel on rayon's pool; `stop` is asked between jobs and between the steps of a
+    /// whole-tensor computation.
+    pub fn fill(
+        &self,
+        index: usize,
+        out: &mut [u8],
+        stop: StopCheck<'_>,
+    ) -> Result<(), LocalError> {
         let tensor = self.tensor(index)?;
         if tensor.byte_length() != out.len() as u64 {
             return Err(LocalError::Length {
@@ -69,6 +79,7 @@ impl LocalPlan {
             });
         }
         let pool = pool()?;
+        tensor.prepare(stop)?;
         // A few pieces per thread balance the load; whole jobs (as the server's) keep every
         // piece element-aligned and a transposed matrix's columns long runs.
         let pieces = 4 * pool.current_num_threads();
@@ -77,28 +88,37 @@ impl LocalPlan {
         pool.install(|| {
             out.par_chunks_mut(piece)
                 .enumerate()
-                .for_each(|(i, part)| tensor.fill((i * piece) as u64, part));
-        });
-        Ok(())
+                .try_for_each(|(i, part)| {
+                    for (j, part) in part.chunks_mut(job).enumerate() {
+                        check(stop)?;
+                        tensor.fill((i * piece + j * job) as u64, part);
+                    }
+                    Ok(())
+                })
+        })
     }
 
     /// Tensor `index`'s BLAKE3 digest, as a server's Digest computes it: block by block in
-    /// a reused buffer, so memory stays small whatever the tensor's size.
-    pub fn digest(&self, index: usize) -> Result<Hash, LocalError> {
+    /// a reused buffer, so memory stays small whatever the tensor's size; `stop` as for
+    /// [`Self::fill`].
+    pub fn digest(&self, index: usize, stop: StopCheck<'_>) -> Result<Hash, LocalError> {
         let tensor = self.tensor(index)?;
         let total = tensor.byte_length();
         let job = job_bytes(tensor) as u64;
-        let hashes: Vec<Vec<BlockHash>> = pool()?.install(|| {
+        let pool = pool()?;
+        tensor.prepare(stop)?;
+        let hashes: Vec<Vec<BlockHash>> = pool.install(|| {
             (0..total.div_ceil(job))
                 .into_par_iter()
                 .map_init(Vec::new, |buffer, j| {
+                    check(stop)?;
                     let offset = j * job;
                     buffer.resize((total - offset).min(job) as usize, 0);
                     tensor.fill(offset, buffer);
-                    BlockHash::of_blocks(total, offset, buffer)
+                    Ok::<_, Stopped>(BlockHash::of_blocks(total, offset, buffer))
                 })
-                .collect()
-        });
+                .collect::<Result<_, _>>()
+        })?;
         let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
         hashes
             .into_iter()
@@ -173,16 +193,34 @@ mod tests {
         ] {
             let plan = LocalPlan::decode(&request(shape.clone(), permute)).unwrap();
             let mut out = vec![0u8; shape.iter().product::<u64>() as usize * 4];
-            plan.fill(0, &mut out).unwrap();
-            assert_eq!(plan.digest(0).unwrap(), blake3::hash(&out), "{shape:?}");
+            plan.fill(0, &mut out, &|| false).unwrap();
+            assert_eq!(
+                plan.digest(0, &|| false).unwrap(),
+                blake3::hash(&out),
+                "{shape:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_stop_ends_fill_and_digest() {
+        let plan = LocalPlan::decode(&request(vec![4096, 4096], vec![])).unwrap();
+        let mut out = vec![0u8; 64 << 20];
+        assert!(matches!(
+            plan.fill(0, &mut out, &|| true),
+            Err(LocalError::Stopped(_))
+        ));
+        assert!(matches!(
+            plan.digest(0, &|| true),
+            Err(LocalError::Stopped(_))
+        ));
     }
 
     #[test]
     fn bad_calls_are_errors() {
         let plan = LocalPlan::decode(&request(vec![4, 4], vec![])).unwrap();
         assert!(matches!(
-            plan.fill(0, &mut [0u8; 63]),
+            plan.fill(0, &mut [0u8; 63], &|| false),
             Err(LocalError::Length {
                 expected: 64,
                 actual: 63,
@@ -190,7 +228,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            plan.digest(1),
+            plan.digest(1, &|| false),
             Err(LocalError::NoTensor { index: 1, count: 1 })
         ));
         assert!(matches!(

@@ -38,7 +38,7 @@ pub struct Stopped;
 pub type StopCheck<'a> = &'a (dyn Fn() -> bool + Sync);
 
 /// Fails with [`Stopped`] when `stop` says so.
-fn check(stop: StopCheck<'_>) -> Result<(), Stopped> {
+pub fn check(stop: StopCheck<'_>) -> Result<(), Stopped> {
     if stop() { Err(Stopped) } else { Ok(()) }
 }
 

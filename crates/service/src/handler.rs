@@ -183,7 +183,8 @@ impl Call {
         self.metrics.rpc_finished(self.rpc, code, duration, bytes);
         tracing::info!(
             rpc = self.rpc.name(),
-            peer = ?self.peer,
+            // The address itself (absent when unknown), not Debug's `Some(...)`.
+            peer = self.peer.map(tracing::field::display),
             tensors = self.tensors,
             bytes,
             duration_ms = duration.as_secs_f64() * 1e3,
