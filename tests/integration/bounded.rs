@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tonic::Code;
+use tonic::transport::Channel;
 use weightinit::engine::{Limits, whole_bytes_bound};
+use weightinit::proto::weight_init_client::WeightInitClient;
 use weightinit::proto::{GenerateRequest, GetInfoRequest};
 
 use crate::util::{Served, TestServer, mib, plan, request};
@@ -18,6 +20,10 @@ fn orthogonal(names: impl Iterator<Item = String>, shape: [u64; 2]) -> GenerateR
         .map(|name| json!({"name": name, "shape": shape, "init": {"orthogonal": {}}}))
         .collect();
     request(json!({"seed": 24, "tensors": tensors}))
+}
+
+async fn connect(url: String) -> WeightInitClient<Channel> {
+    WeightInitClient::connect(url).await.unwrap()
 }
 
 /// CPU seconds the process `pid` has used (user + system).
@@ -102,9 +108,7 @@ async fn cancelled_orthogonal_streams_leave_the_server_idle_within_a_second() {
     for i in 0..64 {
         let url = server.url();
         calls.push(tokio::spawn(async move {
-            let mut client = weightinit::proto::weight_init_client::WeightInitClient::connect(url)
-                .await
-                .unwrap();
+            let mut client = connect(url).await;
             let request = orthogonal([format!("q{i}")].into_iter(), [4096, 4096]);
             if i % 2 == 0 {
                 let mut stream = client.generate(request).await.unwrap().into_inner();
@@ -152,9 +156,7 @@ async fn cancelled_orthogonal_streams_leave_the_server_idle_within_a_second() {
     for _ in 0..64 {
         let (url, small) = (server.url(), small.clone());
         calls.push(tokio::spawn(async move {
-            let mut client = weightinit::proto::weight_init_client::WeightInitClient::connect(url)
-                .await
-                .unwrap();
+            let mut client = connect(url).await;
             client.digest(small).await.map(|_| ())
         }));
     }
@@ -171,18 +173,14 @@ async fn a_small_request_answers_within_a_second_while_16_qrs_run() {
     for i in 0..16 {
         let url = server.url();
         qrs.push(tokio::spawn(async move {
-            let mut client = weightinit::proto::weight_init_client::WeightInitClient::connect(url)
-                .await
-                .unwrap();
+            let mut client = connect(url).await;
             let request = orthogonal([format!("q{i}")].into_iter(), [2048, 2048]);
             let mut stream = client.generate(request).await.unwrap().into_inner();
             while stream.message().await.unwrap().is_some() {}
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut client = weightinit::proto::weight_init_client::WeightInitClient::connect(server.url())
-        .await
-        .unwrap();
+    let mut client = connect(server.url()).await;
     for seed in 0..5 {
         let small = request(json!({"seed": seed, "tensors": [
             {"name": "w", "shape": [256, 784], "init": {"uniform": {}}}]}));
@@ -208,9 +206,7 @@ async fn a_small_request_answers_within_a_second_while_16_qrs_run() {
 #[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 async fn a_tall_orthogonal_matrix_stays_within_its_memory_bound() {
     let server = Served::start(&[], false);
-    let mut client = weightinit::proto::weight_init_client::WeightInitClient::connect(server.url())
-        .await
-        .unwrap();
+    let mut client = connect(server.url()).await;
     let before = server.rss();
     // A 64 MiB tensor whose QR once padded its one column to 16 (2.3 GB).
     let rows = 1 << 24;
