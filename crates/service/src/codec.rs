@@ -8,9 +8,15 @@
 //! Generated code builds codecs with `Default`, so the limit reaches the decoder through a
 //! task-local that [`DecodeLimits`] sets around each call of the service it wraps. Outside such
 //! a call (the client side) messages are decoded as prost does.
+//!
+//! [`DecodeLimits`] also counts and logs the calls that tonic refuses before the handler sees
+//! them: a message that is not valid protobuf (INTERNAL) or is over `--max-message-bytes`
+//! (OUT_OF_RANGE).
 
 use std::any::TypeId;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -148,25 +154,55 @@ impl<S> DecodeLimits<S> {
     }
 }
 
-impl<S, B> Service<http::Request<B>> for DecodeLimits<S>
+impl<S, B, R> Service<http::Request<B>> for DecodeLimits<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = TaskLocalFuture<Scope, S::Future>;
+    type Future = TaskLocalFuture<Scope, Refusals<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let rpc = Rpc::from_path(request.uri().path());
         let scope = Scope {
             limits: self.limits,
-            rpc: Rpc::from_path(request.uri().path()),
+            rpc,
             metrics: Arc::clone(&self.metrics),
         };
-        SCOPE.scope(scope, self.inner.call(request))
+        let metrics = Arc::clone(&self.metrics);
+        let call = self.inner.call(request);
+        SCOPE.scope(
+            scope,
+            Box::pin(async move {
+                let response = call.await?;
+                count_refusal(&metrics, rpc, &response);
+                Ok(response)
+            }),
+        )
+    }
+}
+
+/// A call's response, once [`count_refusal`] has seen it.
+type Refusals<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+/// Counts and logs a response that tonic made from a request it could not decode: the
+/// handler never sees those calls. (The handler itself answers INTERNAL before data only when
+/// a worker fails, a bug, which it counts too.)
+fn count_refusal<R>(metrics: &Metrics, rpc: Rpc, response: &http::Response<R>) {
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
+        .map(Code::from_i32);
+    if let Some(code @ (Code::Internal | Code::OutOfRange)) = code {
+        metrics.rpc_refused(rpc, code);
+        let message = response.headers().get("grpc-message");
+        tracing::info!(rpc = rpc.name(), code = ?code, ?message, "rpc refused: request not decoded");
     }
 }
 
