@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
 
@@ -36,6 +36,8 @@ pub struct Shared {
     pub structured_memory_bytes: u64,
     pipeline: Pipeline,
     streams: Arc<Semaphore>,
+    /// Set when the shutdown grace period is over: the streams still running end then.
+    cut: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -59,7 +61,14 @@ impl Shared {
             stream_idle_timeout,
             metrics: Arc::new(Metrics::default()),
             streams: Arc::new(Semaphore::new(max_concurrent_streams as usize)),
+            cut: watch::Sender::new(false),
         }
+    }
+
+    /// The shutdown grace period is over: every stream still running ends at once with
+    /// UNAVAILABLE, logged and counted, and frees its slot.
+    pub fn cut_streams(&self) {
+        self.cut.send_replace(true);
     }
 
     /// Generate and Digest streams running now.
@@ -119,27 +128,43 @@ impl Shared {
             _ => None,
         };
         let shared = Arc::clone(self);
+        let mut cut = self.cut.subscribe();
         tokio::spawn(async move {
             let run = shared.pipeline.run(plan, emit, sender.clone());
-            let outcome = match idle {
-                Some(idle) => tokio::select! {
-                    outcome = run => Some(outcome),
-                    // Dropping `run` stops the producer: its queued jobs are skipped.
-                    () = watch.idle(&sender, idle) => None,
-                },
-                None => Some(run.await),
+            let idle = async {
+                match idle {
+                    Some(idle) => watch.idle(&sender, idle).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Dropping `run` stops the producer: its queued jobs are skipped.
+            let end = tokio::select! {
+                outcome = run => End::Done(outcome),
+                () = idle => End::Idle,
+                _ = cut.wait_for(|&cut| cut) => End::Cut,
             };
             drop(permit);
-            match outcome {
-                Some(Outcome::Complete { bytes }) => call.finish(bytes, Code::Ok, "ok"),
-                Some(Outcome::Abandoned { bytes }) => {
+            match end {
+                End::Done(Outcome::Complete { bytes }) => call.finish(bytes, Code::Ok, "ok"),
+                End::Done(Outcome::Abandoned { bytes }) => {
                     call.finish(bytes, Code::Cancelled, "cancelled by client")
                 }
-                Some(Outcome::Failed { bytes }) => {
+                End::Done(Outcome::Failed { bytes }) => {
                     call.finish(bytes, Code::Internal, "internal");
                     watch.fail_after_queued(Status::internal("a generation worker failed"));
                 }
-                None => {
+                End::Cut => {
+                    call.finish(
+                        watch.sent_bytes(),
+                        Code::Unavailable,
+                        "cut: the shutdown grace period is over",
+                    );
+                    watch.fail_now(Status::unavailable(
+                        "the server is shutting down and its grace period (--shutdown-grace) is \
+                         over; retry, on another replica if there is one",
+                    ));
+                }
+                End::Idle => {
                     shared.metrics.stream_idle_timeout();
                     call.finish(
                         watch.sent_bytes(),
@@ -166,6 +191,15 @@ impl Shared {
             metrics: Arc::clone(&self.metrics),
         }
     }
+}
+
+/// How a stream's task ended.
+enum End {
+    Done(Outcome),
+    /// Its client read nothing for the idle timeout.
+    Idle,
+    /// The shutdown grace period ran out.
+    Cut,
 }
 
 /// One RPC, for its log line and its metrics.

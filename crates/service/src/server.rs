@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -309,13 +309,22 @@ impl Server {
         metrics.set_draining();
         set_health(&health, ServingStatus::NotServing).await;
         let _ = stop.send(());
-        match tokio::time::timeout(self.config.shutdown_grace, serving).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!("grace period over: closing the streams still running");
-                Ok(())
-            }
+        tokio::select! {
+            result = &mut serving => return result,
+            () = tokio::time::sleep(self.config.shutdown_grace) => {}
         }
+        let streams = self.shared.active_streams();
+        tracing::warn!(
+            streams,
+            "grace period over: cutting the streams still running"
+        );
+        self.shared.cut_streams();
+        // Each stream ends at once: let it log, count and send its status.
+        let logged = Instant::now() + Duration::from_secs(1);
+        while self.shared.active_streams() > 0 && Instant::now() < logged {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 }
 
