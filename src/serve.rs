@@ -42,6 +42,19 @@ pub struct ServeArgs {
     /// Largest rows x cols of orthogonal and sparse, which compute the whole matrix first.
     #[arg(long, env = "WEIGHTINIT_MAX_MATRIX_ELEMENTS", default_value_t = defaults().max_matrix_elements)]
     max_matrix_elements: u64,
+    /// Largest CPU cost of one request, in element-equivalents: one element of a plain scheme
+    /// costs 1, orthogonal adds its QR (about 11e9 for [4096, 4096], 40 CPU-seconds), sparse its selection.
+    #[arg(long, env = "WEIGHTINIT_MAX_REQUEST_WORK", default_value_t = defaults().max_request_work)]
+    max_request_work: u64,
+    /// Whole-tensor computations (orthogonal's QR, sparse's selection) at once, each on every
+    /// core [default: half the workers, at least 1].
+    #[arg(long, env = "WEIGHTINIT_STRUCTURED_JOBS")]
+    structured_jobs: Option<usize>,
+    /// Memory for whole-tensor computations and their results until sent, in bytes (16 per
+    /// matrix element); requests wait for room. At least 16 x --max-matrix-elements
+    /// [default: 32 x --max-matrix-elements, two of the largest].
+    #[arg(long, env = "WEIGHTINIT_STRUCTURED_MEMORY_BYTES")]
+    structured_memory_bytes: Option<u64>,
     /// How long in-flight streams may run after SIGTERM/SIGINT, e.g. 30s, 500ms, 2m.
     #[arg(long, env = "WEIGHTINIT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -115,6 +128,9 @@ impl From<ServeArgs> for ServeConfig {
             max_rank: args.max_rank,
             max_name_bytes: args.max_name_bytes,
             max_matrix_elements: args.max_matrix_elements,
+            max_request_work: args.max_request_work,
+            structured_jobs: args.structured_jobs,
+            structured_memory_bytes: args.structured_memory_bytes,
             shutdown_grace: args.shutdown_grace,
             stream_window_bytes: args.stream_window_bytes,
             connection_window_bytes: args.connection_window_bytes,

@@ -78,3 +78,38 @@ async fn a_vanished_connection_and_a_cancelled_digest_stop_their_work() {
     wait_until(|| server.shared.active_streams() == 0 && server.shared.busy_workers() == 0).await;
     stays_idle(&server).await;
 }
+
+/// A deadline that passes is DEADLINE_EXCEEDED from the server, never tonic's CANCELLED
+/// "Timeout expired". Sent over raw HTTP/2, so that no client-side timer answers first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passed_deadline_is_deadline_exceeded() {
+    use prost::Message as _;
+    let server = TestServer::start_with(|c| c.workers = Some(2)).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let message = huge().encode_to_vec();
+    for _ in 0..20 {
+        let request = tonic::codegen::http::Request::post(format!(
+            "http://{}/weightinit.v1.WeightInit/Digest",
+            server.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "50m")
+        .body(())
+        .unwrap();
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        // The gRPC frame: uncompressed, its length, the message.
+        let mut frame = vec![0u8];
+        frame.extend((message.len() as u32).to_be_bytes());
+        frame.extend(&message);
+        body.send_data(frame.into(), true).unwrap();
+        let response = response.await.unwrap();
+        // No response message: the status comes in the headers (trailers-only).
+        let status = response.headers().get("grpc-status").unwrap();
+        assert_eq!(status, "4", "DEADLINE_EXCEEDED: {response:?}");
+    }
+    wait_until(|| server.shared.active_streams() == 0 && server.shared.busy_workers() == 0).await;
+}

@@ -5,6 +5,7 @@
 mod util;
 
 mod abuse;
+mod bounded;
 mod cancellation;
 mod client_errors;
 mod digest;

@@ -228,3 +228,35 @@ async fn every_rpc_outcome_is_counted_and_scraped_over_http() {
     endpoint.abort();
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// Calls tonic refuses before the handler (a message that is not protobuf: INTERNAL; one over
+/// --max-message-bytes: OUT_OF_RANGE) and a request over --max-request-work are each counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_before_the_handler_are_counted() {
+    let server = TestServer::start_with(|c| c.max_message_bytes = 4096).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A field 2 (tensors) claiming 5 bytes and holding 1: invalid protobuf.
+    let garbage = vec![0x12, 0x05, 0x00];
+    let code = crate::util::raw_unary(channel.clone(), "Describe", garbage).await;
+    assert_eq!(code, Code::Internal);
+    let code = crate::util::raw_unary(channel, "Digest", vec![0; 8192]).await;
+    assert_eq!(code, Code::OutOfRange);
+    let costly = request(json!({"seed": 1, "tensors": (0..200)
+        .map(|i| json!({"name": format!("q{i}"), "shape": [4096, 4096], "init": {"orthogonal": {}}}))
+        .collect::<Vec<_>>()}));
+    let mut client = server.client().await;
+    let status = client.describe(costly).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let text = server.shared.render_metrics();
+    for series in [
+        r#"weightinit_requests_total{rpc="Describe",code="INTERNAL"} 1"#,
+        r#"weightinit_requests_total{rpc="Digest",code="OUT_OF_RANGE"} 1"#,
+        r#"weightinit_requests_total{rpc="Describe",code="RESOURCE_EXHAUSTED"} 1"#,
+    ] {
+        assert!(text.contains(series), "{series} missing from\n{text}");
+    }
+}

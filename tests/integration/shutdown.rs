@@ -124,3 +124,23 @@ async fn sigint_on_an_idle_server_exits_zero_at_once_and_healthcheck_follows() {
         "healthcheck fails once the server is gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_at_the_end_of_the_grace_period_is_told_why() {
+    let mut server = Served::start(&["--shutdown-grace", "500ms"], false);
+    let mut client = WeightInitClient::connect(server.url()).await.unwrap();
+    // 16 GiB: far longer than the grace period.
+    let huge: GenerateRequest = serde_json::from_value(json!({"seed": 1, "tensors": [
+        {"name": "w", "shape": [65536, 65536], "init": {"normal": {}}}]}))
+    .unwrap();
+    let digest = tokio::spawn(async move { client.digest(huge).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal("TERM");
+    let status = digest.await.unwrap().expect_err("cut");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("--shutdown-grace"), "{status:?}");
+    let code = tokio::task::spawn_blocking(move || server.wait(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+}

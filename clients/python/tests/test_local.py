@@ -161,3 +161,54 @@ def test_a_forked_child_generates_too():
     finally:
         child.join(10)
         child.kill()
+
+
+_INTERRUPTED = """
+import sys
+import weightinit
+
+request = {"seed": 1, "tensors": [{"name": "w", "shape": SHAPE, "init": INIT}]}
+print("started", flush=True)
+try:
+    weightinit.CALL(request, "local")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    ("call", "shape", "init"),
+    [
+        ("digest", [1 << 18, 1 << 20], {"normal": {}}),  # 1 TiB: hours of work
+        ("fetch", [4096, 4096], {"orthogonal": {}}),  # the QR: tens of seconds
+    ],
+    ids=["digest-1TiB", "fetch-orthogonal"],
+)
+def test_ctrl_c_stops_local_work_within_a_second(call, shape, init):
+    """SIGINT during in-process work raises KeyboardInterrupt at once, not when Rust returns."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = _INTERRUPTED.replace("SHAPE", repr(shape)).replace("INIT", repr(init))
+    child = subprocess.Popen(
+        [sys.executable, "-c", script.replace("CALL", call)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ,
+    )
+    try:
+        assert child.stdout.readline().strip() == "started"
+        time.sleep(1.0)  # into the work: past import and planning
+        assert child.poll() is None, "the work ended before the signal"
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        code = child.wait(timeout=10)
+        elapsed = time.monotonic() - sent
+    finally:
+        child.kill()
+    assert (code, child.stdout.read().strip()) == (3, "interrupted")
+    assert elapsed < 1.0, f"{elapsed:.2f} s from SIGINT to exit"

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::source::{GenerateStream, Server};
 use weightinit_engine::blocks::{BLOCK_BYTES, BlockHash, Tree, row_job_bytes};
+use weightinit_engine::structured::{StopCheck, Stopped, check};
 use weightinit_engine::{Limits, RequestError, RequestPlan, TensorPlan};
 use weightinit_proto::convert;
 use weightinit_proto::{
@@ -40,6 +41,9 @@ pub enum LocalError {
         expected: u64,
         actual: usize,
     },
+    /// The caller's stop check asked to stop (e.g. Ctrl-C).
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
 }
 
 /// A validated request, planned once and then generated tensor by tensor.
@@ -73,8 +77,14 @@ impl LocalPlan {
     }
 
     /// Writes tensor `index`'s output bytes into `out`, which must be exactly their length,
-    /// in parallel on rayon's pool.
-    pub fn fill(&self, index: usize, out: &mut [u8]) -> Result<(), LocalError> {
+    /// in parallel on rayon's pool; `stop` is asked between jobs and between the steps of a
+    /// whole-tensor computation.
+    pub fn fill(
+        &self,
+        index: usize,
+        out: &mut [u8],
+        stop: StopCheck<'_>,
+    ) -> Result<(), LocalError> {
         let tensor = self.tensor(index)?;
         if tensor.byte_length() != out.len() as u64 {
             return Err(LocalError::Length {
@@ -83,13 +93,14 @@ impl LocalPlan {
                 actual: out.len(),
             });
         }
-        fill_at(tensor, 0, out)
+        fill_at(tensor, 0, out, stop)
     }
 
     /// Tensor `index`'s BLAKE3 digest, as a server's Digest computes it: block by block in
-    /// a reused buffer, so memory stays small whatever the tensor's size.
-    pub fn digest(&self, index: usize) -> Result<Hash, LocalError> {
-        self.tensor(index).and_then(digest)
+    /// a reused buffer, so memory stays small whatever the tensor's size; `stop` as for
+    /// [`Self::fill`].
+    pub fn digest(&self, index: usize, stop: StopCheck<'_>) -> Result<Hash, LocalError> {
+        digest(self.tensor(index)?, stop)
     }
 
     fn tensor(&self, index: usize) -> Result<&TensorPlan, LocalError> {
@@ -116,7 +127,8 @@ impl LocalPlan {
             let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
             for offset in (0..total).step_by(job as usize) {
                 let mut data = vec![0u8; (total - offset).min(job) as usize];
-                let hashes = fill_at(tensor, offset, &mut data).and_then(|()| {
+                let gone = || out.is_closed();
+                let hashes = fill_at(tensor, offset, &mut data, &gone).and_then(|()| {
                     // The blocks hashed in parallel, as the server's workers do.
                     Ok(pool()?.install(|| {
                         data.par_chunks(BLOCK_BYTES)
@@ -165,9 +177,16 @@ struct Gone;
 const STREAM_JOB_BYTES: usize = 16 * BLOCK_BYTES;
 
 /// Writes `tensor`'s output bytes from `offset` (a multiple of its job size) into `out`, in
-/// parallel on rayon's pool.
-fn fill_at(tensor: &TensorPlan, offset: u64, out: &mut [u8]) -> Result<(), LocalError> {
+/// parallel on rayon's pool; `stop` is asked between jobs and between the steps of a
+/// whole-tensor computation.
+fn fill_at(
+    tensor: &TensorPlan,
+    offset: u64,
+    out: &mut [u8],
+    stop: StopCheck<'_>,
+) -> Result<(), LocalError> {
     let pool = pool()?;
+    tensor.prepare(stop)?;
     // A few pieces per thread balance the load; whole jobs (as the server's) keep every
     // piece element-aligned and a transposed matrix's columns long runs.
     let pieces = 4 * pool.current_num_threads();
@@ -176,26 +195,36 @@ fn fill_at(tensor: &TensorPlan, offset: u64, out: &mut [u8]) -> Result<(), Local
     pool.install(|| {
         out.par_chunks_mut(piece)
             .enumerate()
-            .for_each(|(i, part)| tensor.fill(offset + (i * piece) as u64, part));
-    });
+            .try_for_each(|(i, part)| {
+                for (j, part) in part.chunks_mut(job).enumerate() {
+                    check(stop)?;
+                    tensor.fill(offset + (i * piece + j * job) as u64, part);
+                }
+                Ok::<_, Stopped>(())
+            })
+    })?;
     Ok(())
 }
 
-/// `tensor`'s BLAKE3 digest, block by block in a reused buffer per thread.
-fn digest(tensor: &TensorPlan) -> Result<Hash, LocalError> {
+/// `tensor`'s BLAKE3 digest, block by block in a reused buffer per thread; `stop` as for
+/// [`fill_at`].
+fn digest(tensor: &TensorPlan, stop: StopCheck<'_>) -> Result<Hash, LocalError> {
     let total = tensor.byte_length();
     let job = job_bytes(tensor) as u64;
-    let hashes: Vec<Vec<BlockHash>> = pool()?.install(|| {
+    let pool = pool()?;
+    tensor.prepare(stop)?;
+    let hashes: Vec<Vec<BlockHash>> = pool.install(|| {
         (0..total.div_ceil(job))
             .into_par_iter()
             .map_init(Vec::new, |buffer, j| {
+                check(stop)?;
                 let offset = j * job;
                 buffer.resize((total - offset).min(job) as usize, 0);
                 tensor.fill(offset, buffer);
-                BlockHash::of_blocks(total, offset, buffer)
+                Ok::<_, Stopped>(BlockHash::of_blocks(total, offset, buffer))
             })
-            .collect()
-    });
+            .collect::<Result<_, _>>()
+    })?;
     let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
     hashes
         .into_iter()
@@ -254,7 +283,7 @@ impl Server for LocalServer {
                 .map(|tensor| {
                     Ok(TensorEnd {
                         tensor_index: tensor.index,
-                        blake3: digest(tensor)?.as_bytes().to_vec(),
+                        blake3: digest(tensor, &|| false)?.as_bytes().to_vec(),
                         byte_length: tensor.byte_length(),
                         name: tensor.name.clone(),
                     })
@@ -327,16 +356,34 @@ mod tests {
         ] {
             let plan = LocalPlan::decode(&request(shape.clone(), permute)).unwrap();
             let mut out = vec![0u8; shape.iter().product::<u64>() as usize * 4];
-            plan.fill(0, &mut out).unwrap();
-            assert_eq!(plan.digest(0).unwrap(), blake3::hash(&out), "{shape:?}");
+            plan.fill(0, &mut out, &|| false).unwrap();
+            assert_eq!(
+                plan.digest(0, &|| false).unwrap(),
+                blake3::hash(&out),
+                "{shape:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_stop_ends_fill_and_digest() {
+        let plan = LocalPlan::decode(&request(vec![4096, 4096], vec![])).unwrap();
+        let mut out = vec![0u8; 64 << 20];
+        assert!(matches!(
+            plan.fill(0, &mut out, &|| true),
+            Err(LocalError::Stopped(_))
+        ));
+        assert!(matches!(
+            plan.digest(0, &|| true),
+            Err(LocalError::Stopped(_))
+        ));
     }
 
     #[test]
     fn bad_calls_are_errors() {
         let plan = LocalPlan::decode(&request(vec![4, 4], vec![])).unwrap();
         assert!(matches!(
-            plan.fill(0, &mut [0u8; 63]),
+            plan.fill(0, &mut [0u8; 63], &|| false),
             Err(LocalError::Length {
                 expected: 64,
                 actual: 63,
@@ -344,7 +391,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            plan.digest(1),
+            plan.digest(1, &|| false),
             Err(LocalError::NoTensor { index: 1, count: 1 })
         ));
         assert!(matches!(

@@ -28,4 +28,4 @@ pub use plan::TensorPlan;
 pub use request::{ALGORITHMS, Limits, Request, RequestError, RequestPlan, TensorSpec};
 pub use scheme::{FanMode, Kaiming, Nonlinearity, Resolved, ScalingDistribution, Scheme};
 pub use slice::{Range, SliceSpec};
-pub use structured::{Structure, StructuredScheme};
+pub use structured::{Structure, StructuredScheme, whole_bytes_bound};

@@ -9,7 +9,7 @@ use super::isa::Isa;
 use super::keystream::Keystream;
 use super::scheme::Resolved;
 use super::slice::{Placement, Selection, TILE_ELEMENTS, TileSink};
-use super::structured::Structured;
+use super::structured::{StopCheck, Stopped, Structured};
 
 /// Elements produced per inner step: the words, values and bytes stay in L1 cache.
 const BLOCK: usize = super::normal::MAX_BLOCK;
@@ -64,6 +64,23 @@ impl TensorPlan {
     /// Output bytes (validated to fit u64).
     pub fn byte_length(&self) -> u64 {
         self.selection.len() * self.dtype.size() as u64
+    }
+
+    /// Computes what a structured scheme needs of the whole tensor before its first element
+    /// (orthogonal's QR, sparse's zeros), asking `stop` between steps; nothing for the other
+    /// schemes. Without it, the first [`Self::fill`] computes it and cannot be stopped.
+    pub fn prepare(&self, stop: StopCheck<'_>) -> Result<(), Stopped> {
+        match &self.structured {
+            Some(structured) => structured.prepare(&self.keystream, stop),
+            None => Ok(()),
+        }
+    }
+
+    /// CPU cost in element-equivalents (the cost of generating one element of a plain
+    /// scheme): the elements output plus the whole-tensor computation of a structured scheme.
+    pub fn work(&self) -> u64 {
+        let whole = self.resolved.structure.map_or(0, |s| s.whole_work());
+        self.selection.len().saturating_add(whole)
     }
 
     /// Writes output bytes `[offset, offset + out.len())`; both must be whole elements.

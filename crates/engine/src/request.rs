@@ -56,6 +56,9 @@ pub struct Limits {
     /// Largest rows x cols of a scheme computed as a whole before any slice (orthogonal,
     /// sparse): its cost and memory grow with the whole matrix, not with what is sent.
     pub max_matrix_elements: u64,
+    /// Largest CPU cost of one request in element-equivalents ([`TensorPlan::work`]): what
+    /// keeps a small request from costing hours of QR.
+    pub max_request_work: u64,
 }
 
 impl Default for Limits {
@@ -70,6 +73,9 @@ impl Default for Limits {
             max_name_bytes: 1024,
             // [4096, 4096]: 128 MiB of f64 and tens of seconds of QR at most.
             max_matrix_elements: 1 << 24,
+            // About 70 CPU-minutes (at 250 M normal elements per second): more than the largest
+            // plain request, about 96 orthogonal [4096, 4096].
+            max_request_work: 1 << 40,
         }
     }
 }
@@ -174,6 +180,7 @@ impl Request {
         let mut names = HashSet::with_capacity(self.tensors.len());
         let mut tensors = Vec::with_capacity(self.tensors.len());
         let mut total_bytes = 0u64;
+        let mut work = 0u64;
         for (index, spec) in self.tensors.iter().enumerate() {
             let at = |field: &str| format!("tensors[{index}].{field}");
             if !names.insert(spec.name.as_str()) {
@@ -206,6 +213,21 @@ impl Request {
             total_bytes = total_bytes.checked_add(plan.byte_length()).ok_or_else(|| {
                 RequestError::invalid("tensors", "the total byte length overflows u64")
             })?;
+            work = work.saturating_add(plan.work());
+            if work > limits.max_request_work {
+                return Err(RequestError::over_limit(
+                    at("name"),
+                    format!(
+                        "{:?} ({}, shape {:?}) brings the request's CPU cost to {work} \
+                         element-equivalents, over this server's limit of {} per request \
+                         (--max-request-work); ask for fewer or smaller tensors per request",
+                        spec.name,
+                        spec.init.as_ref().map_or("", Scheme::name),
+                        spec.shape,
+                        limits.max_request_work
+                    ),
+                ));
+            }
             tensors.push(plan);
         }
         if total_bytes > limits.max_request_bytes {

@@ -19,8 +19,28 @@ use super::param::{SchemeError, SchemeField, invalid, non_negative, param};
 /// element count times a dtype size (at least 2 bytes) fits in u64.
 pub const SPARSE_WORD_BASE: u64 = 1 << 63;
 
-/// Columns of a QR panel: a panel of `rows x PANEL` f64 stays in the L2 cache.
+/// Columns of a QR panel: a panel of `rows x PANEL` f64 stays in the L2 cache. The last
+/// panel is only as wide as the columns left, so a tall, narrow matrix costs no padding.
 const PANEL: usize = 16;
+
+/// Multiply-adds of the QR that cost as much CPU as generating one element of a plain normal
+/// scheme: about 4.5 G multiply-adds against 250 M elements per second and core (BENCHMARKS.md,
+/// "orthogonal" and "Engine"); converts QR work into element-equivalents.
+const QR_MADDS_PER_ELEMENT: f64 = 16.0;
+
+/// A whole-tensor computation was stopped by its caller before it finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("stopped before the whole tensor was computed")]
+pub struct Stopped;
+
+/// Asked between the steps of a whole-tensor computation (a few milliseconds apart at most):
+/// `true` stops it with [`Stopped`].
+pub type StopCheck<'a> = &'a (dyn Fn() -> bool + Sync);
+
+/// Fails with [`Stopped`] when `stop` says so.
+pub fn check(stop: StopCheck<'_>) -> Result<(), Stopped> {
+    if stop() { Err(Stopped) } else { Ok(()) }
+}
 
 /// A structured scheme as requested; `None` means "the default".
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -184,6 +204,42 @@ impl Structure {
             Self::Eye { .. } | Self::Dirac { .. } => None,
         }
     }
+
+    /// CPU cost of the whole-tensor computation, in element-equivalents (the cost of
+    /// generating one element of a plain scheme): orthogonal's QR, an upper bound of
+    /// 4 (m n^2 - n^3 / 3) multiply-adds for the factorization and forming Q (m >= n), plus its
+    /// draws; sparse's selection, a word per zero plus its draws. 0 for the others.
+    pub fn whole_work(&self) -> u64 {
+        match *self {
+            Self::Orthogonal { rows, cols, .. } => {
+                let (m, n) = (rows.max(cols) as f64, rows.min(cols) as f64);
+                let madds = 4.0 * (m * n * n - n * n * n / 3.0);
+                // Float to int saturates: an absurd shape costs u64::MAX, never wraps.
+                (madds / QR_MADDS_PER_ELEMENT) as u64 + rows * cols
+            }
+            Self::Sparse {
+                rows, cols, zeros, ..
+            } => rows * cols + zeros * cols,
+            Self::Eye { .. } | Self::Dirac { .. } => 0,
+        }
+    }
+
+    /// Bytes the whole-tensor computation holds at its peak, while computing:
+    /// [`whole_bytes_bound`] for orthogonal, 1/8 per element for sparse's bits plus its row
+    /// permutation. What it holds once done is at most half of this.
+    pub fn whole_bytes(&self) -> u64 {
+        match *self {
+            Self::Orthogonal { rows, cols, .. } => whole_bytes_bound(rows * cols),
+            Self::Sparse { rows, cols, .. } => (rows * cols).div_ceil(8) + 8 * rows,
+            Self::Eye { .. } | Self::Dirac { .. } => 0,
+        }
+    }
+}
+
+/// The most bytes a whole-tensor computation of a `elements`-element matrix holds: two f64
+/// matrices at a time (orthogonal's QR), the largest of [`Structure::whole_bytes`].
+pub const fn whole_bytes_bound(elements: u64) -> u64 {
+    16 * elements
 }
 
 /// Rows and columns of orthogonal's matrix: torch flattens to [shape[0], rest], Keras to
@@ -208,8 +264,8 @@ pub struct Structured {
 /// What a scheme computes for the whole tensor before any element.
 #[derive(Debug)]
 enum Whole {
-    /// Every element's value, in the tensor's order.
-    Values(Vec<f64>),
+    /// orthogonal's factor.
+    Factor(Factor),
     /// A bit per element: set where sparse puts a zero.
     Zeros(Vec<u64>),
 }
@@ -228,19 +284,62 @@ impl Structured {
         matches!(self.structure, Structure::Sparse { .. })
     }
 
+    /// Computes what the scheme needs of the whole tensor (orthogonal's QR, sparse's zeros),
+    /// unless done already, asking `stop` between its steps. Callers that may need to stop
+    /// call this before the first [`Self::values`], which otherwise computes it unstoppably.
+    pub fn prepare(&self, keystream: &Keystream, stop: StopCheck<'_>) -> Result<(), Stopped> {
+        if self.whole.get().is_none()
+            && let Some(whole) = self.compute(keystream, stop)?
+        {
+            // Two callers may compute at once; both results are the same.
+            let _ = self.whole.set(whole);
+        }
+        Ok(())
+    }
+
+    fn compute(
+        &self,
+        keystream: &Keystream,
+        stop: StopCheck<'_>,
+    ) -> Result<Option<Whole>, Stopped> {
+        Ok(match self.structure {
+            Structure::Orthogonal { rows, cols, gain } => Some(Whole::Factor(orthogonal(
+                keystream, rows, cols, gain, stop,
+            )?)),
+            Structure::Sparse {
+                rows,
+                cols,
+                zeros,
+                layout,
+                ..
+            } => Some(Whole::Zeros(sparse_zeros(
+                keystream, rows, cols, zeros, layout, stop,
+            )?)),
+            Structure::Eye { .. } | Structure::Dirac { .. } => None,
+        })
+    }
+
+    /// The whole-tensor result, computed now if no one prepared it.
+    fn whole(&self, keystream: &Keystream) -> &Whole {
+        self.whole.get_or_init(|| {
+            self.compute(keystream, &|| false)
+                .ok()
+                .flatten()
+                .expect("a scheme with a whole computation, never stopped")
+        })
+    }
+
     /// Values of elements `index, index + 1, ...`; for sparse `values` holds the normal draws
     /// of those elements on entry.
     pub fn values(&self, keystream: &Keystream, index: u64, values: &mut [f64]) {
         match self.structure {
-            Structure::Orthogonal { rows, cols, gain } => {
-                let Whole::Values(all) = self
-                    .whole
-                    .get_or_init(|| Whole::Values(orthogonal(keystream, rows, cols, gain)))
-                else {
-                    unreachable!("orthogonal computes values")
+            Structure::Orthogonal { .. } => {
+                let Whole::Factor(factor) = self.whole(keystream) else {
+                    unreachable!("orthogonal computes its factor")
                 };
-                let start = index as usize;
-                values.copy_from_slice(&all[start..start + values.len()]);
+                for (i, slot) in (index..).zip(values.iter_mut()) {
+                    *slot = factor.value(i);
+                }
             }
             Structure::Eye { value } => {
                 let cols = self.shape[1];
@@ -257,16 +356,8 @@ impl Structured {
                     };
                 }
             }
-            Structure::Sparse {
-                rows,
-                cols,
-                zeros,
-                layout,
-                ..
-            } => {
-                let Whole::Zeros(bits) = self.whole.get_or_init(|| {
-                    Whole::Zeros(sparse_zeros(keystream, rows, cols, zeros, layout))
-                }) else {
+            Structure::Sparse { .. } => {
+                let Whole::Zeros(bits) = self.whole(keystream) else {
                     unreachable!("sparse computes zeros")
                 };
                 for (i, slot) in (index..).zip(values.iter_mut()) {
@@ -306,7 +397,8 @@ fn sparse_zeros(
     cols: u64,
     zeros: u64,
     layout: Layout,
-) -> Vec<u64> {
+    stop: StopCheck<'_>,
+) -> Result<Vec<u64>, Stopped> {
     let mut bits = vec![0u64; (rows * cols).div_ceil(64) as usize];
     let mut words = SelectionWords::new(keystream);
     let mut perm: Vec<u64> = (0..rows).collect();
@@ -314,6 +406,10 @@ fn sparse_zeros(
     for c in 0..cols {
         swaps.clear();
         for i in 0..zeros {
+            // A tall column alone can take a while.
+            if i % CHECK_EVERY == 0 {
+                check(stop)?;
+            }
             let j = i + words.below(rows - i);
             perm.swap(i as usize, j as usize);
             swaps.push(j as usize);
@@ -331,8 +427,11 @@ fn sparse_zeros(
             perm.swap(i, j);
         }
     }
-    bits
+    Ok(bits)
 }
+
+/// Selection draws between two stop checks: well under a millisecond of work.
+const CHECK_EVERY: u64 = 1 << 14;
 
 /// Sparse's selection words, consumed in order from [`SPARSE_WORD_BASE`].
 struct SelectionWords<'a> {
@@ -384,11 +483,52 @@ struct Reflectors {
     beta: Vec<f64>,
 }
 
+/// orthogonal's factor as the QR leaves it: Q (m x n, m >= n) in panels of up to [`PANEL`]
+/// columns, each row-major, and what turns its columns into the tensor's values.
+#[derive(Debug)]
+struct Factor {
+    panels: Vec<Vec<f64>>,
+    m: usize,
+    n: usize,
+    /// The tensor is Q's transpose (its matrix was wide).
+    wide: bool,
+    /// Each column's sign: that of R's diagonal.
+    signs: Vec<f64>,
+    gain: f64,
+}
+
+impl Factor {
+    /// Element `index` of the tensor: gain x Q, or its transpose when wide, row-major.
+    fn value(&self, index: u64) -> f64 {
+        let e = index as usize;
+        let (i, j) = if self.wide {
+            (e % self.m, e / self.m)
+        } else {
+            (e / self.n, e % self.n)
+        };
+        let p = j / PANEL;
+        self.panels[p][i * width(self.n, p) + j % PANEL] * self.signs[j] * self.gain
+    }
+}
+
+/// Columns of panel `p` of an n-column matrix.
+fn width(n: usize, p: usize) -> usize {
+    PANEL.min(n - p * PANEL)
+}
+
 /// gain x Q of the [rows, cols] matrix of the tensor's standard normal draws (transposed
-/// first when it is wide), with Q's columns signed by R's diagonal, in the tensor's order.
-pub fn orthogonal(keystream: &Keystream, rows: u64, cols: u64, gain: f64) -> Vec<f64> {
+/// first when it is wide), with Q's columns signed by R's diagonal. Two m x n matrices of f64
+/// at most are held at once: the draws and their panels, the panels and the reflectors, the
+/// reflectors and Q.
+fn orthogonal(
+    keystream: &Keystream,
+    rows: u64,
+    cols: u64,
+    gain: f64,
+    stop: StopCheck<'_>,
+) -> Result<Factor, Stopped> {
     let (rows, cols) = (rows as usize, cols as usize);
-    let draws = normal_draws(keystream, rows * cols);
+    let draws = normal_draws(keystream, rows * cols, stop)?;
     let wide = rows < cols;
     let (m, n) = if wide { (cols, rows) } else { (rows, cols) };
     // A is m x n; element (i, j) is draw i * cols + j, or draw j * cols + i when wide.
@@ -399,27 +539,43 @@ pub fn orthogonal(keystream: &Keystream, rows: u64, cols: u64, gain: f64) -> Vec
             draws[i * cols + j]
         }
     };
-    let reflectors = householder(m, n, a);
-    drop(draws);
-    let q = form_q(m, n, &reflectors);
-    let mut out = vec![0.0; rows * cols];
-    for j in 0..n {
-        let sign = if reflectors.beta[j] < 0.0 { -1.0 } else { 1.0 };
-        for i in 0..m {
-            let x = q[j / PANEL][i * PANEL + j % PANEL] * sign * gain;
-            // Q (m x n) or, when wide, its transpose (n x m), row-major.
-            if wide {
-                out[j * m + i] = x;
-            } else {
-                out[i * n + j] = x;
+    let mut panels: Vec<Vec<f64>> = (0..n.div_ceil(PANEL))
+        .map(|p| {
+            let w = width(n, p);
+            let mut panel = vec![0.0; m * w];
+            for i in 0..m {
+                for t in 0..w {
+                    panel[i * w + t] = a(i, p * PANEL + t);
+                }
             }
-        }
-    }
-    out
+            panel
+        })
+        .collect();
+    drop(draws);
+    let reflectors = householder(m, n, &mut panels, stop)?;
+    drop(panels);
+    let q = form_q(m, n, &reflectors, stop)?;
+    let signs = reflectors
+        .beta
+        .iter()
+        .map(|&beta| if beta < 0.0 { -1.0 } else { 1.0 })
+        .collect();
+    Ok(Factor {
+        panels: q,
+        m,
+        n,
+        wide,
+        signs,
+        gain,
+    })
 }
 
 /// Standard normal draws of elements 0..count, as the `normal` scheme with mean 0, std 1.
-fn normal_draws(keystream: &Keystream, count: usize) -> Vec<f64> {
+fn normal_draws(
+    keystream: &Keystream,
+    count: usize,
+    stop: StopCheck<'_>,
+) -> Result<Vec<f64>, Stopped> {
     let sampler = Sampler::Normal {
         mean: 0.0,
         std: 1.0,
@@ -428,45 +584,41 @@ fn normal_draws(keystream: &Keystream, count: usize) -> Vec<f64> {
     let mut words = vec![0u64; MAX_BLOCK];
     let mut scratch = Box::<Scratch>::default();
     for (block, out) in out.chunks_mut(MAX_BLOCK).enumerate() {
+        check(stop)?;
         let words = &mut words[..out.len()];
         keystream.fill((block * MAX_BLOCK) as u64, words);
         sampler.values(words, out, &mut scratch);
     }
-    out
+    Ok(out)
 }
 
-/// Householder QR of the m x n matrix `a` (m >= n), column by column. Columns are kept in
-/// panels of [`PANEL`] (row-major within a panel); each column receives reflectors 0, 1, ...
-/// in order, exactly as the right-looking algorithm applies them, so neither the panels nor
-/// the threads that update them change a bit.
-fn householder(m: usize, n: usize, a: impl Fn(usize, usize) -> f64) -> Reflectors {
-    let panels = n.div_ceil(PANEL);
-    let mut data: Vec<Vec<f64>> = (0..panels)
-        .map(|p| {
-            let mut panel = vec![0.0; m * PANEL];
-            for i in 0..m {
-                for t in 0..PANEL.min(n - p * PANEL) {
-                    panel[i * PANEL + t] = a(i, p * PANEL + t);
-                }
-            }
-            panel
-        })
-        .collect();
+/// Householder QR of the m x n matrix (m >= n) in `data`'s panels (left holding R),
+/// column by column. Each column receives reflectors 0, 1, ... in order, exactly as the
+/// right-looking algorithm applies them, so neither the panels nor the threads that update
+/// them change a bit.
+fn householder(
+    m: usize,
+    n: usize,
+    data: &mut [Vec<f64>],
+    stop: StopCheck<'_>,
+) -> Result<Reflectors, Stopped> {
     let mut r = Reflectors {
         v: Vec::with_capacity(n),
         c: Vec::with_capacity(n),
         beta: Vec::with_capacity(n),
     };
     let mut sums = [0.0; PANEL];
-    for p in 0..panels {
+    for p in 0..data.len() {
         let (panel, later) = data[p..].split_first_mut().expect("panel p exists");
-        for t in 0..PANEL.min(n - p * PANEL) {
+        let w = width(n, p);
+        for t in 0..w {
+            check(stop)?;
             let k = p * PANEL + t;
             // alpha, sigma = sum of squares below it (from row k + 1 down), norm, beta.
-            let alpha = panel[k * PANEL + t];
+            let alpha = panel[k * w + t];
             let mut sigma = 0.0;
             for i in k + 1..m {
-                let x = panel[i * PANEL + t];
+                let x = panel[i * w + t];
                 sigma += x * x;
             }
             let norm = (alpha * alpha + sigma).sqrt();
@@ -479,9 +631,9 @@ fn householder(m: usize, n: usize, a: impl Fn(usize, usize) -> f64) -> Reflector
             };
             let mut v = Vec::with_capacity(m - k);
             v.push(alpha - beta);
-            v.extend((k + 1..m).map(|i| panel[i * PANEL + t]));
+            v.extend((k + 1..m).map(|i| panel[i * w + t]));
             // Columns up to t are finished: what H_k does to them is never read.
-            reflect(panel, k, &v, c, &mut sums);
+            reflect(panel, w, k, &v, c, &mut sums);
             r.v.push(v);
             r.c.push(c);
             r.beta.push(beta);
@@ -489,54 +641,67 @@ fn householder(m: usize, n: usize, a: impl Fn(usize, usize) -> f64) -> Reflector
         // This panel's reflectors on every later panel, in order.
         let first = p * PANEL;
         let last = r.v.len();
-        parallel(later, |panel, sums| {
+        parallel(later, stop, |_, panel, sums| {
             for k in first..last {
-                reflect(panel, k, &r.v[k], r.c[k], sums);
+                reflect(panel, panel.len() / m, k, &r.v[k], r.c[k], sums);
             }
-        });
+        })?;
     }
-    r
+    Ok(r)
 }
 
-/// Q = H_0 H_1 ... H_{n-1} [I; 0], m x n, in panels of [`PANEL`] columns: column j starts as
-/// e_j and receives H_{n-1}, ..., H_1, H_0 in that order (those above j leave it as it is,
-/// to the bit: their sums are +0).
-fn form_q(m: usize, n: usize, r: &Reflectors) -> Vec<Vec<f64>> {
+/// Q = H_0 H_1 ... H_{n-1} [I; 0], m x n, in panels of up to [`PANEL`] columns: column j
+/// starts as e_j and receives H_{n-1}, ..., H_1, H_0 in that order (those above j leave it as
+/// it is, to the bit: their sums are +0).
+fn form_q(
+    m: usize,
+    n: usize,
+    r: &Reflectors,
+    stop: StopCheck<'_>,
+) -> Result<Vec<Vec<f64>>, Stopped> {
     let mut panels: Vec<Vec<f64>> = (0..n.div_ceil(PANEL))
         .map(|p| {
-            let mut panel = vec![0.0; m * PANEL];
-            for t in 0..PANEL.min(n - p * PANEL) {
-                panel[(p * PANEL + t) * PANEL + t] = 1.0;
+            let w = width(n, p);
+            let mut panel = vec![0.0; m * w];
+            for t in 0..w {
+                panel[(p * PANEL + t) * w + t] = 1.0;
             }
             panel
         })
         .collect();
-    parallel_indexed(&mut panels, |p, panel, sums| {
+    parallel(&mut panels, stop, |p, panel, sums| {
         for k in (0..(p * PANEL + PANEL).min(n)).rev() {
-            reflect(panel, k, &r.v[k], r.c[k], sums);
+            // One reflector is at most m x 16 multiply-adds: check between them.
+            if stop() {
+                return;
+            }
+            reflect(panel, panel.len() / m, k, &r.v[k], r.c[k], sums);
         }
-    });
-    panels
+    })?;
+    Ok(panels)
 }
 
-/// Runs `work` on every panel, spread over the machine's cores.
-fn parallel(panels: &mut [Vec<f64>], work: impl Fn(&mut [f64], &mut [f64; PANEL]) + Sync) {
-    parallel_indexed(panels, |_, panel, sums| work(panel, sums));
-}
-
-/// As [`parallel`], with each panel's position in `panels`.
-fn parallel_indexed(
+/// Runs `work` on every panel, with its position in `panels`, spread over the machine's
+/// cores; stopped between panels when `stop` says so (`work` may stop inside one too).
+fn parallel(
     panels: &mut [Vec<f64>],
+    stop: StopCheck<'_>,
     work: impl Fn(usize, &mut [f64], &mut [f64; PANEL]) + Sync,
-) {
+) -> Result<(), Stopped> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Small updates are not worth a thread.
-    if threads == 1 || panels.len() < 2 * threads {
+    let run = |share: &mut dyn Iterator<Item = (usize, &mut Vec<f64>)>| {
         let mut sums = [0.0; PANEL];
-        for (p, panel) in panels.iter_mut().enumerate() {
+        for (p, panel) in share {
+            if stop() {
+                return;
+            }
             work(p, panel, &mut sums);
         }
-        return;
+    };
+    // Small updates are not worth a thread.
+    if threads == 1 || panels.len() < 2 * threads {
+        run(&mut panels.iter_mut().enumerate());
+        return check(stop);
     }
     // Interleaved so that every thread gets as many long panels as short ones.
     let mut shares: Vec<Vec<(usize, &mut Vec<f64>)>> = (0..threads).map(|_| Vec::new()).collect();
@@ -545,24 +710,38 @@ fn parallel_indexed(
     }
     std::thread::scope(|scope| {
         for share in shares {
-            let work = &work;
-            scope.spawn(move || {
-                let mut sums = [0.0; PANEL];
-                for (p, panel) in share {
-                    work(p, panel, &mut sums);
-                }
-            });
+            let run = &run;
+            scope.spawn(move || run(&mut share.into_iter()));
         }
     });
+    check(stop)
 }
 
-/// Applies H_k = I - c v v^T to every column x of a panel (rows k..m): s = the sum over
-/// i = k, k + 1, ... of v_i x_i (from +0, in that order), g = s c, then x_i = x_i - g v_i.
-/// Columns are independent, so the loops run across them.
+/// Applies H_k = I - c v v^T to every column x of a panel `width` columns wide (rows k..m):
+/// s = the sum over i = k, k + 1, ... of v_i x_i (from +0, in that order), g = s c, then
+/// x_i = x_i - g v_i. Columns are independent, so the loops run across them.
 #[inline]
-fn reflect(panel: &mut [f64], k: usize, v: &[f64], c: f64, sums: &mut [f64; PANEL]) {
-    *sums = [0.0; PANEL];
-    for (row, &vi) in panel[k * PANEL..].chunks_exact(PANEL).zip(v) {
+fn reflect(panel: &mut [f64], width: usize, k: usize, v: &[f64], c: f64, sums: &mut [f64; PANEL]) {
+    // A full panel's width as a constant, so that its loops are unrolled and vectorized.
+    if width == PANEL {
+        reflect_columns(panel, PANEL, k, v, c, sums);
+    } else {
+        reflect_columns(panel, width, k, v, c, sums);
+    }
+}
+
+#[inline(always)]
+fn reflect_columns(
+    panel: &mut [f64],
+    width: usize,
+    k: usize,
+    v: &[f64],
+    c: f64,
+    sums: &mut [f64; PANEL],
+) {
+    let sums = &mut sums[..width];
+    sums.fill(0.0);
+    for (row, &vi) in panel[k * width..].chunks_exact(width).zip(v) {
         for (s, &x) in sums.iter_mut().zip(row) {
             *s += vi * x;
         }
@@ -570,7 +749,7 @@ fn reflect(panel: &mut [f64], k: usize, v: &[f64], c: f64, sums: &mut [f64; PANE
     for s in sums.iter_mut() {
         *s *= c;
     }
-    for (row, &vi) in panel[k * PANEL..].chunks_exact_mut(PANEL).zip(v) {
+    for (row, &vi) in panel[k * width..].chunks_exact_mut(width).zip(v) {
         for (x, &g) in row.iter_mut().zip(sums.iter()) {
             *x -= g * vi;
         }
@@ -596,7 +775,8 @@ mod tests {
     #[test]
     fn orthogonal_columns_are_orthonormal() {
         for (rows, cols) in [(7, 5), (5, 7), (33, 33), (40, 3)] {
-            let q = orthogonal(&Keystream::new(3, "q"), rows, cols, 1.0);
+            let factor = orthogonal(&Keystream::new(3, "q"), rows, cols, 1.0, &|| false).unwrap();
+            let q: Vec<f64> = (0..rows * cols).map(|e| factor.value(e)).collect();
             let (rows, cols) = (rows as usize, cols as usize);
             // Vector v of the smaller side, element e: a column when tall, a row when wide.
             let at = |v: usize, e: usize| {
@@ -613,6 +793,41 @@ mod tests {
                     let want = if a == b { 1.0 } else { 0.0 };
                     assert!((dot - want).abs() < 1e-13, "{rows}x{cols} {a} {b}: {dot}");
                 }
+            }
+        }
+    }
+
+    /// A stop asked for during any step ends the computation there: the draws, the
+    /// factorization, forming Q (on several threads: 64 panels), sparse's selection.
+    #[test]
+    fn whole_computations_stop_when_asked() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let keystream = Keystream::new(5, "stop");
+        // Stops at the `after`-th check; returns how many checks a full run makes.
+        let run = |after: u64, f: &dyn Fn(StopCheck<'_>) -> Result<(), Stopped>| {
+            let checks = AtomicU64::new(0);
+            let result = f(&|| checks.fetch_add(1, Ordering::Relaxed) + 1 >= after);
+            (result, checks.load(Ordering::Relaxed))
+        };
+        let qr = |stop: StopCheck<'_>| orthogonal(&keystream, 1024, 1024, 1.0, stop).map(|_| ());
+        let sparse = |stop: StopCheck<'_>| {
+            sparse_zeros(&keystream, 1 << 16, 4, 1 << 15, Layout::Torch, stop).map(|_| ())
+        };
+        for f in [
+            &qr as &dyn Fn(StopCheck<'_>) -> Result<(), Stopped>,
+            &sparse,
+        ] {
+            let (done, total) = run(u64::MAX, f);
+            assert_eq!(done, Ok(()));
+            // Each thread finishes the reflector it is applying, then checks once more.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+            for after in [1, total / 3, total / 2, total - 1] {
+                let (result, checks) = run(after, f);
+                assert_eq!(result, Err(Stopped), "stop at check {after} of {total}");
+                assert!(
+                    checks <= after + 2 * threads + 1,
+                    "{checks} checks to stop at {after}"
+                );
             }
         }
     }

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -21,6 +22,7 @@ use weightinit_client::remote::{self, RemoteError, Unary};
 use weightinit_client::retry::RetryPolicy;
 use weightinit_client::target::{Caller, Given, Security};
 use weightinit_engine::RequestError;
+use weightinit_engine::structured::StopCheck;
 use weightinit_proto::GenerateRequest;
 
 #[pymodule]
@@ -63,14 +65,54 @@ impl Plan {
             // writable bytes that stay alive and are not moved while the call runs.
             unsafe { std::slice::from_raw_parts_mut(address as *mut u8, length) }
         };
-        py.detach(|| self.0.fill(index, out)).map_err(local_failure)
+        interruptible(py, |stop| self.0.fill(index, out, stop))
     }
 
     /// Tensor `index`'s BLAKE3 digest (32 bytes), computed as a server's Digest does.
     fn digest<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let hash = py.detach(|| self.0.digest(index)).map_err(local_failure)?;
+        let hash = interruptible(py, |stop| self.0.digest(index, stop))?;
         Ok(PyBytes::new(py, hash.as_bytes()))
     }
+}
+
+/// Runs `work` on its own thread without the GIL, looking for Ctrl-C (any signal handler's
+/// exception) every [`SIGNAL_POLL`]: the work is then told to stop, which it does within
+/// one job, and the exception is raised here.
+fn interruptible<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(StopCheck<'_>) -> Result<T, LocalError> + Send,
+) -> PyResult<T> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (done, result) = mpsc::channel();
+        let stop = &stop;
+        scope.spawn(move || {
+            let _ = done.send(work(&|| stop.load(Ordering::Relaxed)));
+        });
+        let mut result = result;
+        loop {
+            // Moved in and back: a Receiver cannot be shared with the detached closure.
+            let (back, next) = py.detach(move || {
+                let next = result.recv_timeout(SIGNAL_POLL);
+                (result, next)
+            });
+            result = back;
+            match next {
+                Ok(value) => return value.map_err(local_failure),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(signal) = py.check_signals() {
+                        stop.store(true, Ordering::Relaxed);
+                        // The work ends at its next check; its result no longer matters.
+                        let _ = py.detach(move || result.recv());
+                        return Err(signal);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(PyRuntimeError::new_err("the generation thread panicked"));
+                }
+            }
+        }
+    })
 }
 
 /// A failure as weightinit.errors turns it into the package's exception.
@@ -177,8 +219,8 @@ impl AsMut<[u8]> for Destination {
     }
 }
 
-/// How often a wait for the server looks for Ctrl-C.
-const SIGNAL_POLL: Duration = Duration::from_millis(100);
+/// How often a wait for the server or for local work looks for Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// PEM or token bytes from Python, and the file they were read from (None: given as bytes).
 type FromPython = Option<(Vec<u8>, Option<PathBuf>)>;

@@ -8,11 +8,20 @@
 //! Generated code builds codecs with `Default`, so the limit reaches the decoder through a
 //! task-local that [`DecodeLimits`] sets around each call of the service it wraps. Outside such
 //! a call (the client side) messages are decoded as prost does.
+//!
+//! [`DecodeLimits`] also counts and logs the calls that tonic refuses before the handler sees
+//! them: a message that is not valid protobuf (INTERNAL) or is over `--max-message-bytes`
+//! (OUT_OF_RANGE). And it answers a call whose deadline (`grpc-timeout`) passes before its
+//! response with DEADLINE_EXCEEDED, as gRPC promises, just before tonic's own timer for the
+//! same deadline would answer CANCELLED.
 
 use std::any::TypeId;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Buf as _;
 use prost::Message;
@@ -148,25 +157,90 @@ impl<S> DecodeLimits<S> {
     }
 }
 
-impl<S, B> Service<http::Request<B>> for DecodeLimits<S>
+impl<S, B, R> Service<http::Request<B>> for DecodeLimits<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = TaskLocalFuture<Scope, S::Future>;
+    type Future = TaskLocalFuture<Scope, Refusals<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let rpc = Rpc::from_path(request.uri().path());
         let scope = Scope {
             limits: self.limits,
-            rpc: Rpc::from_path(request.uri().path()),
+            rpc,
             metrics: Arc::clone(&self.metrics),
         };
-        SCOPE.scope(scope, self.inner.call(request))
+        let metrics = Arc::clone(&self.metrics);
+        let deadline = grpc_timeout(request.headers())
+            .map(|timeout| Instant::now() + timeout.saturating_sub(DEADLINE_MARGIN));
+        let call = self.inner.call(request);
+        SCOPE.scope(
+            scope,
+            Box::pin(async move {
+                let response = match deadline {
+                    // Dropping the call on time stops its work, as a client's cancel does.
+                    Some(at) => match tokio::time::timeout_at(at.into(), call).await {
+                        Ok(response) => response?,
+                        Err(_) => Status::deadline_exceeded("Deadline Exceeded").into_http(),
+                    },
+                    None => call.await?,
+                };
+                count_refusal(&metrics, rpc, &response);
+                Ok(response)
+            }),
+        )
+    }
+}
+
+/// How much earlier than the deadline a call is answered: enough for this timer to fire no
+/// later than tonic's, started a moment before it for the same deadline (tonic polls the call
+/// before its own timer, so on the same tick the call's answer wins).
+const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+
+/// The `grpc-timeout` header: at most 8 digits and a unit (gRPC over HTTP/2); `None` when
+/// absent or malformed, as tonic reads it.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A call's response, once [`count_refusal`] has seen it.
+type Refusals<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+/// Counts and logs a response that tonic made from a request it could not decode: the
+/// handler never sees those calls. (The handler itself answers INTERNAL before data only when
+/// a worker fails, a bug, which it counts too.)
+fn count_refusal<R>(metrics: &Metrics, rpc: Rpc, response: &http::Response<R>) {
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
+        .map(Code::from_i32);
+    if let Some(code @ (Code::Internal | Code::OutOfRange)) = code {
+        metrics.rpc_refused(rpc, code);
+        let message = response.headers().get("grpc-message");
+        tracing::info!(rpc = rpc.name(), code = ?code, ?message, "rpc refused: request not decoded");
     }
 }
 
@@ -206,6 +280,23 @@ mod tests {
         assert_eq!(count_tensors(&bytes), decoded.tensors.len());
         // A tensor field nested in a group or a string is not a tensor of the request.
         assert_eq!(count_tensors(&[0x6b, 0x12, 0x00, 0x6c, 0x12, 0x00]), 1);
+    }
+
+    #[test]
+    fn reads_grpc_timeout_as_grpc_defines_it() {
+        let read = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-timeout", value.parse().unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(read("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(read("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(read("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "5x", "-1S", "1.5S"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
     }
 
     #[test]

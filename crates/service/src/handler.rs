@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
 
 use super::convert;
 use super::metrics::{Live, Metrics, Rpc};
-use super::pipeline::{Emit, Outcome, Pipeline};
+use super::pipeline::{Emit, Outcome, Pipeline, Structured};
 use super::pool::WorkerPool;
 use super::watchdog::{Watch, WatchedStream};
 use crate::proto::{
@@ -52,27 +52,44 @@ pub struct Shared {
     /// DEADLINE_EXCEEDED; zero = never.
     pub stream_idle_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// Whole-tensor computations at once, and their memory budget in bytes (for GetInfo).
+    pub structured_jobs: usize,
+    pub structured_memory_bytes: u64,
     pipeline: Pipeline,
     streams: Arc<Semaphore>,
+    /// Set when the shutdown grace period is over: the streams still running end then.
+    cut: watch::Sender<bool>,
 }
 
 impl Shared {
-    /// Starts `workers` generation threads.
+    /// Starts `workers` generation threads; `structured_jobs` whole-tensor computations
+    /// run at once within `structured_memory_bytes`.
     pub fn new(
         limits: Limits,
         workers: usize,
         max_concurrent_streams: u32,
         stream_idle_timeout: Duration,
+        (structured_jobs, structured_memory_bytes): (usize, u64),
     ) -> Self {
         let pool = Arc::new(WorkerPool::new(workers));
+        let structured = Structured::new(structured_jobs, structured_memory_bytes);
         Self {
             limits,
             max_concurrent_streams,
-            pipeline: Pipeline::new(pool, workers + 1),
+            structured_jobs,
+            structured_memory_bytes,
+            pipeline: Pipeline::new(pool, workers + 1, structured),
             stream_idle_timeout,
             metrics: Arc::new(Metrics::default()),
             streams: Arc::new(Semaphore::new(max_concurrent_streams as usize)),
+            cut: watch::Sender::new(false),
         }
+    }
+
+    /// The shutdown grace period is over: every stream still running ends at once with
+    /// UNAVAILABLE, logged and counted, and frees its slot.
+    pub fn cut_streams(&self) {
+        self.cut.send_replace(true);
     }
 
     /// Generate and Digest streams running now.
@@ -132,27 +149,43 @@ impl Shared {
             _ => None,
         };
         let shared = Arc::clone(self);
+        let mut cut = self.cut.subscribe();
         tokio::spawn(async move {
             let run = shared.pipeline.run(plan, emit, sender.clone());
-            let outcome = match idle {
-                Some(idle) => tokio::select! {
-                    outcome = run => Some(outcome),
-                    // Dropping `run` stops the producer: its queued jobs are skipped.
-                    () = watch.idle(&sender, idle) => None,
-                },
-                None => Some(run.await),
+            let idle = async {
+                match idle {
+                    Some(idle) => watch.idle(&sender, idle).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Dropping `run` stops the producer: its queued jobs are skipped.
+            let end = tokio::select! {
+                outcome = run => End::Done(outcome),
+                () = idle => End::Idle,
+                _ = cut.wait_for(|&cut| cut) => End::Cut,
             };
             drop(permit);
-            match outcome {
-                Some(Outcome::Complete { bytes }) => call.finish(bytes, Code::Ok, "ok"),
-                Some(Outcome::Abandoned { bytes }) => {
+            match end {
+                End::Done(Outcome::Complete { bytes }) => call.finish(bytes, Code::Ok, "ok"),
+                End::Done(Outcome::Abandoned { bytes }) => {
                     call.finish(bytes, Code::Cancelled, "cancelled by client")
                 }
-                Some(Outcome::Failed { bytes }) => {
+                End::Done(Outcome::Failed { bytes }) => {
                     call.finish(bytes, Code::Internal, "internal");
                     watch.fail_after_queued(Status::internal("a generation worker failed"));
                 }
-                None => {
+                End::Cut => {
+                    call.finish(
+                        watch.sent_bytes(),
+                        Code::Unavailable,
+                        "cut: the shutdown grace period is over",
+                    );
+                    watch.fail_now(Status::unavailable(
+                        "the server is shutting down and its grace period (--shutdown-grace) is \
+                         over; retry, on another replica if there is one",
+                    ));
+                }
+                End::Idle => {
                     shared.metrics.stream_idle_timeout();
                     call.finish(
                         watch.sent_bytes(),
@@ -181,6 +214,15 @@ impl Shared {
     }
 }
 
+/// How a stream's task ended.
+enum End {
+    Done(Outcome),
+    /// Its client read nothing for the idle timeout.
+    Idle,
+    /// The shutdown grace period ran out.
+    Cut,
+}
+
 /// One RPC, for its log line and its metrics.
 struct Call {
     rpc: Rpc,
@@ -196,7 +238,8 @@ impl Call {
         self.metrics.rpc_finished(self.rpc, code, duration, bytes);
         tracing::info!(
             rpc = self.rpc.name(),
-            peer = ?self.peer,
+            // The address itself (absent when unknown), not Debug's `Some(...)`.
+            peer = self.peer.map(tracing::field::display),
             tensors = self.tensors,
             bytes,
             duration_ms = duration.as_secs_f64() * 1e3,
@@ -306,6 +349,9 @@ impl WeightInit for Handler {
                 max_rank: limits.max_rank,
                 max_name_bytes: limits.max_name_bytes,
                 max_matrix_elements: limits.max_matrix_elements,
+                max_request_work: limits.max_request_work,
+                structured_jobs: self.shared.structured_jobs as u32,
+                structured_memory_bytes: self.shared.structured_memory_bytes,
             }),
         }))
     }

@@ -9,15 +9,21 @@
 //! like the generation; the producer only merges 32-byte chaining
 //! values, in order, with [`Tree`]. A few blocks are in flight ahead of the one being sent;
 //! transport chunks are zero-copy slices of a block, so a chunk never spans two blocks.
-//! When the receiver is gone the producer stops at its next block, and queued jobs for it are
-//! skipped.
+//! When the receiver is gone the producer stops at once, whatever it waits for, and queued jobs
+//! for it are skipped.
+//!
+//! A structured scheme's whole-tensor computation (orthogonal's QR, sparse's selection) runs
+//! before its blocks, off the worker pool so that plain streams keep their workers, under its
+//! own bounds: [`Structured::jobs`] at once, and their memory within a budget held until the
+//! tensor is sent. It stops within milliseconds when its stream goes away.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tonic::Status;
 
 use super::convert;
@@ -53,6 +59,7 @@ pub struct Pipeline {
     pub(crate) pool: Arc<WorkerPool>,
     /// Blocks generated ahead of the one being sent, per stream.
     depth: usize,
+    structured: Structured,
     /// Panel buffers of finished panels, reused: fresh ones would cost page faults and zeroing
     /// as large as the generation itself.
     spare: Spare,
@@ -76,30 +83,113 @@ struct Block {
     hashes: Vec<BlockHash>,
 }
 
+/// The bounds of whole-tensor computations, shared by every stream of a server.
+pub struct Structured {
+    /// Computations running at once.
+    jobs: Arc<Semaphore>,
+    /// Their memory, in MiB ([`Structure::whole_bytes`](weightinit_engine::Structure)), taken
+    /// before one starts and given back once its tensor is sent.
+    memory: Arc<Semaphore>,
+}
+
+impl Structured {
+    /// `jobs` computations at once within `memory_bytes`, which must hold the largest one
+    /// (the server checks this against `--max-matrix-elements` at startup).
+    pub fn new(jobs: usize, memory_bytes: u64) -> Self {
+        Self {
+            jobs: Arc::new(Semaphore::new(jobs)),
+            memory: Arc::new(Semaphore::new(mib(memory_bytes) as usize)),
+        }
+    }
+
+    /// Computes what `tensor` needs of the whole tensor, if anything: waits for a job and for
+    /// its memory, then runs on a blocking thread that stops at its next step when this future
+    /// is dropped. Returns the memory reservation, to hold while the tensor is sent.
+    async fn prepare(
+        &self,
+        tensor: &Arc<TensorPlan>,
+    ) -> Result<Option<OwnedSemaphorePermit>, Stop> {
+        let bytes = tensor.resolved.structure.map_or(0, |s| s.whole_bytes());
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let units = u32::try_from(mib(bytes)).expect("validated against the budget");
+        let closed = |_| Stop::WorkerFailed;
+        let memory = Arc::clone(&self.memory)
+            .acquire_many_owned(units)
+            .await
+            .map_err(closed)?;
+        let job = Arc::clone(&self.jobs)
+            .acquire_owned()
+            .await
+            .map_err(closed)?;
+        let stop = StopOnDrop::default();
+        let stopped = Arc::clone(&stop.0);
+        let tensor = Arc::clone(tensor);
+        // The permits leave with the computation, which outlives this future by a step when
+        // the stream goes away.
+        let done = tokio::task::spawn_blocking(move || {
+            let _job = job;
+            let result = tensor.prepare(&|| stopped.load(Ordering::Relaxed));
+            result.map(|()| memory)
+        });
+        match done.await {
+            Ok(Ok(memory)) => Ok(Some(memory)),
+            // Stopped: only this future's drop asks for that, so nobody sees it.
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) => Err(Stop::WorkerFailed),
+        }
+    }
+}
+
+/// Bytes in MiB, rounded up: the unit of the structured memory budget.
+pub fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// Tells a whole-tensor computation to stop when its stream's producer is dropped.
+#[derive(Default)]
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Pipeline {
-    pub(crate) fn new(pool: Arc<WorkerPool>, depth: usize) -> Self {
+    pub(crate) fn new(pool: Arc<WorkerPool>, depth: usize, structured: Structured) -> Self {
         Self {
             pool,
             depth,
+            structured,
             spare: Spare::default(),
         }
     }
 
-    /// Produces every tensor of `plan` into `out`, in order.
+    /// Produces every tensor of `plan` into `out`, in order; stops as soon as `out`'s receiver
+    /// is gone, whatever it is waiting for.
     pub async fn run(&self, plan: RequestPlan, emit: Emit, out: Sink) -> Outcome {
-        let mut bytes = 0u64;
-        let chunk_bytes = plan.chunk_bytes;
-        for tensor in plan.tensors {
-            match self
-                .tensor(Arc::new(tensor), chunk_bytes, emit, &out, &mut bytes)
-                .await
-            {
-                Ok(()) => {}
-                Err(Stop::Gone) => return Outcome::Abandoned { bytes },
-                Err(Stop::WorkerFailed) => return Outcome::Failed { bytes },
+        let bytes = AtomicU64::new(0);
+        let produce = async {
+            let chunk_bytes = plan.chunk_bytes;
+            for tensor in plan.tensors {
+                self.tensor(Arc::new(tensor), chunk_bytes, emit, &out, &bytes)
+                    .await?;
             }
+            Ok(())
+        };
+        let stop = tokio::select! {
+            stop = produce => stop.err(),
+            // Dropping `produce` stops a whole-tensor computation and skips queued jobs.
+            () = out.closed() => Some(Stop::Gone),
+        };
+        let bytes = bytes.into_inner();
+        match stop {
+            None => Outcome::Complete { bytes },
+            Some(Stop::Gone) => Outcome::Abandoned { bytes },
+            Some(Stop::WorkerFailed) => Outcome::Failed { bytes },
         }
-        Outcome::Complete { bytes }
     }
 
     async fn tensor(
@@ -108,9 +198,11 @@ impl Pipeline {
         chunk_bytes: usize,
         emit: Emit,
         out: &Sink,
-        bytes: &mut u64,
+        bytes: &AtomicU64,
     ) -> Result<(), Stop> {
         send(out, Item::Header(convert::header(&tensor))).await?;
+        // Held until the tensor's last block is out.
+        let _memory = self.structured.prepare(&tensor).await?;
         let index = tensor.index;
         let total = tensor.byte_length();
         let size = tensor.dtype.size();
@@ -159,11 +251,11 @@ impl Pipeline {
                             data: data.slice(start..end),
                         };
                         send(out, Item::Chunk(chunk)).await?;
-                        *bytes += (end - start) as u64;
+                        bytes.fetch_add((end - start) as u64, Ordering::Relaxed);
                     }
                 }
             } else {
-                *bytes += (total - offset).min(job_bytes as u64);
+                bytes.fetch_add((total - offset).min(job_bytes as u64), Ordering::Relaxed);
             }
             for hash in block.hashes {
                 tree.push(hash);

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
@@ -19,9 +19,10 @@ use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
 use super::metrics::{self, Metrics};
+use super::pipeline::mib;
 use super::tls::{Tls, TlsError};
 use crate::proto::{self, weight_init_server::WeightInitServer};
-use weightinit_engine::Limits;
+use weightinit_engine::{Limits, whole_bytes_bound};
 
 /// Everything a server can be told. The `weightinit serve` flags and their WEIGHTINIT_*
 /// variables (src/serve.rs of the root package) fill it in.
@@ -39,6 +40,13 @@ pub struct ServeConfig {
     pub max_rank: u32,
     pub max_name_bytes: u32,
     pub max_matrix_elements: u64,
+    /// Largest CPU cost of one request, in element-equivalents.
+    pub max_request_work: u64,
+    /// Whole-tensor computations (QR, sparse selection) at once; `None` = half the workers.
+    pub structured_jobs: Option<usize>,
+    /// Memory of whole-tensor computations and of their results until sent, in bytes;
+    /// `None` = two of the largest that `max_matrix_elements` allows.
+    pub structured_memory_bytes: Option<u64>,
     /// How long in-flight streams may run once shutdown begins.
     pub shutdown_grace: Duration,
     pub stream_window_bytes: u32,
@@ -77,6 +85,9 @@ impl Default for ServeConfig {
             max_rank: limits.max_rank,
             max_name_bytes: limits.max_name_bytes,
             max_matrix_elements: limits.max_matrix_elements,
+            max_request_work: limits.max_request_work,
+            structured_jobs: None,
+            structured_memory_bytes: None,
             shutdown_grace: Duration::from_secs(30),
             stream_window_bytes: 8 << 20,
             connection_window_bytes: 16 << 20,
@@ -115,6 +126,7 @@ impl ServeConfig {
             max_rank: self.max_rank,
             max_name_bytes: self.max_name_bytes,
             max_matrix_elements: self.max_matrix_elements,
+            max_request_work: self.max_request_work,
         };
         if limits.default_chunk_bytes < 8 || limits.default_chunk_bytes > limits.max_chunk_bytes {
             return Err(ConfigError::Limit(format!(
@@ -125,6 +137,19 @@ impl ServeConfig {
         if self.max_concurrent_streams == 0 || self.workers == Some(0) {
             return Err(ConfigError::Limit(
                 "--max-concurrent-streams and --workers must be at least 1".into(),
+            ));
+        }
+        let largest = whole_bytes_bound(self.max_matrix_elements);
+        let memory = self.structured_memory_bytes();
+        if memory < largest || mib(memory) > u32::MAX.into() {
+            return Err(ConfigError::Limit(format!(
+                "--structured-memory-bytes must hold the largest whole-tensor computation that \
+                 --max-matrix-elements allows ({largest} bytes) and be under 4 PiB, got {memory}"
+            )));
+        }
+        if self.structured_jobs == Some(0) {
+            return Err(ConfigError::Limit(
+                "--structured-jobs must be at least 1".into(),
             ));
         }
         if self.max_connections == 0 || self.max_connection_streams == 0 {
@@ -162,6 +187,18 @@ impl ServeConfig {
         self.workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
+
+    /// Whole-tensor computations at once: each uses every core, so half the workers leave
+    /// the other half's worth of CPU to plain streams.
+    fn structured_job_count(&self) -> usize {
+        self.structured_jobs
+            .unwrap_or_else(|| (self.worker_count() / 2).max(1))
+    }
+
+    fn structured_memory_bytes(&self) -> u64 {
+        self.structured_memory_bytes
+            .unwrap_or_else(|| 2 * whole_bytes_bound(self.max_matrix_elements))
+    }
 }
 
 /// A configured server, ready to run on a listener.
@@ -184,6 +221,10 @@ impl Server {
             config.worker_count(),
             config.max_concurrent_streams,
             config.stream_idle_timeout,
+            (
+                config.structured_job_count(),
+                config.structured_memory_bytes(),
+            ),
         );
         Ok(Self {
             config,
@@ -273,13 +314,22 @@ impl Server {
         metrics.set_draining();
         set_health(&health, ServingStatus::NotServing).await;
         let _ = stop.send(());
-        match tokio::time::timeout(self.config.shutdown_grace, serving).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!("grace period over: closing the streams still running");
-                Ok(())
-            }
+        tokio::select! {
+            result = &mut serving => return result,
+            () = tokio::time::sleep(self.config.shutdown_grace) => {}
         }
+        let streams = self.shared.active_streams();
+        tracing::warn!(
+            streams,
+            "grace period over: cutting the streams still running"
+        );
+        self.shared.cut_streams();
+        // Each stream ends at once: let it log, count and send its status.
+        let logged = Instant::now() + Duration::from_secs(1);
+        while self.shared.active_streams() > 0 && Instant::now() < logged {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 }
 

@@ -459,7 +459,7 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., algorithms: _Optional[_Iterable[int]] = ..., schemes: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("default_chunk_bytes", "max_chunk_bytes", "max_request_bytes", "max_tensors", "max_concurrent_streams", "max_rank", "max_name_bytes", "max_matrix_elements")
+    __slots__ = ("default_chunk_bytes", "max_chunk_bytes", "max_request_bytes", "max_tensors", "max_concurrent_streams", "max_rank", "max_name_bytes", "max_matrix_elements", "max_request_work", "structured_jobs", "structured_memory_bytes")
     DEFAULT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -468,6 +468,9 @@ class ServerLimits(_message.Message):
     MAX_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_NAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MATRIX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_WORK_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     default_chunk_bytes: int
     max_chunk_bytes: int
     max_request_bytes: int
@@ -476,4 +479,7 @@ class ServerLimits(_message.Message):
     max_rank: int
     max_name_bytes: int
     max_matrix_elements: int
-    def __init__(self, default_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_name_bytes: _Optional[int] = ..., max_matrix_elements: _Optional[int] = ...) -> None: ...
+    max_request_work: int
+    structured_jobs: int
+    structured_memory_bytes: int
+    def __init__(self, default_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_name_bytes: _Optional[int] = ..., max_matrix_elements: _Optional[int] = ..., max_request_work: _Optional[int] = ..., structured_jobs: _Optional[int] = ..., structured_memory_bytes: _Optional[int] = ...) -> None: ...
