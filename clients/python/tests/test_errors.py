@@ -229,3 +229,27 @@ def test_a_server_killed_mid_fetch_for_good_is_unreachable(tmp_path, monkeypatch
     message = str(raised.value)
     assert message.startswith(f"connection refused at http://{address}: "), message
     assert message.endswith("gave up after 3 failed attempts in a row"), message
+
+
+def test_a_server_killed_mid_init_module_says_what_was_written(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import weightinit.torch as wt
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2048, 1024), torch.nn.LayerNorm(1024), torch.nn.Linear(1024, 2048)
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(7.0)
+    started = []
+    with serve(tmp_path / "stderr.log", started=started) as address:
+        _kill_at_second_header(monkeypatch, started[0])
+        with (
+            weightinit.Client(address, timeout=TIMEOUT, retries=1) as client,
+            pytest.raises(ServerUnreachable) as raised,
+        ):
+            wt.init_module(model, 8, client)
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "nothing but the draws of 0.weight, 0.bias, 2.weight, 2.bias" in notes, notes
+    # The constants come after every draw arrived: the LayerNorm is as it was.
+    assert torch.all(model[1].weight == 7.0) and torch.all(model[1].bias == 7.0)
