@@ -216,17 +216,24 @@ def test_a_server_killed_mid_fetch_and_back_is_resumed(tmp_path, monkeypatch):
     assert {name: blake3.blake3(a.tobytes()).hexdigest() for name, a in arrays.items()} == expected
 
 
-def test_a_server_killed_mid_fetch_for_good_is_unreachable(tmp_path, monkeypatch):
+def _killed_for_good(tmp_path, monkeypatch, call, retries):
+    """call(client) against a server killed (for good) at the second tensor's header; returns
+    the ServerUnreachable it raised and the server's address."""
     started = []
     with serve(tmp_path / "stderr.log", started=started) as address:
         _kill_at_second_header(monkeypatch, started[0])
         with (
-            weightinit.Client(address, timeout=TIMEOUT, retries=2) as client,
+            weightinit.Client(address, timeout=TIMEOUT, retries=retries) as client,
             pytest.raises(ServerUnreachable) as raised,
         ):
-            client.fetch(LARGE)
-    assert raised.value.address == address and raised.value.cause == "refused"
-    message = str(raised.value)
+            call(client)
+    return raised.value, address
+
+
+def test_a_server_killed_mid_fetch_for_good_is_unreachable(tmp_path, monkeypatch):
+    error, address = _killed_for_good(tmp_path, monkeypatch, lambda c: c.fetch(LARGE), 2)
+    assert error.address == address and error.cause == "refused"
+    message = str(error)
     assert message.startswith(f"connection refused at http://{address}: "), message
     assert message.endswith("gave up after 3 failed attempts in a row"), message
 
@@ -241,15 +248,8 @@ def test_a_server_killed_mid_init_module_says_what_was_written(tmp_path, monkeyp
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(7.0)
-    started = []
-    with serve(tmp_path / "stderr.log", started=started) as address:
-        _kill_at_second_header(monkeypatch, started[0])
-        with (
-            weightinit.Client(address, timeout=TIMEOUT, retries=1) as client,
-            pytest.raises(ServerUnreachable) as raised,
-        ):
-            wt.init_module(model, 8, client)
-    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    error, _ = _killed_for_good(tmp_path, monkeypatch, lambda c: wt.init_module(model, 8, c), 1)
+    notes = "\n".join(getattr(error, "__notes__", []))
     assert "nothing but the draws of 0.weight, 0.bias, 2.weight, 2.bias" in notes, notes
     # The constants come after every draw arrived: the LayerNorm is as it was.
     assert torch.all(model[1].weight == 7.0) and torch.all(model[1].bias == 7.0)
