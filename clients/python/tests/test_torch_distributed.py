@@ -294,6 +294,10 @@ def _process(main, rank, world_size, port, target, directory):
         with open(os.path.join(directory, f"rank{rank}.error"), "w") as file:
             file.write(traceback.format_exc())
         raise
+    # Done and saved: leave without the interpreter's teardown, where a rank once aborted
+    # (SIGABRT, 1 run in about 10 of the verify test, after its results were saved; open in
+    # the closing note of issue 25).
+    os._exit(0)
 
 
 def _init_scenarios(rank, world_size, target, directory):
