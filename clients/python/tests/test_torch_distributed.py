@@ -21,7 +21,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import torch.multiprocessing as mp
-from test_torch_models import llama
+from test_torch_models import llama, small_decoder
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -169,19 +169,15 @@ def _megatron(prefixes, colwise, rowwise):
 
 
 def qwen2():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(
+    return small_decoder(
+        "Qwen2",
         vocab_size=96,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
         pad_token_id=1,
     )
-    return transformers.Qwen2ForCausalLM(config)
 
 
 def _decoder_layers(model):

@@ -43,19 +43,24 @@ def _from_meta(build):
     return model
 
 
-def llama():
+def small_decoder(family, **config):
+    """A transformers causal LM of `family` ("Llama", "Qwen2"): 2 layers, 4 heads, 2 KV heads."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    config = getattr(transformers, f"{family}Config")(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **config
+    )
+    return getattr(transformers, f"{family}ForCausalLM")(config)
+
+
+def llama():
+    return small_decoder(
+        "Llama",
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=32,
         tie_word_embeddings=True,
     )
-    return transformers.LlamaForCausalLM(config)
 
 
 def gpt2():
