@@ -105,7 +105,7 @@ pub const MAX_BLOCK: usize = 512;
 
 /// Room for the tail pass of [`quantiles`], reused from block to block.
 pub struct Tails {
-    at: [u16; MAX_BLOCK],
+    at: [u32; MAX_BLOCK],
     p: [f64; MAX_BLOCK],
     r: [f64; MAX_BLOCK],
     z: [f64; MAX_BLOCK],
@@ -123,13 +123,28 @@ impl Default for Tails {
 }
 
 /// `z[i] = quantile(p[i])` for a block of at most [`MAX_BLOCK`], bit for bit, in three
-/// branch-free passes: the central branch for every element (85% of them need it); the tail
-/// elements gathered densely and done together with [`ln`]; then the far tail (r > 5, only
-/// for p below about 1.4e-11) redone one by one with [`quantile`].
+/// branch-free passes: the central branch for every element (85% of them need it), noting the
+/// tail elements densely; the tails done together with [`ln`]; then each tail put in place,
+/// the far tail (r > 5, only for p below about 1.4e-11) redone one by one with [`quantile`].
+/// AVX-512 has its own first pass (the CPU's compress instructions note the tails).
 #[inline(always)]
 pub fn quantiles(p: &[f64], z: &mut [f64], tails: &mut Tails) {
     let n = p.len();
     assert!(n <= MAX_BLOCK && z.len() == n);
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::active() == crate::Isa::Avx512 {
+        // SAFETY: `Isa::active` is never wider than the CPU.
+        let count = unsafe { avx512::central(p, z, tails) };
+        return finish_tails(p, z, tails, count);
+    }
+    let count = central(p, z, tails);
+    finish_tails(p, z, tails, count)
+}
+
+/// The central branch of every element into `z`; the tails' positions and p into `tails`.
+/// Returns how many tails.
+#[inline(always)]
+fn central(p: &[f64], z: &mut [f64], tails: &mut Tails) -> usize {
     for (z, &p) in z.iter_mut().zip(p) {
         let q = p - 0.5;
         let r = 0.180625 - q * q;
@@ -146,11 +161,17 @@ pub fn quantiles(p: &[f64], z: &mut [f64], tails: &mut Tails) {
         while mask != 0 {
             let i = group * 64 + mask.trailing_zeros() as usize;
             mask &= mask - 1;
-            tails.at[count] = i as u16;
+            tails.at[count] = i as u32;
             tails.p[count] = p[i];
             count += 1;
         }
     }
+    count
+}
+
+/// The tail branch for the `count` tails noted, densely, then each put in place.
+#[inline(always)]
+fn finish_tails(p: &[f64], z: &mut [f64], tails: &mut Tails, count: usize) {
     let (tail_p, tail_r, tail_z) = (&tails.p[..count], &mut tails.r, &mut tails.z);
     for ((&p, r), z) in tail_p.iter().zip(tail_r.iter_mut()).zip(tail_z.iter_mut()) {
         let q = p - 0.5;
@@ -160,12 +181,77 @@ pub fn quantiles(p: &[f64], z: &mut [f64], tails: &mut Tails) {
         *z = if q < 0.0 { -v } else { v };
     }
     for k in 0..count {
-        let i = usize::from(tails.at[k]);
+        let i = tails.at[k] as usize;
         z[i] = if tails.r[k] <= 5.0 {
             tails.z[k]
         } else {
             quantile(p[i])
         };
+    }
+}
+
+/// The first pass of [`quantiles`] in AVX-512 intrinsics: the same operations in the same
+/// order, 8 elements at a time, and the tails noted by compressing each vector's rather than
+/// by a loop per element.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{A, B, MAX_BLOCK, Poly, Tails};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn horner(c: &Poly, r: __m512d) -> __m512d {
+        // SAFETY: called from `central`, which runs only where AVX-512 is.
+        unsafe {
+            let mut t = _mm512_mul_pd(_mm512_set1_pd(c[7]), r);
+            for k in (1..7).rev() {
+                t = _mm512_mul_pd(_mm512_add_pd(t, _mm512_set1_pd(c[k])), r);
+            }
+            _mm512_add_pd(t, _mm512_set1_pd(c[0]))
+        }
+    }
+
+    /// [`super::central`] of AVX-512.
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+    pub(super) unsafe fn central(p: &[f64], z: &mut [f64], tails: &mut Tails) -> usize {
+        let n = p.len();
+        assert!(n <= MAX_BLOCK && z.len() == n);
+        let mut count = 0;
+        let mut at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for start in (0..n).step_by(8) {
+            let lanes: __mmask8 = if n - start >= 8 {
+                0xFF
+            } else {
+                (1u8 << (n - start)) - 1
+            };
+            // SAFETY: `lanes` covers only elements below `n`; the stores of the tails write 8
+            // slots from `count <= start`, and `start + 8 <= MAX_BLOCK` (start is a multiple
+            // of 8 below n <= MAX_BLOCK).
+            unsafe {
+                let p = _mm512_maskz_loadu_pd(lanes, p.as_ptr().add(start));
+                let q = _mm512_sub_pd(p, _mm512_set1_pd(0.5));
+                let r = _mm512_sub_pd(_mm512_set1_pd(0.180625), _mm512_mul_pd(q, q));
+                let v = _mm512_div_pd(_mm512_mul_pd(q, horner(&A, r)), horner(&B, r));
+                _mm512_mask_storeu_pd(z.as_mut_ptr().add(start), lanes, v);
+                let tail = _mm512_mask_cmp_pd_mask::<_CMP_GT_OQ>(
+                    lanes,
+                    _mm512_abs_pd(q),
+                    _mm512_set1_pd(0.425),
+                );
+                // Compressed in registers and stored whole (a compress straight to memory is
+                // several times slower on Intel); lanes past the tails are overwritten later.
+                _mm512_storeu_pd(
+                    tails.p.as_mut_ptr().add(count),
+                    _mm512_maskz_compress_pd(tail, p),
+                );
+                _mm256_storeu_si256(
+                    tails.at.as_mut_ptr().add(count).cast(),
+                    _mm256_maskz_compress_epi32(tail, at),
+                );
+                count += tail.count_ones() as usize;
+                at = _mm256_add_epi32(at, _mm256_set1_epi32(8));
+            }
+        }
+        count
     }
 }
 
@@ -275,12 +361,28 @@ mod tests {
             1.0 - 1e-11,
         ];
         p.extend((0..MAX_BLOCK - 8).map(|i| i as f64 / (MAX_BLOCK - 8) as f64 + half));
+        // Every first pass this CPU can run, and the dispatch.
+        type Central = fn(&[f64], &mut [f64], &mut Tails) -> usize;
+        let mut passes: Vec<(&str, Central)> = vec![("portable", central)];
+        #[cfg(target_arch = "x86_64")]
+        if crate::Isa::detected() == crate::Isa::Avx512 {
+            // SAFETY: only where the CPU has AVX-512.
+            passes.push(("avx512", |p, z, t| unsafe { avx512::central(p, z, t) }));
+        }
         let mut tails = Tails::default();
-        for len in [0, 1, 63, 64, 65, MAX_BLOCK] {
+        for len in [0, 1, 7, 8, 9, 63, 64, 65, MAX_BLOCK] {
             let mut z = vec![0.0; len];
             quantiles(&p[..len], &mut z, &mut tails);
             for (p, z) in p.iter().zip(&z) {
                 assert_eq!(z.to_bits(), quantile(*p).to_bits(), "p = {p:e}");
+            }
+            for (name, pass) in &passes {
+                let mut z = vec![0.0; len];
+                let count = pass(&p[..len], &mut z, &mut tails);
+                finish_tails(&p[..len], &mut z, &mut tails, count);
+                for (p, z) in p.iter().zip(&z) {
+                    assert_eq!(z.to_bits(), quantile(*p).to_bits(), "{name}: p = {p:e}");
+                }
             }
         }
     }
