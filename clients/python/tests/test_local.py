@@ -98,6 +98,39 @@ def test_large_tensors_span_many_blocks_and_threads(target):
         assert local[name].tobytes() == remote[name].tobytes(), name
 
 
+def test_many_small_tensors_in_one_pass(target):
+    """Hundreds of small tensors of every scheme kind, filled in one parallel pass, each
+    exactly the server's bytes."""
+    inits = [{"normal": {"std": 0.02}}, {"uniform": {}}, {"ones": {}}, {"orthogonal": {}}]
+    request = {
+        "seed": 5,
+        "tensors": [
+            {"name": f"t{i}", "shape": [3 + i % 7, 5 + i % 3], "init": inits[i % 4]}
+            for i in range(400)
+        ],
+    }
+    local = weightinit.fetch(request, "local")
+    remote = weightinit.fetch(request, target)
+    assert list(local) == list(remote)
+    for name, value in remote.items():
+        assert local[name].tobytes() == value.tobytes(), name
+
+
+def test_destinations_that_overlap_are_refused_before_anything_is_written():
+    shared = np.full(8 * 1024, 7, np.uint8)
+    request = {
+        "seed": 1,
+        "tensors": [
+            {"name": "a", "shape": [1024], "init": {"normal": {}}},
+            {"name": "b", "shape": [1024], "init": {"normal": {}}},
+        ],
+    }
+    out = {"a": shared[:4096].view(np.float32), "b": shared[2048:6144].view(np.float32)}
+    with pytest.raises(ValueError, match=r"tensors \"a\" and \"b\" overlap"):
+        weightinit.fetch(request, "local", out=out)
+    assert (shared == 7).all()
+
+
 def test_into_caller_buffers():
     headers = weightinit.describe(REQUEST, "local")
     out = {"w": np.empty((300, 700), np.float32), "b": bytearray(1400)}

@@ -172,12 +172,11 @@ def _generate_here(message, out):
     """fetch() for target "local": each tensor generated in this process into its destination."""
     out = _destinations(out, [tensor.name for tensor in message.tensors])
     plan = _native.Plan(message.SerializeToString())
-    results = {}
-    for index, header in enumerate(pb.DescribeResponse.FromString(plan.describe()).tensors):
-        destination = _Destination(header, out.get(header.name))
-        plan.fill(index, _address(destination.buffer), destination.length)
-        results[header.name] = destination.value()
-    return results
+    headers = pb.DescribeResponse.FromString(plan.describe()).tensors
+    destinations = [_Destination(header, out.get(header.name)) for header in headers]
+    # One call for all tensors: their jobs share the cores, with no set-up per tensor.
+    plan.fill([(i, _address(d.buffer), d.length) for i, d in enumerate(destinations)])
+    return {d.name: d.value() for d in destinations}
 
 
 _SHARED = {}

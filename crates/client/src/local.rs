@@ -41,6 +41,10 @@ pub enum LocalError {
         expected: u64,
         actual: usize,
     },
+    #[error(
+        "the destinations of tensors {first:?} and {second:?} overlap: give each its own buffer"
+    )]
+    Overlap { first: String, second: String },
     /// The caller's stop check asked to stop (e.g. Ctrl-C).
     #[error(transparent)]
     Stopped(#[from] Stopped),
@@ -76,24 +80,63 @@ impl LocalPlan {
         }
     }
 
-    /// Writes tensor `index`'s output bytes into `out`, which must be exactly their length,
-    /// in parallel on rayon's pool; `stop` is asked between jobs and between the steps of a
-    /// whole-tensor computation.
+    /// Writes each target tensor's output bytes into its buffer, which must be exactly their
+    /// length, on rayon's pool: the jobs of every tensor in one parallel pass, so that many
+    /// small tensors cost no set-up each and all cores share the large ones. Every length is
+    /// checked before anything is written; `stop` is asked between jobs and between the steps
+    /// of a whole-tensor computation.
     pub fn fill(
         &self,
-        index: usize,
-        out: &mut [u8],
+        targets: Vec<(usize, &mut [u8])>,
         stop: StopCheck<'_>,
     ) -> Result<(), LocalError> {
-        let tensor = self.tensor(index)?;
-        if tensor.byte_length() != out.len() as u64 {
-            return Err(LocalError::Length {
-                name: tensor.name.clone(),
-                expected: tensor.byte_length(),
-                actual: out.len(),
-            });
+        let mut jobs = Vec::new();
+        for (index, out) in targets {
+            let tensor = self.tensor(index)?;
+            if tensor.byte_length() != out.len() as u64 {
+                return Err(LocalError::Length {
+                    name: tensor.name.clone(),
+                    expected: tensor.byte_length(),
+                    actual: out.len(),
+                });
+            }
+            let job = job_bytes(tensor);
+            jobs.extend(
+                out.chunks_mut(job)
+                    .enumerate()
+                    .map(move |(j, part)| (tensor, (j * job) as u64, part)),
+            );
         }
-        fill_at(tensor, 0, out, stop)
+        for (tensor, offset, _) in &jobs {
+            if *offset == 0 {
+                tensor.prepare(stop)?;
+            }
+        }
+        pool()?.install(|| {
+            jobs.into_par_iter().try_for_each(|(tensor, offset, part)| {
+                check(stop)?;
+                tensor.fill(offset, part);
+                Ok::<_, Stopped>(())
+            })
+        })?;
+        Ok(())
+    }
+
+    /// Refuses destinations, given as (tensor index, address, length), that share a byte:
+    /// [`Self::fill`] writes its targets at once, so they must be disjoint.
+    pub fn check_disjoint(&self, targets: &[(usize, usize, usize)]) -> Result<(), LocalError> {
+        let mut spans: Vec<_> = targets.iter().filter(|t| t.2 > 0).collect();
+        spans.sort_unstable_by_key(|&&(_, address, _)| address);
+        for pair in spans.windows(2) {
+            let (&(first, address, length), &(second, next, _)) = (pair[0], pair[1]);
+            if address.saturating_add(length) > next {
+                return Err(LocalError::Overlap {
+                    first: self.tensor(first)?.name.clone(),
+                    second: self.tensor(second)?.name.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Tensor `index`'s BLAKE3 digest, as a server's Digest computes it: block by block in
@@ -356,7 +399,7 @@ mod tests {
         ] {
             let plan = LocalPlan::decode(&request(shape.clone(), permute)).unwrap();
             let mut out = vec![0u8; shape.iter().product::<u64>() as usize * 4];
-            plan.fill(0, &mut out, &|| false).unwrap();
+            plan.fill(vec![(0, &mut out[..])], &|| false).unwrap();
             assert_eq!(
                 plan.digest(0, &|| false).unwrap(),
                 blake3::hash(&out),
@@ -370,7 +413,7 @@ mod tests {
         let plan = LocalPlan::decode(&request(vec![4096, 4096], vec![])).unwrap();
         let mut out = vec![0u8; 64 << 20];
         assert!(matches!(
-            plan.fill(0, &mut out, &|| true),
+            plan.fill(vec![(0, &mut out[..])], &|| true),
             Err(LocalError::Stopped(_))
         ));
         assert!(matches!(
@@ -383,7 +426,7 @@ mod tests {
     fn bad_calls_are_errors() {
         let plan = LocalPlan::decode(&request(vec![4, 4], vec![])).unwrap();
         assert!(matches!(
-            plan.fill(0, &mut [0u8; 63], &|| false),
+            plan.fill(vec![(0, &mut [0u8; 63][..])], &|| false),
             Err(LocalError::Length {
                 expected: 64,
                 actual: 63,

@@ -54,18 +54,27 @@ impl Plan {
         PyBytes::new(py, &self.0.describe())
     }
 
-    /// Writes tensor `index` into the `length` bytes at `address`, on all cores, without the
-    /// GIL. The caller (weightinit.client) passes the address of a writable, C-contiguous
-    /// buffer it keeps exported for the whole call.
-    fn fill(&self, py: Python<'_>, index: usize, address: usize, length: usize) -> PyResult<()> {
-        let out: &mut [u8] = if length == 0 {
-            &mut []
-        } else {
-            // SAFETY: per this private method's contract, `address` is the start of `length`
-            // writable bytes that stay alive and are not moved while the call runs.
-            unsafe { std::slice::from_raw_parts_mut(address as *mut u8, length) }
-        };
-        interruptible(py, |stop| self.0.fill(index, out, stop))
+    /// Writes each tensor `index` of `targets` into the `length` bytes at its `address`, on
+    /// all cores, without the GIL, in one pass over all of them. The caller
+    /// (weightinit.client) passes addresses of writable, C-contiguous buffers it keeps
+    /// exported for the whole call.
+    fn fill(&self, py: Python<'_>, targets: Vec<(usize, usize, usize)>) -> PyResult<()> {
+        self.0.check_disjoint(&targets).map_err(local_failure)?;
+        let outs = targets
+            .into_iter()
+            .map(|(index, address, length)| {
+                let out: &mut [u8] = if length == 0 {
+                    &mut []
+                } else {
+                    // SAFETY: per this private method's contract, `address` is the start of
+                    // `length` writable bytes that stay alive and are not moved while the call
+                    // runs; `check_disjoint` made sure no two targets share a byte.
+                    unsafe { std::slice::from_raw_parts_mut(address as *mut u8, length) }
+                };
+                (index, out)
+            })
+            .collect();
+        interruptible(py, |stop| self.0.fill(outs, stop))
     }
 
     /// Tensor `index`'s BLAKE3 digest (32 bytes), computed as a server's Digest does.
