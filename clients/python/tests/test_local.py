@@ -245,3 +245,97 @@ def test_ctrl_c_stops_local_work_within_a_second(call, shape, init):
         child.kill()
     assert (code, child.stdout.read().strip()) == (3, "interrupted")
     assert elapsed < 1.0, f"{elapsed:.2f} s from SIGINT to exit"
+
+
+_OUT_OF_MEMORY = """
+import resource
+import weightinit
+
+
+def request(shape, init):
+    return {"seed": 1, "tensors": [{"name": "w", "shape": shape, "init": init}]}
+
+
+small = request([64, 64], {"orthogonal": {}})
+expected = weightinit.digest(small, "local")  # the generation threads start before the limit
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
+# Room for small requests and a 512 MiB digest (made block by block), not for an 8 GiB
+# array, orthogonal's 256 MiB of matrices or sparse's 192 MiB of row permutation.
+resource.setrlimit(resource.RLIMIT_AS, (size + (160 << 20),) * 2)
+for call, shape, init in CASES:
+    try:
+        getattr(weightinit, call)(request(shape, init), "local")
+        print(call, "ok", flush=True)
+    except MemoryError as error:
+        print(call, "MemoryError", error, flush=True)
+assert weightinit.digest(small, "local") == expected
+assert weightinit.fetch(small, "local")["w"].shape == (64, 64)
+print("alive")
+"""
+
+
+def test_out_of_memory_is_a_memory_error_and_the_interpreter_lives_on():
+    """Under an address-space limit, a tensor that does not fit raises MemoryError naming it
+    (NumPy's for the array, the engine's for the whole matrices of orthogonal and sparse),
+    where an allocation failing in Rust would abort the interpreter; small requests go on."""
+    import subprocess
+    import sys
+
+    cases = [
+        ("fetch", [65536, 32768], {"normal": {}}),
+        ("fetch", [4096, 4096], {"orthogonal": {}}),
+        ("digest", [4096, 4096], {"orthogonal": {}}),
+        ("digest", [16777216, 1], {"sparse": {"sparsity": 0.5}}),
+        ("digest", [8192, 16384], {"normal": {}}),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_MEMORY.replace("CASES", repr(cases))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("fetch MemoryError tensor 'w': Unable to allocate 8.00 GiB"), lines
+    engine = 'MemoryError tensor "w" does not fit in this process\'s memory: cannot allocate'
+    for line, call in zip(lines[1:4], ["fetch", "digest", "digest"]):
+        assert line.startswith(f"{call} {engine} "), lines
+        assert int(line.split()[-2]) >= 1 << 19, line
+    assert lines[4:] == ["digest ok", "alive"]
+
+
+def test_the_cli_fetching_what_does_not_fit_says_so(tmp_path):
+    """`weightinit fetch --local` out of memory exits 1 naming the tensor, without an abort."""
+    import json
+    import resource
+    import subprocess
+
+    from conftest import _server_binary
+
+    path = tmp_path / "request.json"
+    shape = [4096, 4096]
+    path.write_text(
+        json.dumps({"tensors": [{"name": "q", "shape": shape, "init": {"orthogonal": {}}}]})
+    )
+    done = subprocess.run(
+        [
+            _server_binary(),
+            "fetch",
+            "--local",
+            "--request",
+            path,
+            "--out",
+            tmp_path / "q.safetensors",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        # The QR's 256 MiB of matrices cannot fit in this address space.
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (200 << 20,) * 2),
+    )
+    assert done.returncode == 1, done.stderr
+    assert 'tensor "q" does not fit in this process\'s memory: cannot allocate' in done.stderr
+    assert not (tmp_path / "q.safetensors").exists()

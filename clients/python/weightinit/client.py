@@ -277,7 +277,11 @@ class _Destination:
             )
         self.name = name
         self.bfloat16 = header.dtype == pb.DTYPE_BFLOAT16 and dest is None
-        self.result = np.empty(shape, dtype) if dest is None else dest
+        try:
+            self.result = np.empty(shape, dtype) if dest is None else dest
+        except MemoryError as error:
+            # NumPy's message says how many bytes and what shape; which tensor is for us to say.
+            raise MemoryError(f"tensor {name!r}: {error}") from None
         self.buffer = _byte_view(self.result, self.length, name)
 
     def value(self):

@@ -4,7 +4,8 @@ weightinit._native raises one exception type, `_native.Failure`, with the failur
 its kind, the gRPC status code, the option or request field at fault, and for a server that
 could not be reached the cause and the address. The message is already worded for Python
 callers (Security(...) arguments, not the command line's flags). `native_errors` turns a
-Failure into the exception below that fits it.
+Failure into the exception below that fits it; a tensor that does not fit in this process's
+memory (target "local") becomes Python's own MemoryError, as NumPy raises.
 
 The exceptions that stand for a failed call are grpc.RpcError too and answer code() and
 details() as grpc's own error does, so that handlers written for grpc keep working.
@@ -96,6 +97,8 @@ def from_native(failure: _native.Failure) -> Exception:
         return InvalidOption(failure.field, message)
     if failure.kind == "integrity":
         return IntegrityError(message)
+    if failure.kind == "memory":
+        return MemoryError(message)
     if failure.kind == "unreachable":
         return ServerUnreachable(message, failure.address, failure.cause)
     code = _CODES[failure.code]

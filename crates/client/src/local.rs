@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 
 use crate::source::{GenerateStream, Server};
 use weightinit_engine::blocks::{BLOCK_BYTES, BlockHash, Tree, row_job_bytes};
-use weightinit_engine::structured::{StopCheck, Stopped, check};
+use weightinit_engine::memory::{OutOfMemory, try_resize, try_vec};
+use weightinit_engine::structured::{StopCheck, Stopped, Unfinished, check};
 use weightinit_engine::{Limits, RequestError, RequestPlan, TensorPlan};
 use weightinit_proto::convert;
 use weightinit_proto::{
@@ -48,6 +49,54 @@ pub enum LocalError {
     /// The caller's stop check asked to stop (e.g. Ctrl-C).
     #[error(transparent)]
     Stopped(#[from] Stopped),
+    /// This process cannot allocate what the tensor needs (in Python, a MemoryError).
+    #[error("tensor {name:?} does not fit in this process's memory: {error}")]
+    OutOfMemory {
+        index: u32,
+        name: String,
+        error: OutOfMemory,
+    },
+}
+
+impl LocalError {
+    /// The request field at fault: a refused request's, or the tensor that does not fit.
+    pub fn field(&self) -> Option<String> {
+        match self {
+            Self::Refused(refused) => Some(refused.field().to_owned()),
+            Self::OutOfMemory { index, .. } => Some(format!("tensors[{index}]")),
+            _ => None,
+        }
+    }
+
+    /// The status a server would end the call with; out of memory is final, blamed on the
+    /// tensor (as a refused request is), so that no client retries it.
+    fn status(self) -> Status {
+        match self {
+            Self::Refused(refused) => convert::status(refused),
+            Self::OutOfMemory { .. } => {
+                let field = self.field().expect("names its tensor");
+                convert::status(RequestError::over_limit(field, self.to_string()))
+            }
+            error => Status::internal(error.to_string()),
+        }
+    }
+}
+
+/// `error` while making `tensor`.
+fn out_of_memory(tensor: &TensorPlan) -> impl Fn(OutOfMemory) -> LocalError + '_ {
+    |error| LocalError::OutOfMemory {
+        index: tensor.index,
+        name: tensor.name.clone(),
+        error,
+    }
+}
+
+/// Computes what `tensor` needs of the whole tensor ([`TensorPlan::prepare`]).
+fn prepare(tensor: &TensorPlan, stop: StopCheck<'_>) -> Result<(), LocalError> {
+    tensor.prepare(stop).map_err(|unfinished| match unfinished {
+        Unfinished::Stopped(stopped) => stopped.into(),
+        Unfinished::OutOfMemory(error) => out_of_memory(tensor)(error),
+    })
 }
 
 /// A validated request, planned once and then generated tensor by tensor.
@@ -169,28 +218,27 @@ impl LocalPlan {
             let job = STREAM_JOB_BYTES.next_multiple_of(job_bytes(tensor)) as u64;
             let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
             for offset in (0..total).step_by(job as usize) {
-                let mut data = vec![0u8; (total - offset).min(job) as usize];
                 let gone = || out.is_closed();
-                let hashes = fill_at(tensor, offset, &mut data, &gone).and_then(|()| {
-                    // The blocks hashed in parallel, as the server's workers do.
-                    Ok(pool()?.install(|| {
-                        data.par_chunks(BLOCK_BYTES)
-                            .enumerate()
-                            .map(|(k, part)| {
-                                BlockHash::of(total, offset + (k * BLOCK_BYTES) as u64, part)
-                            })
-                            .collect::<Vec<_>>()
-                    }))
-                });
-                match hashes {
-                    Ok(hashes) => hashes.into_iter().for_each(|hash| tree.push(hash)),
-                    Err(error) => {
-                        return out
-                            .blocking_send(Err(Status::internal(error.to_string())))
-                            .map_err(|_| Gone);
-                    }
-                }
-                let data = Bytes::from(data);
+                let made = try_vec(0u8, (total - offset).min(job) as usize)
+                    .map_err(out_of_memory(tensor))
+                    .and_then(|mut data| {
+                        fill_at(tensor, offset, &mut data, &gone)?;
+                        // The blocks hashed in parallel, as the server's workers do.
+                        let hashes = pool()?.install(|| {
+                            data.par_chunks(BLOCK_BYTES)
+                                .enumerate()
+                                .map(|(k, part)| {
+                                    BlockHash::of(total, offset + (k * BLOCK_BYTES) as u64, part)
+                                })
+                                .collect::<Vec<_>>()
+                        });
+                        hashes.into_iter().for_each(|hash| tree.push(hash));
+                        Ok(Bytes::from(data))
+                    });
+                let data = match made {
+                    Ok(data) => data,
+                    Err(error) => return out.blocking_send(Err(error.status())).map_err(|_| Gone),
+                };
                 for first in (0..data.len()).step_by(BLOCK_BYTES) {
                     let last = (first + BLOCK_BYTES).min(data.len());
                     for start in (first..last).step_by(chunk_step) {
@@ -229,7 +277,7 @@ fn fill_at(
     stop: StopCheck<'_>,
 ) -> Result<(), LocalError> {
     let pool = pool()?;
-    tensor.prepare(stop)?;
+    prepare(tensor, stop)?;
     // A few pieces per thread balance the load; whole jobs (as the server's) keep every
     // piece element-aligned and a transposed matrix's columns long runs.
     let pieces = 4 * pool.current_num_threads();
@@ -250,31 +298,39 @@ fn fill_at(
 }
 
 /// `tensor`'s BLAKE3 digest, block by block in a reused buffer per thread; `stop` as for
-/// [`fill_at`].
+/// [`fill_at`]. The blocks' hashes are put together [`DIGEST_WINDOW`] jobs at a time, so that
+/// memory stays bounded whatever the tensor's size.
 fn digest(tensor: &TensorPlan, stop: StopCheck<'_>) -> Result<Hash, LocalError> {
     let total = tensor.byte_length();
     let job = job_bytes(tensor) as u64;
+    let jobs = total.div_ceil(job);
     let pool = pool()?;
-    tensor.prepare(stop)?;
-    let hashes: Vec<Vec<BlockHash>> = pool.install(|| {
-        (0..total.div_ceil(job))
-            .into_par_iter()
-            .map_init(Vec::new, |buffer, j| {
-                check(stop)?;
-                let offset = j * job;
-                buffer.resize((total - offset).min(job) as usize, 0);
-                tensor.fill(offset, buffer);
-                Ok::<_, Stopped>(BlockHash::of_blocks(total, offset, buffer))
-            })
-            .collect::<Result<_, _>>()
-    })?;
+    prepare(tensor, stop)?;
     let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
-    hashes
-        .into_iter()
-        .flatten()
-        .for_each(|hash| tree.push(hash));
+    for first in (0..jobs).step_by(DIGEST_WINDOW) {
+        let hashes: Vec<Vec<BlockHash>> = pool.install(|| {
+            (first..jobs.min(first + DIGEST_WINDOW as u64))
+                .into_par_iter()
+                .map_init(Vec::new, |buffer, j| {
+                    check(stop)?;
+                    let offset = j * job;
+                    try_resize(buffer, (total - offset).min(job) as usize, 0)
+                        .map_err(out_of_memory(tensor))?;
+                    tensor.fill(offset, buffer);
+                    Ok(BlockHash::of_blocks(total, offset, buffer))
+                })
+                .collect::<Result<_, LocalError>>()
+        })?;
+        hashes
+            .into_iter()
+            .flatten()
+            .for_each(|hash| tree.push(hash));
+    }
     Ok(tree.root())
 }
+
+/// Jobs a digest makes before putting their hashes together: enough for every core.
+const DIGEST_WINDOW: usize = 1024;
 
 /// The engine in this process as a [`Server`], for `weightinit fetch --local` and
 /// `describe --local`: the same answers as a server with the default limits.
@@ -287,8 +343,7 @@ impl LocalServer {
         let planned = tokio::task::spawn_blocking(move || LocalPlan::new(request.get_ref()));
         match planned.await {
             Ok(Ok(plan)) => Ok(Arc::new(plan)),
-            Ok(Err(LocalError::Refused(refused))) => Err(convert::status(refused)),
-            Ok(Err(error)) => Err(Status::internal(error.to_string())),
+            Ok(Err(error)) => Err(error.status()),
             Err(panicked) => Err(Status::internal(panicked.to_string())),
         }
     }
@@ -335,7 +390,7 @@ impl Server for LocalServer {
         });
         match digests.await {
             Ok(Ok(digests)) => Ok(Response::new(DigestResponse { digests })),
-            Ok(Err(error)) => Err(Status::internal(error.to_string())),
+            Ok(Err(error)) => Err(error.status()),
             Err(panicked) => Err(Status::internal(panicked.to_string())),
         }
     }

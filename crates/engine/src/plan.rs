@@ -9,7 +9,7 @@ use super::isa::Isa;
 use super::keystream::Keystream;
 use super::scheme::Resolved;
 use super::slice::{Placement, Selection, TILE_ELEMENTS, TileSink};
-use super::structured::{StopCheck, Stopped, Structured};
+use super::structured::{StopCheck, Structured, Unfinished};
 
 /// Elements produced per inner step: the words, values and bytes stay in L1 cache.
 const BLOCK: usize = super::normal::MAX_BLOCK;
@@ -68,8 +68,9 @@ impl TensorPlan {
 
     /// Computes what a structured scheme needs of the whole tensor before its first element
     /// (orthogonal's QR, sparse's zeros), asking `stop` between steps; nothing for the other
-    /// schemes. Without it, the first [`Self::fill`] computes it and cannot be stopped.
-    pub fn prepare(&self, stop: StopCheck<'_>) -> Result<(), Stopped> {
+    /// schemes. Without it, the first [`Self::fill`] computes it, cannot be stopped, and
+    /// panics if memory runs out.
+    pub fn prepare(&self, stop: StopCheck<'_>) -> Result<(), Unfinished> {
         match &self.structured {
             Some(structured) => structured.prepare(&self.keystream, stop),
             None => Ok(()),

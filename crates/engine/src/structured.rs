@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use super::distribution::{Distribution, Sampler, Scratch};
 use super::fans::Layout;
 use super::keystream::Keystream;
+use super::memory::{OutOfMemory, try_vec};
 use super::normal::MAX_BLOCK;
 use super::param::{SchemeError, SchemeField, invalid, non_negative, param};
 
@@ -32,6 +33,16 @@ const QR_MADDS_PER_ELEMENT: f64 = 16.0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("stopped before the whole tensor was computed")]
 pub struct Stopped;
+
+/// Why a whole-tensor computation did not finish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unfinished {
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+    /// Its matrices do not fit in this process's memory.
+    #[error(transparent)]
+    OutOfMemory(#[from] OutOfMemory),
+}
 
 /// Asked between the steps of a whole-tensor computation (a few milliseconds apart at most):
 /// `true` stops it with [`Stopped`].
@@ -285,9 +296,10 @@ impl Structured {
     }
 
     /// Computes what the scheme needs of the whole tensor (orthogonal's QR, sparse's zeros),
-    /// unless done already, asking `stop` between its steps. Callers that may need to stop
-    /// call this before the first [`Self::values`], which otherwise computes it unstoppably.
-    pub fn prepare(&self, keystream: &Keystream, stop: StopCheck<'_>) -> Result<(), Stopped> {
+    /// unless done already, asking `stop` between its steps. Callers that may need to stop, or
+    /// to survive running out of memory, call this before the first [`Self::values`], which
+    /// otherwise computes it unstoppably and panics when memory runs out.
+    pub fn prepare(&self, keystream: &Keystream, stop: StopCheck<'_>) -> Result<(), Unfinished> {
         if self.whole.get().is_none()
             && let Some(whole) = self.compute(keystream, stop)?
         {
@@ -301,7 +313,7 @@ impl Structured {
         &self,
         keystream: &Keystream,
         stop: StopCheck<'_>,
-    ) -> Result<Option<Whole>, Stopped> {
+    ) -> Result<Option<Whole>, Unfinished> {
         Ok(match self.structure {
             Structure::Orthogonal { rows, cols, gain } => Some(Whole::Factor(orthogonal(
                 keystream, rows, cols, gain, stop,
@@ -325,7 +337,7 @@ impl Structured {
             self.compute(keystream, &|| false)
                 .ok()
                 .flatten()
-                .expect("a scheme with a whole computation, never stopped")
+                .expect("a scheme with a whole computation, never stopped, that fits in memory")
         })
     }
 
@@ -398,21 +410,21 @@ fn sparse_zeros(
     zeros: u64,
     layout: Layout,
     stop: StopCheck<'_>,
-) -> Result<Vec<u64>, Stopped> {
-    let mut bits = vec![0u64; (rows * cols).div_ceil(64) as usize];
+) -> Result<Vec<u64>, Unfinished> {
+    let mut bits = try_vec(0u64, (rows * cols).div_ceil(64) as usize)?;
     let mut words = SelectionWords::new(keystream);
-    let mut perm: Vec<u64> = (0..rows).collect();
-    let mut swaps = Vec::with_capacity(zeros as usize);
+    let mut perm = try_vec(0u64, rows as usize)?;
+    perm.iter_mut().zip(0..).for_each(|(slot, r)| *slot = r);
+    let mut swaps = try_vec(0usize, zeros as usize)?;
     for c in 0..cols {
-        swaps.clear();
-        for i in 0..zeros {
+        for (i, swap) in (0..zeros).zip(swaps.iter_mut()) {
             // A tall column alone can take a while.
             if i % CHECK_EVERY == 0 {
                 check(stop)?;
             }
             let j = i + words.below(rows - i);
             perm.swap(i as usize, j as usize);
-            swaps.push(j as usize);
+            *swap = j as usize;
         }
         for &r in &perm[..zeros as usize] {
             // The torch matrix is [out, in]; a Keras [in, out] tensor is its transpose.
@@ -526,7 +538,7 @@ fn orthogonal(
     cols: u64,
     gain: f64,
     stop: StopCheck<'_>,
-) -> Result<Factor, Stopped> {
+) -> Result<Factor, Unfinished> {
     let (rows, cols) = (rows as usize, cols as usize);
     let draws = normal_draws(keystream, rows * cols, stop)?;
     let wide = rows < cols;
@@ -539,18 +551,18 @@ fn orthogonal(
             draws[i * cols + j]
         }
     };
-    let mut panels: Vec<Vec<f64>> = (0..n.div_ceil(PANEL))
+    let mut panels = (0..n.div_ceil(PANEL))
         .map(|p| {
             let w = width(n, p);
-            let mut panel = vec![0.0; m * w];
+            let mut panel = try_vec(0.0, m * w)?;
             for i in 0..m {
                 for t in 0..w {
                     panel[i * w + t] = a(i, p * PANEL + t);
                 }
             }
-            panel
+            Ok(panel)
         })
-        .collect();
+        .collect::<Result<Vec<_>, OutOfMemory>>()?;
     drop(draws);
     let reflectors = householder(m, n, &mut panels, stop)?;
     drop(panels);
@@ -575,12 +587,12 @@ fn normal_draws(
     keystream: &Keystream,
     count: usize,
     stop: StopCheck<'_>,
-) -> Result<Vec<f64>, Stopped> {
+) -> Result<Vec<f64>, Unfinished> {
     let sampler = Sampler::Normal {
         mean: 0.0,
         std: 1.0,
     };
-    let mut out = vec![0.0; count];
+    let mut out = try_vec(0.0, count)?;
     let mut words = vec![0u64; MAX_BLOCK];
     let mut scratch = Box::<Scratch>::default();
     for (block, out) in out.chunks_mut(MAX_BLOCK).enumerate() {
@@ -601,7 +613,7 @@ fn householder(
     n: usize,
     data: &mut [Vec<f64>],
     stop: StopCheck<'_>,
-) -> Result<Reflectors, Stopped> {
+) -> Result<Reflectors, Unfinished> {
     let mut r = Reflectors {
         v: Vec::with_capacity(n),
         c: Vec::with_capacity(n),
@@ -629,9 +641,11 @@ fn householder(
                 let vk = alpha - beta;
                 (beta, 2.0 / (vk * vk + sigma))
             };
-            let mut v = Vec::with_capacity(m - k);
-            v.push(alpha - beta);
-            v.extend((k + 1..m).map(|i| panel[i * w + t]));
+            // Together the reflectors are as large as the matrix.
+            let mut v = try_vec(alpha - beta, m - k)?;
+            for (slot, i) in v[1..].iter_mut().zip(k + 1..m) {
+                *slot = panel[i * w + t];
+            }
             // Columns up to t are finished: what H_k does to them is never read.
             reflect(panel, w, k, &v, c, &mut sums);
             r.v.push(v);
@@ -658,17 +672,17 @@ fn form_q(
     n: usize,
     r: &Reflectors,
     stop: StopCheck<'_>,
-) -> Result<Vec<Vec<f64>>, Stopped> {
-    let mut panels: Vec<Vec<f64>> = (0..n.div_ceil(PANEL))
+) -> Result<Vec<Vec<f64>>, Unfinished> {
+    let mut panels = (0..n.div_ceil(PANEL))
         .map(|p| {
             let w = width(n, p);
-            let mut panel = vec![0.0; m * w];
+            let mut panel = try_vec(0.0, m * w)?;
             for t in 0..w {
                 panel[(p * PANEL + t) * w + t] = 1.0;
             }
-            panel
+            Ok(panel)
         })
-        .collect();
+        .collect::<Result<Vec<_>, OutOfMemory>>()?;
     parallel(&mut panels, stop, |p, panel, sums| {
         for k in (0..(p * PANEL + PANEL).min(n)).rev() {
             // One reflector is at most m x 16 multiply-adds: check between them.
@@ -797,6 +811,22 @@ mod tests {
         }
     }
 
+    /// Matrices larger than memory are an error, not an abort: the draws of orthogonal, the
+    /// row permutation and zero bits of sparse (sizes no allocator grants, refused at once).
+    #[test]
+    fn whole_computations_out_of_memory_are_errors() {
+        let keystream = Keystream::new(5, "huge");
+        let never = &|| false;
+        assert_eq!(
+            orthogonal(&keystream, 1 << 30, 1 << 30, 1.0, never).err(),
+            Some(Unfinished::OutOfMemory(OutOfMemory { bytes: 1 << 63 }))
+        );
+        assert_eq!(
+            sparse_zeros(&keystream, 1 << 61, 1, 1, Layout::Torch, never),
+            Err(Unfinished::OutOfMemory(OutOfMemory { bytes: 1 << 58 }))
+        );
+    }
+
     /// A stop asked for during any step ends the computation there: the draws, the
     /// factorization, forming Q (on several threads: 64 panels), sparse's selection.
     #[test]
@@ -804,7 +834,7 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         let keystream = Keystream::new(5, "stop");
         // Stops at the `after`-th check; returns how many checks a full run makes.
-        let run = |after: u64, f: &dyn Fn(StopCheck<'_>) -> Result<(), Stopped>| {
+        let run = |after: u64, f: &dyn Fn(StopCheck<'_>) -> Result<(), Unfinished>| {
             let checks = AtomicU64::new(0);
             let result = f(&|| checks.fetch_add(1, Ordering::Relaxed) + 1 >= after);
             (result, checks.load(Ordering::Relaxed))
@@ -814,7 +844,7 @@ mod tests {
             sparse_zeros(&keystream, 1 << 16, 4, 1 << 15, Layout::Torch, stop).map(|_| ())
         };
         for f in [
-            &qr as &dyn Fn(StopCheck<'_>) -> Result<(), Stopped>,
+            &qr as &dyn Fn(StopCheck<'_>) -> Result<(), Unfinished>,
             &sparse,
         ] {
             let (done, total) = run(u64::MAX, f);
@@ -823,7 +853,11 @@ mod tests {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
             for after in [1, total / 3, total / 2, total - 1] {
                 let (result, checks) = run(after, f);
-                assert_eq!(result, Err(Stopped), "stop at check {after} of {total}");
+                assert_eq!(
+                    result,
+                    Err(Unfinished::Stopped(Stopped)),
+                    "stop at check {after} of {total}"
+                );
                 assert!(
                     checks <= after + 2 * threads + 1,
                     "{checks} checks to stop at {after}"

@@ -126,18 +126,21 @@ fn interruptible<T: Send>(
 
 /// A failure as weightinit.errors turns it into the package's exception.
 fn local_failure(error: LocalError) -> PyErr {
-    let LocalError::Refused(refused) = &error else {
-        return PyValueError::new_err(error.to_string());
-    };
-    let code = match refused {
-        RequestError::Invalid { .. } => Code::InvalidArgument,
-        RequestError::OverLimit { .. } => Code::ResourceExhausted,
+    let (kind, code) = match &error {
+        LocalError::Refused(RequestError::Invalid { .. }) => {
+            ("status", Some(Code::InvalidArgument))
+        }
+        LocalError::Refused(RequestError::OverLimit { .. }) => {
+            ("status", Some(Code::ResourceExhausted))
+        }
+        LocalError::OutOfMemory { .. } => ("memory", None),
+        _ => return PyValueError::new_err(error.to_string()),
     };
     Described {
-        kind: "status",
-        code: Some(code),
-        field: Some(refused.field().to_owned()),
-        message: refused.to_string(),
+        kind,
+        code,
+        field: error.field(),
+        message: error.to_string(),
         ..Described::default()
     }
     .into()
@@ -148,7 +151,7 @@ create_exception!(
     Failure,
     PyException,
     "A failed call, described for weightinit.errors: `kind` (\"options\", \"status\", \
-     \"unreachable\", \"integrity\"), `code` (the gRPC status code's number, or None), `field` \
+     \"unreachable\", \"integrity\", \"memory\"), `code` (the gRPC status code's number, or None), `field` \
      (the option or request field at fault, or None), `cause` and `address` (for \
      \"unreachable\"), and the message."
 );
