@@ -30,6 +30,7 @@ use super::convert;
 use super::pool::WorkerPool;
 use crate::proto::{Chunk, GenerateResponse, TensorEnd, generate_response::Item};
 use weightinit_engine::blocks::{BLOCK_BYTES, BlockHash, PANEL_BYTES, Tree, row_job_bytes};
+use weightinit_engine::structured::Unfinished;
 use weightinit_engine::{RequestPlan, TensorPlan};
 
 /// How the production of a stream ended.
@@ -136,7 +137,9 @@ impl Structured {
         match done.await {
             Ok(Ok(memory)) => Ok(Some(memory)),
             // Stopped: only this future's drop asks for that, so nobody sees it.
-            Ok(Err(_)) => Err(Stop::Gone),
+            Ok(Err(Unfinished::Stopped(_))) => Err(Stop::Gone),
+            // The budget is meant to prevent this; the client must not see a clean end.
+            Ok(Err(Unfinished::OutOfMemory(_))) => Err(Stop::WorkerFailed),
             Err(_) => Err(Stop::WorkerFailed),
         }
     }
