@@ -503,6 +503,47 @@ async fn slow_readers_lose_their_stream_after_the_idle_limit_and_steady_ones_do_
     stream.message().await.unwrap().unwrap();
 }
 
+/// With the flow-control windows every client has by default (megabytes, far more than a
+/// message), the transport runs ahead of a slow reader: the watchdog must see what the client
+/// takes, not what the transport sends. One message a second under a 2 s limit is never
+/// idle; a client that stops reading still loses its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
+async fn a_reader_taking_a_message_a_second_keeps_its_stream_under_default_windows() {
+    let server = TestServer::start_with(|c| {
+        c.stream_idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut stalled = connect(server.url()).await;
+    let mut stalled = stalled.generate(huge()).await.unwrap().into_inner();
+    stalled.message().await.unwrap().unwrap();
+    let mut steady = connect(server.url()).await;
+    let mut steady = steady.generate(huge()).await.unwrap().into_inner();
+    let began = Instant::now();
+    let mut messages = 0;
+    while began.elapsed() < Duration::from_secs(5) {
+        match steady.message().await {
+            Ok(message) => assert!(message.is_some(), "ended after {messages} messages"),
+            Err(status) => panic!(
+                "cut after {messages} messages, {:?}: {status:?}",
+                began.elapsed()
+            ),
+        }
+        messages += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // What the steady reader still reads may be what its window holds: ask the server.
+    let cut = server.shared.metrics.requests(
+        weightinit::service::metrics::Rpc::Generate,
+        Code::DeadlineExceeded,
+    );
+    assert_eq!(
+        (cut, server.shared.active_streams()),
+        (1, 1),
+        "the stalled reader alone is cut, after {messages} messages read"
+    );
+}
+
 #[test]
 #[ignore = "timed under load: scripts/test runs these alone, one at a time"]
 fn slow_readers_keep_memory_bounded() {
