@@ -4,7 +4,10 @@
 //! A Generate stream's producer waits on a bounded channel, so memory per stream is bounded
 //! whatever the client does. But a client that stops reading would hold its stream slot and
 //! its chunks forever. The watchdog notices when a message has been waiting in a full
-//! channel with nothing taken for the idle limit; the producer is then dropped (freeing its
+//! channel with nothing taken for the idle limit. The transport takes a message only when the
+//! client's HTTP/2 flow-control window has room for it, so takes follow what the client
+//! consumes, a window behind: a slow but steady reader keeps taking
+//! (tests/integration/abuse.rs). An idle stream's producer is then dropped (freeing its
 //! workers, chunks and slot), the queued messages are dropped, and the stream ends with
 //! DEADLINE_EXCEEDED whenever the transport next asks for a message: never with OK, so a
 //! client cannot mistake a cut stream for a complete one.
