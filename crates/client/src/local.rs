@@ -158,7 +158,7 @@ impl LocalPlan {
         }
         for (tensor, offset, _) in &jobs {
             if *offset == 0 {
-                tensor.prepare(stop)?;
+                prepare(tensor, stop)?;
             }
         }
         pool()?.install(|| {
