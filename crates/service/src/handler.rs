@@ -167,7 +167,8 @@ impl Shared {
             };
             drop(permit);
             if shared.active_streams() == 0 {
-                memory::trim_when_idle();
+                let shared = Arc::clone(&shared);
+                memory::trim_when_idle(move || shared.active_streams() == 0);
             }
             match end {
                 End::Done(Outcome::Complete { bytes }) => call.finish(bytes, Code::Ok, "ok"),
