@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use weightinit::engine::{Limits, whole_bytes_bound};
 use weightinit::proto::weight_init_client::WeightInitClient;
 use weightinit::proto::{GenerateRequest, GetInfoRequest};
 use weightinit::service::pipeline::{panel_bytes_bound, stream_bytes_bound};
 
-use crate::util::{Served, TestServer, mib, plan, request};
+use crate::util::{Served, TestServer, mib, plan, request, windowed_client};
 
 /// One orthogonal tensor per name, of `shape`.
 fn orthogonal(names: impl Iterator<Item = String>, shape: [u64; 2]) -> GenerateRequest {
@@ -288,20 +288,10 @@ async fn a_finished_matrix_and_its_budget_go_once_its_bytes_are_made() {
         false,
     );
     // A reader with small windows, so that the server cannot send all of it ahead.
-    let channel = Endpoint::from_shared(server.url())
-        .unwrap()
-        .initial_stream_window_size(64 << 10)
-        .initial_connection_window_size(64 << 10)
-        .connect()
-        .await
-        .unwrap();
+    let mut slow_client = windowed_client(&server.url(), 64 << 10).await.unwrap();
     let mut slow = orthogonal(["q".to_owned()].into_iter(), [512, 1024]);
     slow.chunk_bytes = 64 << 10;
-    let mut stream = WeightInitClient::new(channel)
-        .generate(slow)
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = slow_client.generate(slow).await.unwrap().into_inner();
     stream.message().await.unwrap().expect("a header");
     stream.message().await.unwrap().expect("a chunk");
     // That reader now stalls with most of its bytes unread: the next QR still finds room.

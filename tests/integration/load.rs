@@ -17,7 +17,7 @@ use crate::util;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::util::{Served, expected_digests, mib, percentile, request};
+use crate::util::{Served, expected_digests, mib, percentile, request, windowed_client};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
@@ -372,14 +372,9 @@ async fn start_streaming(
     ),
     String,
 > {
-    let channel = Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .initial_stream_window_size(256 << 10)
-        .initial_connection_window_size(256 << 10)
-        .connect()
+    let mut client = windowed_client(url, 256 << 10)
         .await
         .map_err(|e| e.to_string())?;
-    let mut client = WeightInitClient::new(channel);
     let mut stream = client
         .generate(request)
         .await

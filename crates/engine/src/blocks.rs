@@ -21,12 +21,6 @@ pub const BLOCK_BYTES: usize = 1 << 20;
 /// the torch-layout tensor). Split across the workers by columns, then put together.
 pub const PANEL_BYTES: u64 = 32 << 20;
 
-/// The most bytes a job of a transposed matrix made by rows ([`row_job_bytes`]) makes: 128
-/// rows of an 8192-wide float32 matrix. A stream keeps a few jobs ahead of its reader, so this
-/// bounds what a slow reader holds; wider matrices are made in panels, which the server
-/// shares out.
-pub const ROW_JOB_BYTES: u64 = 4 << 20;
-
 /// One block's hash.
 pub enum BlockHash {
     /// The whole tensor fits in one block: its BLAKE3 hash.
@@ -62,13 +56,12 @@ impl BlockHash {
 /// Bytes per job for a transposing view made by rows ([`TensorPlan::row_batch`]): whole blocks
 /// that hold a batch of rows, so that a job generates its columns as long keystream runs and
 /// writes them straight in output order, where hashing finds them still in cache. `None` for
-/// other tensors (one block per job), and for views made in panels (also those whose batch
-/// would exceed [`ROW_JOB_BYTES`]).
+/// other tensors (one block per job), and for views made in panels.
 pub fn row_job_bytes(tensor: &TensorPlan) -> Option<usize> {
     let rows = tensor.row_batch()?;
     let bytes = rows * tensor.tile_columns()? * tensor.dtype.size() as u64;
     let bytes = bytes.next_multiple_of(BLOCK_BYTES as u64);
-    (bytes <= ROW_JOB_BYTES).then_some(bytes as usize)
+    (bytes <= PANEL_BYTES).then_some(bytes as usize)
 }
 
 /// A tensor's BLAKE3 hash put together from its blocks' hashes, pushed in order.
