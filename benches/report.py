@@ -133,12 +133,14 @@ def main():
     if permutes:
         p("")
         p(
-            "### Permuted views: Digest of a tensor and of its Keras-layout view, run alternately"
+            "### Permuted views: Digest and Generate of a tensor and of its Keras-layout view, "
+            "run alternately"
         )
         p(
-            "| shape | permute | plain best | permuted best | ratio (target >= 70%) | CPU time ratio |"
+            "| rpc | shape | permute | plain best | permuted best | ratio (target >= 70%) | "
+            "CPU time ratio |"
         )
-        p("|---|---|---|---|---|---|")
+        p("|---|---|---|---|---|---|---|")
         for row in permutes:
             cpu = (
                 row["plain_cpu_s"] / row["permuted_cpu_s"]
@@ -146,7 +148,8 @@ def main():
                 else float("nan")
             )
             p(
-                f"| {row['shape']} f32 | {row['permute']} | {row['plain_best_s']:.4f} s | "
+                f"| {row.get('rpc', 'digest')} | {row['shape']} f32 | {row['permute']} | "
+                f"{row['plain_best_s']:.4f} s | "
                 f"{row['permuted_best_s']:.4f} s | {row['ratio']:.0%} | {cpu:.0%} |"
             )
     memory = find(rows, bench="memory")

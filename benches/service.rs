@@ -88,10 +88,10 @@ async fn digests(server: &Server) {
     }
 }
 
-/// Digest of a tensor and of its permuted view (the Keras layouts of a Linear and a Conv2d
-/// weight), run alternately so that both see the same machine.
+/// Digest and Generate of a tensor and of its permuted view (the Keras layouts of a Linear and
+/// a Conv2d weight), run alternately so that both see the same machine.
 async fn permutes(server: &Server) {
-    let client = server.client(None).await;
+    let client = server.client(Some((8 << 20, 16 << 20))).await;
     let cases: [(&[u64], &[u32]); 2] =
         [(&[8192, 8192], &[1, 0]), (&[512, 512, 3, 3], &[2, 3, 1, 0])];
     for (shape, permute) in cases {
@@ -104,22 +104,35 @@ async fn permutes(server: &Server) {
         } else {
             REPEATS
         };
-        let (mut plain_s, mut permuted_s) = (f64::INFINITY, f64::INFINITY);
-        let (mut plain_cpu, mut permuted_cpu) = (0.0, 0.0);
-        for _ in 0..runs {
-            let cpu = server.cpu_seconds();
-            plain_s = plain_s.min(digest(client.clone(), plain.clone()).await);
-            let between = server.cpu_seconds();
-            permuted_s = permuted_s.min(digest(client.clone(), permuted.clone()).await);
-            plain_cpu += between - cpu;
-            permuted_cpu += server.cpu_seconds() - between;
+        for rpc in ["digest", "generate"] {
+            let run = |request: &GenerateRequest| {
+                let (client, request) = (client.clone(), request.clone());
+                async move {
+                    if rpc == "digest" {
+                        digest(client, request).await
+                    } else {
+                        generate(client, request, false).await
+                    }
+                }
+            };
+            let (mut plain_s, mut permuted_s) = (f64::INFINITY, f64::INFINITY);
+            let (mut plain_cpu, mut permuted_cpu) = (0.0, 0.0);
+            for _ in 0..runs {
+                let cpu = server.cpu_seconds();
+                plain_s = plain_s.min(run(&plain).await);
+                let between = server.cpu_seconds();
+                permuted_s = permuted_s.min(run(&permuted).await);
+                plain_cpu += between - cpu;
+                permuted_cpu += server.cpu_seconds() - between;
+            }
+            report(json!({
+                "bench": "permute", "rpc": rpc, "scheme": "xavier_uniform", "shape": shape,
+                "permute": permute, "bytes": 4 * shape.iter().product::<u64>(),
+                "plain_best_s": plain_s, "permuted_best_s": permuted_s,
+                "ratio": plain_s / permuted_s, "plain_cpu_s": plain_cpu / runs as f64,
+                "permuted_cpu_s": permuted_cpu / runs as f64
+            }));
         }
-        report(json!({
-            "bench": "permute", "scheme": "xavier_uniform", "shape": shape, "permute": permute,
-            "bytes": 4 * shape.iter().product::<u64>(), "plain_best_s": plain_s,
-            "permuted_best_s": permuted_s, "ratio": plain_s / permuted_s,
-            "plain_cpu_s": plain_cpu / runs as f64, "permuted_cpu_s": permuted_cpu / runs as f64
-        }));
     }
 }
 

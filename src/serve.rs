@@ -15,7 +15,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "WEIGHTINIT_ADDR", default_value_t = defaults().addr)]
     addr: SocketAddr,
-    /// Generation worker threads [default: all cores].
+    /// Generation worker threads [default: all cores]. A stream holds at most workers + 1 jobs
+    /// (1 MiB each, 4 MiB for a transposed matrix) ahead of a client that stops reading, plus
+    /// under 6 MiB in the transport; views made in panels share max(workers, 2) of 32 MiB.
     #[arg(long, env = "WEIGHTINIT_WORKERS")]
     workers: Option<usize>,
     /// Chunk payload size when a request leaves chunk_bytes at 0.
@@ -30,7 +32,8 @@ pub struct ServeArgs {
     /// Most tensors in one request.
     #[arg(long, env = "WEIGHTINIT_MAX_TENSORS", default_value_t = defaults().max_tensors)]
     max_tensors: u32,
-    /// Most Generate and Digest streams at once; beyond it: RESOURCE_EXHAUSTED.
+    /// Most Generate and Digest streams at once; beyond it: RESOURCE_EXHAUSTED. Each holds at
+    /// most (--workers + 1) x 4 MiB + 6 MiB for a client that stops reading.
     #[arg(long, env = "WEIGHTINIT_MAX_CONCURRENT_STREAMS", default_value_t = defaults().max_concurrent_streams)]
     max_concurrent_streams: u32,
     /// Largest tensor rank.
@@ -50,7 +53,7 @@ pub struct ServeArgs {
     /// core [default: half the workers, at least 1].
     #[arg(long, env = "WEIGHTINIT_STRUCTURED_JOBS")]
     structured_jobs: Option<usize>,
-    /// Memory for whole-tensor computations and their results until sent, in bytes (16 per
+    /// Memory for whole-tensor computations and their results until made, in bytes (16 per
     /// matrix element); requests wait for room. At least 16 x --max-matrix-elements
     /// [default: 32 x --max-matrix-elements, two of the largest].
     #[arg(long, env = "WEIGHTINIT_STRUCTURED_MEMORY_BYTES")]

@@ -9,7 +9,9 @@ use crate::util;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::util::{Served, TestServer, expected_digests, mib, request, wait_until};
+use crate::util::{
+    Served, TestServer, expected_digests, mib, request, wait_until, windowed_client,
+};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -442,14 +444,7 @@ async fn slow_readers_lose_their_stream_after_the_idle_limit_and_steady_ones_do_
     let steady = {
         let url = server.url();
         tokio::spawn(async move {
-            let channel = Endpoint::from_shared(url)
-                .unwrap()
-                .initial_stream_window_size(256 << 10)
-                .initial_connection_window_size(256 << 10)
-                .connect()
-                .await
-                .unwrap();
-            let mut client = WeightInitClient::new(channel);
+            let mut client = windowed_client(&url, 256 << 10).await.unwrap();
             let mut stream = client.generate(huge()).await.unwrap().into_inner();
             let began = Instant::now();
             let mut messages = 0;

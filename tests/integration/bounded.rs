@@ -11,8 +11,9 @@ use tonic::transport::Channel;
 use weightinit::engine::{Limits, whole_bytes_bound};
 use weightinit::proto::weight_init_client::WeightInitClient;
 use weightinit::proto::{GenerateRequest, GetInfoRequest};
+use weightinit::service::pipeline::{panel_bytes_bound, stream_bytes_bound};
 
-use crate::util::{Served, TestServer, mib, plan, request};
+use crate::util::{Served, TestServer, mib, plan, request, windowed_client};
 
 /// One orthogonal tensor per name, of `shape`.
 fn orthogonal(names: impl Iterator<Item = String>, shape: [u64; 2]) -> GenerateRequest {
@@ -222,4 +223,85 @@ async fn a_tall_orthogonal_matrix_stays_within_its_memory_bound() {
         mib(grown),
         mib(bound)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timed under load: scripts/test runs these alone, one at a time"]
+async fn slow_permuted_readers_stay_within_the_stream_bound() {
+    let server = Served::start(&["--workers", "2", "--stream-idle-timeout", "0"], false);
+    let before = server.rss();
+    // 48 clients, each on its own connection, read one message of a permuted view then stall:
+    // the Keras layouts of a Linear weight (a transposed matrix, made by rows) and of a conv
+    // kernel (made in panels).
+    let views: [(&[u64], &[u32]); 2] = [
+        (&[8192, 8192], &[1, 0]),
+        (&[1024, 1024, 3, 3], &[2, 3, 1, 0]),
+    ];
+    let mut readers = Vec::new();
+    for i in 0..48 {
+        let (shape, permute) = views[i % 2];
+        let mut view = request(json!({"seed": i, "tensors": [
+            {"name": "w", "shape": shape, "init": {"xavierUniform": {}}}]}));
+        view.tensors[0].permute = permute.to_vec();
+        let mut client = connect(server.url()).await;
+        let mut stream = client.generate(view).await.unwrap().into_inner();
+        stream.message().await.unwrap().expect("a header");
+        readers.push((client, stream));
+    }
+    // Every producer has made what it may before waiting for its reader.
+    let mut grown = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        grown = grown.max(server.rss().saturating_sub(before));
+    }
+    let bound = 48 * stream_bytes_bound(2) + panel_bytes_bound(2);
+    println!(
+        "48 slow permuted readers: RSS grew by {:.0} MiB ({:.1} MiB per reader), bound {:.0} MiB",
+        mib(grown),
+        mib(grown) / 48.0,
+        mib(bound)
+    );
+    assert!(
+        grown <= bound,
+        "RSS grew by {:.0} MiB with 48 slow permuted readers, over {:.0} MiB",
+        mib(grown),
+        mib(bound)
+    );
+    drop(readers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_matrix_and_its_budget_go_once_its_bytes_are_made() {
+    // Room for one QR of [512, 1024] at a time; its 2 MiB of output are two blocks, both made
+    // before the first is sent.
+    let elements = (512 * 1024).to_string();
+    let budget = whole_bytes_bound(512 * 1024).to_string();
+    let server = Served::start(
+        &[
+            "--workers",
+            "2",
+            "--max-matrix-elements",
+            &elements,
+            "--structured-memory-bytes",
+            &budget,
+        ],
+        false,
+    );
+    // A reader with small windows, so that the server cannot send all of it ahead.
+    let mut slow_client = windowed_client(&server.url(), 64 << 10).await.unwrap();
+    let mut slow = orthogonal(["q".to_owned()].into_iter(), [512, 1024]);
+    slow.chunk_bytes = 64 << 10;
+    let mut stream = slow_client.generate(slow).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("a header");
+    stream.message().await.unwrap().expect("a chunk");
+    // That reader now stalls with most of its bytes unread: the next QR still finds room.
+    let mut other = connect(server.url()).await;
+    let next = orthogonal(["p".to_owned()].into_iter(), [512, 1024]);
+    let digest = tokio::time::timeout(Duration::from_secs(10), other.digest(next)).await;
+    assert!(
+        digest.is_ok(),
+        "a second QR waited for the budget held by a finished one whose reader stalls"
+    );
+    digest.unwrap().unwrap();
+    drop(stream);
 }

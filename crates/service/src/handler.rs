@@ -11,6 +11,7 @@ use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
 
 use super::convert;
+use super::memory;
 use super::metrics::{Live, Metrics, Rpc};
 use super::pipeline::{Emit, Outcome, Pipeline, Structured};
 use super::pool::WorkerPool;
@@ -78,7 +79,7 @@ impl Shared {
             max_concurrent_streams,
             structured_jobs,
             structured_memory_bytes,
-            pipeline: Pipeline::new(pool, workers + 1, structured),
+            pipeline: Pipeline::new(pool, structured),
             stream_idle_timeout,
             metrics: Arc::new(Metrics::default()),
             streams: Arc::new(Semaphore::new(max_concurrent_streams as usize)),
@@ -165,6 +166,10 @@ impl Shared {
                 _ = cut.wait_for(|&cut| cut) => End::Cut,
             };
             drop(permit);
+            if shared.active_streams() == 0 {
+                let shared = Arc::clone(&shared);
+                memory::trim_when_idle(move || shared.active_streams() == 0);
+            }
             match end {
                 End::Done(Outcome::Complete { bytes }) => call.finish(bytes, Code::Ok, "ok"),
                 End::Done(Outcome::Abandoned { bytes }) => {

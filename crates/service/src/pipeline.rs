@@ -9,13 +9,18 @@
 //! like the generation; the producer only merges 32-byte chaining
 //! values, in order, with [`Tree`]. A few blocks are in flight ahead of the one being sent;
 //! transport chunks are zero-copy slices of a block, so a chunk never spans two blocks.
+//! A transposing view whose rows are far apart in the tensor is made in panels, drawn from the
+//! server's few ([`panel_bytes_bound`]), so a stream's own memory stays a few jobs
+//! ([`stream_bytes_bound`]) whatever its reader does.
 //! When the receiver is gone the producer stops at once, whatever it waits for, and queued jobs
 //! for it are skipped.
 //!
 //! A structured scheme's whole-tensor computation (orthogonal's QR, sparse's selection) runs
 //! before its blocks, off the worker pool so that plain streams keep their workers, under its
-//! own bounds: [`Structured::jobs`] at once, and their memory within a budget held until the
-//! tensor is sent. It stops within milliseconds when its stream goes away.
+//! own bounds: [`Structured::jobs`] at once, and their memory within a budget. Its result
+//! (orthogonal's Q, sparse's zeros) and its share of the budget go with the last job that
+//! makes the tensor's bytes, not once they are sent. It stops within milliseconds when its
+//! stream goes away.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -58,18 +63,28 @@ pub type Sink = mpsc::Sender<Result<GenerateResponse, Status>>;
 
 pub struct Pipeline {
     pub(crate) pool: Arc<WorkerPool>,
-    /// Blocks generated ahead of the one being sent, per stream.
+    /// Jobs made ahead of the one being sent, per stream ([`depth`]).
     depth: usize,
     structured: Structured,
-    /// Panel buffers of finished panels, reused: fresh ones would cost page faults and zeroing
-    /// as large as the generation itself.
-    spare: Spare,
+    panels: Panels,
 }
 
-type Spare = Arc<Mutex<Vec<Vec<u8>>>>;
+/// The server's panel buffers, shared by every stream: at most [`Panels::count`] at once, so
+/// that slow readers of views made in panels hold no more than these between them; a stream
+/// waits for one. Kept for reuse: fresh ones would cost page faults and zeroing as large as
+/// the generation itself.
+struct Panels {
+    free: Arc<Semaphore>,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+}
 
-/// Spare panel buffers kept at most, per server.
-const SPARE_BUFFERS: usize = 16;
+impl Panels {
+    /// One per worker (a panel is made on all of them at once), and at least two, so that
+    /// one slow reader cannot hold them all.
+    fn count(workers: usize) -> usize {
+        workers.max(2)
+    }
+}
 
 enum Stop {
     Gone,
@@ -89,7 +104,7 @@ pub struct Structured {
     /// Computations running at once.
     jobs: Arc<Semaphore>,
     /// Their memory, in MiB ([`Structure::whole_bytes`](weightinit_engine::Structure)), taken
-    /// before one starts and given back once its tensor is sent.
+    /// before one starts and given back once its tensor's last byte is made.
     memory: Arc<Semaphore>,
 }
 
@@ -105,7 +120,7 @@ impl Structured {
 
     /// Computes what `tensor` needs of the whole tensor, if anything: waits for a job and for
     /// its memory, then runs on a blocking thread that stops at its next step when this future
-    /// is dropped. Returns the memory reservation, to hold while the tensor is sent.
+    /// is dropped. Returns the memory reservation, to hold while the tensor's bytes are made.
     async fn prepare(
         &self,
         tensor: &Arc<TensorPlan>,
@@ -145,6 +160,36 @@ impl Structured {
     }
 }
 
+/// The most bytes a job of a transposed matrix made by rows makes here: 128 rows of an
+/// 8192-wide float32 matrix. A stream keeps a few jobs ahead of its reader, so this bounds what
+/// a slow reader holds; wider matrices are made in panels, which the server shares out. (Jobs
+/// of 2 MiB would hold less, but Digest of a transposed [8192, 8192] lost 15%; of 1 MiB, 70%.)
+const ROW_JOB_BYTES: u64 = 4 << 20;
+
+/// Jobs a stream keeps in flight with `workers` workers: one for each, and one more so that
+/// none waits while the producer sends.
+fn depth(workers: usize) -> usize {
+    workers + 1
+}
+
+/// What the transport holds of a stream whose client stopped reading, at most: the messages
+/// queued for tonic, its encoding buffer, HTTP/2's and the connection's (measured: 4 to 6 MiB
+/// with 1 MiB chunks, each client on its own connection).
+const TRANSPORT_BYTES: u64 = 6 << 20;
+
+/// The most memory one stream holds for a client that stopped reading, with `workers`
+/// workers: its jobs in flight (1 MiB each, at most [`ROW_JOB_BYTES`] for a transposed matrix)
+/// and what the transport holds. Views made in panels also share
+/// [`panel_bytes_bound`] with every other stream.
+pub fn stream_bytes_bound(workers: usize) -> u64 {
+    depth(workers) as u64 * ROW_JOB_BYTES + TRANSPORT_BYTES
+}
+
+/// The panel buffers of a server with `workers` workers, shared by all its streams.
+pub fn panel_bytes_bound(workers: usize) -> u64 {
+    Panels::count(workers) as u64 * PANEL_BYTES
+}
+
 /// Bytes in MiB, rounded up: the unit of the structured memory budget.
 pub fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
@@ -161,12 +206,15 @@ impl Drop for StopOnDrop {
 }
 
 impl Pipeline {
-    pub(crate) fn new(pool: Arc<WorkerPool>, depth: usize, structured: Structured) -> Self {
+    pub(crate) fn new(pool: Arc<WorkerPool>, structured: Structured) -> Self {
         Self {
+            panels: Panels {
+                free: Arc::new(Semaphore::new(Panels::count(pool.workers()))),
+                spare: Arc::default(),
+            },
+            depth: depth(pool.workers()),
             pool,
-            depth,
             structured,
-            spare: Spare::default(),
         }
     }
 
@@ -204,35 +252,50 @@ impl Pipeline {
         bytes: &AtomicU64,
     ) -> Result<(), Stop> {
         send(out, Item::Header(convert::header(&tensor))).await?;
-        // Held until the tensor's last block is out.
-        let _memory = self.structured.prepare(&tensor).await?;
+        let memory = self.structured.prepare(&tensor).await?;
         let index = tensor.index;
+        let name = tensor.name.clone();
         let total = tensor.byte_length();
         let size = tensor.dtype.size();
         let chunk_step = (chunk_bytes / size).max(1) * size;
-        let by_rows = row_job_bytes(&tensor);
+        let by_rows = row_job_bytes(&tensor).filter(|&bytes| bytes as u64 <= ROW_JOB_BYTES);
+        let in_panels = tensor.tile_columns().is_some() && by_rows.is_none();
         let job_bytes = by_rows.unwrap_or(BLOCK_BYTES);
-        let mut offsets = (0..total).step_by(job_bytes);
+        let mut offsets = (0..total).step_by(job_bytes).peekable();
         let mut tree = Tree::new(total.div_ceil(BLOCK_BYTES as u64));
         let mut in_flight: VecDeque<(u64, oneshot::Receiver<Block>)> = VecDeque::new();
         let mut panel: Option<Arc<Panel>> = None;
+        // Held here and by every job that makes the tensor's bytes: dropped once the last of
+        // them is queued, it goes (with the structured result and its budget) when that job
+        // is done, however slowly its bytes are then read.
+        let mut making = Some(Arc::new(Making {
+            plan: tensor,
+            _memory: memory,
+        }));
         loop {
-            while in_flight.len() < self.depth.max(1) {
-                let Some(offset) = offsets.next() else {
+            while in_flight.len() < self.depth {
+                let (Some(offset), Some(making_ref)) = (offsets.next(), making.as_ref()) else {
                     break;
                 };
                 let len = (total - offset).min(job_bytes as u64) as usize;
-                let pending = if tensor.tile_columns().is_some() && by_rows.is_none() {
+                let pending = if in_panels {
                     if panel.as_ref().is_none_or(|p| !p.holds(offset)) {
-                        panel = Some(self.panel(&tensor, offset).await?);
+                        // Let go of the last one first: waiting for a panel while holding one
+                        // could wait forever.
+                        drop(panel.take());
+                        panel = Some(self.panel(making_ref, offset).await?);
                     }
                     let panel = Arc::clone(panel.as_ref().expect("made above"));
                     self.pool.run(move || panel.block(offset, len, emit))
                 } else {
-                    let tensor = Arc::clone(&tensor);
-                    self.pool.run(move || generate(&tensor, offset, len, emit))
+                    let making = Arc::clone(making_ref);
+                    self.pool
+                        .run(move || generate(&making.plan, offset, len, emit))
                 };
                 in_flight.push_back((offset, pending));
+                if offsets.peek().is_none() {
+                    making = None;
+                }
             }
             let Some((offset, pending)) = in_flight.pop_front() else {
                 break;
@@ -268,10 +331,16 @@ impl Pipeline {
             tensor_index: index,
             blake3: tree.root().as_bytes().to_vec(),
             byte_length: total,
-            name: tensor.name.clone(),
+            name,
         };
         send(out, Item::End(end)).await
     }
+}
+
+/// A tensor whose bytes are being made, with its share of the structured memory budget.
+struct Making {
+    plan: Arc<TensorPlan>,
+    _memory: Option<OwnedSemaphorePermit>,
 }
 
 /// The job: bytes `[offset, offset + len)` of `tensor`, and their blocks' hashes in a
@@ -321,20 +390,20 @@ fn block(
 /// Up to [`PANEL_BYTES`] of a transposing view's output, made by column ranges straight into
 /// one buffer.
 struct Panel {
-    tensor: Arc<TensorPlan>,
+    /// The tensor's output bytes.
+    total: u64,
     /// Output bytes `[start, start + data.len())`.
     start: u64,
     data: Vec<u8>,
-    /// Where the buffer goes when the panel is done.
-    spare: Spare,
+    /// Where the buffer goes when the panel is done, before its place is given back.
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+    _place: OwnedSemaphorePermit,
 }
 
 impl Drop for Panel {
     fn drop(&mut self) {
         let mut spare = self.spare.lock().expect("spare buffers poisoned");
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(std::mem::take(&mut self.data));
-        }
+        spare.push(std::mem::take(&mut self.data));
     }
 }
 
@@ -348,7 +417,7 @@ impl Panel {
         let from = (offset - self.start) as usize;
         let data = &self.data[from..from + len];
         Block {
-            hashes: BlockHash::of_blocks(self.tensor.byte_length(), offset, data),
+            hashes: BlockHash::of_blocks(self.total, offset, data),
             data: (emit == Emit::Chunks).then(|| Bytes::copy_from_slice(data)),
         }
     }
@@ -356,10 +425,20 @@ impl Panel {
 
 impl Pipeline {
     /// Makes the panel that starts at `offset`, its column ranges on all workers at once.
-    async fn panel(&self, tensor: &Arc<TensorPlan>, offset: u64) -> Result<Arc<Panel>, Stop> {
+    async fn panel(&self, making: &Arc<Making>, offset: u64) -> Result<Arc<Panel>, Stop> {
+        let tensor = &making.plan;
         let size = tensor.dtype.size() as u64;
         let stop = (offset + PANEL_BYTES).min(tensor.byte_length());
-        let reused = self.spare.lock().expect("spare buffers poisoned").pop();
+        let place = Arc::clone(&self.panels.free)
+            .acquire_owned()
+            .await
+            .map_err(|_| Stop::WorkerFailed)?;
+        let reused = self
+            .panels
+            .spare
+            .lock()
+            .expect("spare buffers poisoned")
+            .pop();
         let (output, writers) = tensor.shared_output(
             offset / size,
             (stop - offset) / size,
@@ -369,8 +448,8 @@ impl Pipeline {
         let pending: Vec<_> = writers
             .into_iter()
             .map(|mut writer| {
-                let tensor = Arc::clone(tensor);
-                self.pool.run(move || tensor.fill_columns(&mut writer))
+                let making = Arc::clone(making);
+                self.pool.run(move || making.plan.fill_columns(&mut writer))
             })
             .collect();
         for part in pending {
@@ -379,10 +458,11 @@ impl Pipeline {
         // Every writer has gone with its job.
         let data = output.into_vec().map_err(|_| Stop::WorkerFailed)?;
         Ok(Arc::new(Panel {
-            tensor: Arc::clone(tensor),
+            total: tensor.byte_length(),
             start: offset,
             data,
-            spare: Arc::clone(&self.spare),
+            spare: Arc::clone(&self.panels.spare),
+            _place: place,
         }))
     }
 }

@@ -19,7 +19,7 @@ use super::codec::DecodeLimits;
 use super::handler::{Handler, Shared};
 use super::listener::{self, Incoming};
 use super::metrics::{self, Metrics};
-use super::pipeline::mib;
+use super::pipeline::{mib, panel_bytes_bound, stream_bytes_bound};
 use super::tls::{Tls, TlsError};
 use crate::proto::{self, weight_init_server::WeightInitServer};
 use weightinit_engine::{Limits, whole_bytes_bound};
@@ -44,7 +44,7 @@ pub struct ServeConfig {
     pub max_request_work: u64,
     /// Whole-tensor computations (QR, sparse selection) at once; `None` = half the workers.
     pub structured_jobs: Option<usize>,
-    /// Memory of whole-tensor computations and of their results until sent, in bytes;
+    /// Memory of whole-tensor computations and of their results until made, in bytes;
     /// `None` = two of the largest that `max_matrix_elements` allows.
     pub structured_memory_bytes: Option<u64>,
     /// How long in-flight streams may run once shutdown begins.
@@ -354,9 +354,12 @@ impl Server {
         } else {
             "off"
         };
+        let workers = self.config.worker_count();
         tracing::info!(
             tls,
             auth,
+            stream_memory_bytes = stream_bytes_bound(workers),
+            panel_memory_bytes = panel_bytes_bound(workers),
             max_connections = connection_limit,
             max_connection_streams = self.config.max_connection_streams,
             stream_idle_timeout = ?self.config.stream_idle_timeout,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use weightinit::proto::{
     GenerateRequest, TensorEnd, generate_response::Item, weight_init_client::WeightInitClient,
 };
@@ -231,4 +231,19 @@ pub fn grpcurl() -> PathBuf {
     } else {
         "grpcurl".into()
     }
+}
+
+/// A client on its own connection whose HTTP/2 windows (stream and connection) are `window`
+/// bytes: the server can send only that far ahead of what it reads.
+pub async fn windowed_client(
+    url: &str,
+    window: u32,
+) -> Result<WeightInitClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .connect()
+        .await?;
+    Ok(WeightInitClient::new(channel))
 }
