@@ -29,6 +29,7 @@ MANIFESTS=(--kubernetes "$DEPLOY/kubernetes/deployment.yaml" --compose "$DEPLOY/
 
 ensure_venv
 mapfile -t LIMITS < <("$PY" "$DEPLOY/ci_checks.py" shipped-limits "${MANIFESTS[@]}" --docker-args)
+[[ ${LIMITS[*]} == *--memory=* ]] || die "no memory limit read from the manifests: ${LIMITS[*]}"
 log "shipped limits: ${LIMITS[*]}"
 ensure_base_images
 build_image "$IMAGE"
@@ -54,4 +55,4 @@ for attack in tall-digest slow-permuted-12 slow-permuted-48 orthogonal-generates
     --addr "$ADDR" --container "$SERVER" --vectors "$VECTORS"
 done
 
-log "attacks took $((SECONDS - T_START)) s in all"
+log "took $((SECONDS - T_START)) s in all"
