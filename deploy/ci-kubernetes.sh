@@ -39,6 +39,7 @@ strict_validate() {
 policy() { timeout 60 "$PY" "$DEPLOY/ci_checks.py" k8s-policy --dir "$1"; }
 # memory DIR: DIR has deployment.yaml and compose.yaml.
 memory() { timeout 60 "$PY" "$DEPLOY/ci_checks.py" shipped-limits --kubernetes "$1/deployment.yaml" --compose "$1/compose.yaml"; }
+original() { if [[ $1 == compose.yaml ]]; then echo "$DEPLOY/$1"; else echo "$K8S_DIR/$1"; fi; }
 
 mapfile -t FILES < <(find "$K8S_DIR" -maxdepth 1 -name '*.yaml' | sort)
 ((${#FILES[@]} >= 3)) || die "expected the manifests in $K8S_DIR"
@@ -46,7 +47,7 @@ for f in "${FILES[@]}"; do
   check "schema ($K8S_VERSIONS, strict): ${f#"$ROOT"/}" strict_validate "$f"
 done
 check "policy: grace, gRPC probes, securityContext, resources, selectors" policy "$K8S_DIR"
-mkdir -p "$TMP/shipped" && cp "$K8S_DIR/deployment.yaml" "$DEPLOY/compose.yaml" "$TMP/shipped/"
+mkdir -p "$TMP/shipped" && cp "$(original deployment.yaml)" "$(original compose.yaml)" "$TMP/shipped/"
 check "memory: the same limits and flags in Kubernetes and compose, the limit over the derived bound" memory "$TMP/shipped"
 
 # --- deliberately broken copies must be rejected --------------------------
@@ -56,10 +57,10 @@ check "memory: the same limits and flags in Kubernetes and compose, the limit ov
 expect_reject() {
   local name=$1 how=$2 script=$3 d=$TMP/broken-$1 f
   shift 3
-  rm -rf "$d" && mkdir -p "$d" && cp "$K8S_DIR"/*.yaml "$DEPLOY/compose.yaml" "$d/"
+  rm -rf "$d" && mkdir -p "$d" && cp "$K8S_DIR"/*.yaml "$(original compose.yaml)" "$d/"
   for f in "$@"; do
     sed -i -e "$script" "$d/$f"
-    if cmp -s "$d/$f" "$TMP/shipped/$f" || cmp -s "$d/$f" "$K8S_DIR/$f"; then
+    if cmp -s "$d/$f" "$(original "$f")"; then
       fail "broken copy '$name': the edit did not apply to $f"
       return
     fi
