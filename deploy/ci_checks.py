@@ -12,8 +12,10 @@
               grace period vs WEIGHTINIT_SHUTDOWN_GRACE, gRPC probes on the
               served port, hardened securityContext, resources, selectors
   shipped-limits  a replica's memory limit, CPUs and flags: the same in the
-              Deployment and compose.yaml, and over the memory bound those flags
-              give (deploy/README.md, "Memory limits"); or as `docker run` options
+              Deployment and compose.yaml, every flag of the memory bound set; or
+              as `docker run` options
+  memory-bound  a server container's memory limit over the bound of what it
+              reports of itself (deploy/README.md, "Memory limits")
   attack      one attack of issue 24 on a server container under those limits:
               it must survive it under its memory limit and answer afterwards
 
@@ -338,12 +340,10 @@ def cmd_k8s_policy(args):
 
 MIB = 1 << 20
 
-# What a replica's memory is made of, for the derivation in deploy/README.md ("Memory limits"),
-# measured there: the server at rest, one stream at its worst (its client reads nothing), and
-# one generation worker's own buffers.
+# The parts of a replica's memory bound (deploy/README.md, "Memory limits") that the server
+# does not report, measured there: the server at rest, and a worker's Digest buffer (one job).
 BASELINE_MIB = 16
-STREAM_MIB = 8
-WORKER_MIB = 2
+WORKER_MIB = 4
 # The least part of the limit left over after the bound, for what the bound does not count.
 MARGIN = 0.15
 # The flags of the bound: the manifests set each, so that a default changing in the server
@@ -397,43 +397,59 @@ def shipped_limits(kubernetes, compose):
     return k8s, differ
 
 
-def memory_bound(env):
-    """The most memory the server's flags let it hold, and how it is made up, in MiB."""
-    workers = int(env["WEIGHTINIT_WORKERS"])
-    streams = int(env["WEIGHTINIT_MAX_CONCURRENT_STREAMS"])
-    structured = int(env["WEIGHTINIT_STRUCTURED_MEMORY_BYTES"]) / MIB
-    parts = [("at rest", BASELINE_MIB),
-             (f"for {streams} streams x {STREAM_MIB}", streams * STREAM_MIB),
-             (f"for {workers} workers x {WORKER_MIB}", workers * WORKER_MIB),
-             ("of --structured-memory-bytes", structured)]
-    return sum(n for _, n in parts), parts
-
-
 def cmd_shipped_limits(args):
-    limits, differ = shipped_limits(args.kubernetes, args.compose)
+    limits, problems = shipped_limits(args.kubernetes, args.compose)
     if args.docker_args:
         print(f"--memory={limits['memory']}\n--memory-swap={limits['memory']}\n--cpus={limits['cpus']:g}")
         for k, v in sorted(limits["env"].items()):
             print(f"--env={k}={v}")
         return 0
-    problems = list(differ)
     missing = [f for f in BOUND_FLAGS if f not in limits["env"]]
     if missing:
         problems.append("the manifests must set " + ", ".join(missing))
-        bound = None
-    else:
-        bound, parts = memory_bound(limits["env"])
-        room = limits["memory"] / MIB * (1 - MARGIN)
-        shown = " + ".join(f"{n:g} {what}" for what, n in parts)
-        if bound > room:
-            problems.append(f"the bound {bound:g} MiB = {shown} is over {room:.0f} MiB, the limit "
-                            f"{limits['memory'] / MIB:g} MiB less {MARGIN:.0%}")
     if problems:
         for p in problems:
             print(f"FAIL shipped-limits: {p}")
         return 1
-    print(f"ok   shipped-limits: {limits['memory'] / MIB:g} MiB, {limits['cpus']:g} CPUs; bound "
-          f"{bound:g} MiB = {shown}; {1 - bound / (limits['memory'] / MIB):.0%} left")
+    print(f"ok   shipped-limits: {limits['memory'] / MIB:g} MiB, {limits['cpus']:g} CPUs, "
+          + ", ".join(f"{f}={limits['env'][f]}" for f in BOUND_FLAGS))
+    return 0
+
+
+def cmd_memory_bound(args):
+    """The memory bound of the server in container `--container`, from what it reports of
+    itself (GetInfo; the bounds of a stream and of the panels in its startup log line), against
+    its container's memory limit."""
+    box = Container(args.container)
+    env = dict(e.split("=", 1) for e in box.inspect()["Config"]["Env"])
+    logs = subprocess.run(["docker", "logs", box.name], capture_output=True, text=True,
+                          timeout=30, check=True)
+    reported = next((json.loads(line)["fields"] for line in (logs.stdout + logs.stderr).splitlines()
+                     if '"security and limits"' in line), {})
+    if "stream_memory_bytes" not in reported:
+        print("FAIL memory-bound: no stream_memory_bytes in the server's JSON log line "
+              "'security and limits' (a server from before issue 24?)")
+        return 1
+    getinfo = subprocess.run([args.grpcurl, "-plaintext", "-max-time", "30", args.addr,
+                              "weightinit.v1.WeightInit/GetInfo"],
+                             capture_output=True, text=True, timeout=40, check=True)
+    limits = json.loads(getinfo.stdout)["limits"]
+    workers = int(env["WEIGHTINIT_WORKERS"])
+    streams = int(limits["maxConcurrentStreams"])
+    stream = int(reported["stream_memory_bytes"]) / MIB
+    parts = [("at rest", BASELINE_MIB),
+             (f"for {streams} streams x {stream:g}", streams * stream),
+             ("of panels", int(reported["panel_memory_bytes"]) / MIB),
+             (f"for {workers} workers x {WORKER_MIB}", workers * WORKER_MIB),
+             ("of --structured-memory-bytes", int(limits["structuredMemoryBytes"]) / MIB)]
+    bound = sum(n for _, n in parts)
+    limit = box.limit() / MIB
+    what = f"bound {bound:g} MiB = " + " + ".join(f"{n:g} {what}" for what, n in parts)
+    if bound > limit * (1 - MARGIN):
+        print(f"FAIL memory-bound: {what}: over {limit * (1 - MARGIN):.0f} MiB, the limit "
+              f"{limit:g} MiB less {MARGIN:.0%}")
+        return 1
+    print(f"ok   memory-bound: {what}; {1 - bound / limit:.0%} of the {limit:g} MiB limit left")
     return 0
 
 
@@ -555,21 +571,21 @@ def orthogonal(names, shape, **spec):
                                     for n in names]}
 
 
-def read_until(proc, marker, deadline):
-    """Reads `proc`'s stdout until `marker` has come (True) or it ends or time is up (False)."""
-    seen = b""
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        data = os.read(fd, 1 << 16)
-        if not data:
-            return False
-        seen = seen[-len(marker):] + data
-        if marker in seen:
-            return True
-    return False
+def first_messages(procs, marker, wait):
+    """Reads the stdout of all `procs` at once, each until `marker` has come on it (and then
+    no more), it ends, `wait` seconds are over or none has come for 5 s: how many it came on."""
+    tails = {p.stdout.fileno(): b"" for p in procs}
+    came, deadline, quiet = 0, time.monotonic() + wait, time.monotonic() + 5
+    while tails and time.monotonic() < min(deadline, quiet):
+        ready, _, _ = select.select(list(tails), [], [], 0.2)
+        for fd in ready:
+            data = os.read(fd, 1 << 16)
+            seen = tails.pop(fd)[-len(marker):] + data
+            if data and marker in seen:
+                came, quiet = came + 1, time.monotonic() + 5
+            elif data:
+                tails[fd] = seen
+    return came
 
 
 def attack_tall_digest(args, _box):
@@ -584,13 +600,13 @@ def attack_tall_digest(args, _box):
 
 
 def permuted_view(i):
-    """Keras layouts of torch weights: a Linear weight (made by rows, 32 MiB a job) and a
-    Conv2d weight (made in panels of 32 MiB), in turn."""
-    if i % 2 == 0:
-        spec = {"shape": [65536, 1024], "init": {"normal": {}}, "permute": [1, 0]}
-    else:
-        spec = {"shape": [2048, 1024, 3, 3], "init": {"kaimingNormal": {}}, "permute": [2, 3, 1, 0]}
-    return {"seed": i, "tensors": [{"name": f"view{i}", **spec}]}
+    """Keras layouts of torch weights, in turn: the Dense kernels of a square and of a wide
+    Linear weight, and the kernel of a Conv2d weight. Whether each is made by rows or in
+    panels is the server's choice; the three cover both."""
+    spec = [{"shape": [8192, 8192], "init": {"normal": {}}, "permute": [1, 0]},
+            {"shape": [65536, 1024], "init": {"normal": {}}, "permute": [1, 0]},
+            {"shape": [2048, 1024, 3, 3], "init": {"kaimingNormal": {}}, "permute": [2, 3, 1, 0]}]
+    return {"seed": i, "tensors": [{"name": f"view{i}", **spec[i % 3]}]}
 
 
 def slow_readers(n):
@@ -598,20 +614,18 @@ def slow_readers(n):
         procs = [grpcurl_call(args, "Generate", permuted_view(i), stdout=subprocess.PIPE)
                  for i in range(n)]
         try:
-            deadline = time.monotonic() + args.timeout
             # One message each (the header, then the first chunk's data), then no more reading.
-            stalled = sum(read_until(p, b'"data"', deadline) for p in procs)
+            stalled = first_messages(procs, b'"data"', args.timeout)
             time.sleep(args.hold)  # for the server to fill what it may while nobody reads
-            busy = sum(p.poll() is None for p in procs)
-            turned_away = sum(refused(p) for p in procs if p.poll() is not None)
+            ended = [p for p in procs if p.poll() is not None]
+            turned_away = sum(refused(p) for p in ended)
         finally:
             end_all(procs)
-        notes = [f"{stalled} stalled after one message, {turned_away} refused (RESOURCE_EXHAUSTED)"]
-        problems = []
-        if stalled + turned_away != n or busy != stalled:
-            problems.append(f"of {n} readers {stalled} got a message, {busy} were still open, "
-                            f"{turned_away} were refused")
-        return notes, problems
+        waiting = n - len(ended) - stalled
+        notes = [(f"{stalled} stalled after one message, {waiting} waiting for room, "
+                  f"{turned_away} refused (RESOURCE_EXHAUSTED)")]
+        failed = len(ended) - turned_away
+        return notes, [f"{failed} of {n} readers failed"] if failed else []
     return attack
 
 
@@ -735,10 +749,14 @@ def main():
     k.add_argument("--port", type=int, default=50051)
     k.add_argument("--grace", type=float, default=30.0, help="the server's shutdown grace, seconds")
     k.add_argument("--margin", type=float, default=5.0, help="least extra seconds before SIGKILL")
-    m = sub.add_parser("shipped-limits", help="the manifests' limits agree and hold the bound")
+    m = sub.add_parser("shipped-limits", help="the manifests' limits and flags agree")
     m.add_argument("--kubernetes", required=True, help="the Deployment's file")
     m.add_argument("--compose", required=True)
     m.add_argument("--docker-args", action="store_true", help="print them as `docker run` options")
+    b = sub.add_parser("memory-bound", help="a server container's limit holds its memory bound")
+    b.add_argument("--grpcurl", required=True)
+    b.add_argument("--addr", required=True, help="host:port")
+    b.add_argument("--container", required=True, help="docker name or id of the server")
     a = sub.add_parser("attack", help="one attack on a container; it must survive it")
     a.add_argument("name", choices=sorted(ATTACKS))
     a.add_argument("--grpcurl", required=True)
@@ -751,7 +769,7 @@ def main():
     args = p.parse_args()
     return {"vectors": cmd_vectors, "stream": cmd_stream, "safetensors": cmd_safetensors,
             "k8s-policy": cmd_k8s_policy, "attack": cmd_attack,
-            "shipped-limits": cmd_shipped_limits}[args.cmd](args)
+            "shipped-limits": cmd_shipped_limits, "memory-bound": cmd_memory_bound}[args.cmd](args)
 
 
 if __name__ == "__main__":
