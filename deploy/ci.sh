@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # All deployment checks, in order of cost, sharing one image build:
-#   ci-kubernetes.sh (seconds, no docker) -> ci-docker.sh -> ci-compose.sh.
+#   ci-kubernetes.sh (seconds, no docker) -> ci-docker.sh -> ci-limits.sh -> ci-compose.sh.
 # The weightinit:ci-PID image is removed at the end (KEEP_IMAGE=1 keeps it); the
 # base images and docker's build cache are kept, so a second run rebuilds only
 # what changed. Bounded: each script has its own watchdog (MAX_SECONDS).
-# Last line: "deploy: N passed, N failed, N skipped" (summed over the three).
+# Last line: "deploy: N passed, N failed, N skipped" (summed over the four).
 set -uo pipefail
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 T0=$SECONDS
@@ -31,6 +31,7 @@ run() {
 
 run ci-kubernetes "$DIR/ci-kubernetes.sh"
 run ci-docker env KEEP_IMAGE=1 "$DIR/ci-docker.sh"
+run ci-limits env KEEP_IMAGE=1 "$DIR/ci-limits.sh"
 run ci-compose env KEEP_IMAGE="${KEEP_IMAGE:-0}" "$DIR/ci-compose.sh"
 
 # ci-compose removes the image when it built it; not when it failed before that.
