@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
+use weightinit::engine::blocks::PANEL_BYTES;
 use weightinit::engine::{Limits, whole_bytes_bound};
 use weightinit::proto::weight_init_client::WeightInitClient;
 use weightinit::proto::{GenerateRequest, GetInfoRequest};
@@ -268,6 +269,44 @@ async fn slow_permuted_readers_stay_within_the_stream_bound() {
         mib(bound)
     );
     drop(readers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_stalled_on_every_panel_hold_no_one_else_up() {
+    let server = Served::start(&["--workers", "2"], false);
+    // A conv kernel's Keras layout: a view made in panels, 36 MiB, so more than one panel.
+    let view = |seed: u64| {
+        let mut view = request(json!({"seed": seed, "tensors": [
+            {"name": "w", "shape": [1024, 1024, 3, 3], "init": {"xavierUniform": {}}}]}));
+        view.tensors[0].permute = vec![2, 3, 1, 0];
+        view
+    };
+    // As many readers as the server has panels take one message each, then stall.
+    let mut stalled = Vec::new();
+    for seed in 0..panel_bytes_bound(2) / PANEL_BYTES {
+        let mut client = windowed_client(&server.url(), 64 << 10).await.unwrap();
+        let mut stream = client.generate(view(seed)).await.unwrap().into_inner();
+        stream.message().await.unwrap().expect("a header");
+        stream.message().await.unwrap().expect("a chunk");
+        stalled.push((client, stream));
+    }
+    // Another client's view is made job by job meanwhile, the same bytes, within the idle
+    // timeout (60 s) that would otherwise free a panel.
+    let mut other = connect(server.url()).await;
+    let start = Instant::now();
+    let digest = tokio::time::timeout(Duration::from_secs(10), other.digest(view(7))).await;
+    assert!(
+        digest.is_ok(),
+        "a view made in panels waited for panels held by stalled readers"
+    );
+    let digest = digest.unwrap().unwrap().into_inner();
+    println!("digest beside stalled panel readers: {:?}", start.elapsed());
+    drop(stalled);
+    let again = other.digest(view(7)).await.unwrap().into_inner();
+    assert_eq!(
+        digest, again,
+        "made job by job or in panels, the same bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

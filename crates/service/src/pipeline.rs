@@ -71,7 +71,8 @@ pub struct Pipeline {
 
 /// The server's panel buffers, shared by every stream: at most [`Panels::count`] at once, so
 /// that slow readers of views made in panels hold no more than these between them; a stream
-/// waits for one. Kept for reuse: fresh ones would cost page faults and zeroing as large as
+/// that finds none free makes its view job by job instead (slower, but it never waits on
+/// another client). Kept for reuse: fresh ones would cost page faults and zeroing as large as
 /// the generation itself.
 struct Panels {
     free: Arc<Semaphore>,
@@ -79,8 +80,7 @@ struct Panels {
 }
 
 impl Panels {
-    /// One per worker (a panel is made on all of them at once), and at least two, so that
-    /// one slow reader cannot hold them all.
+    /// One per worker (a panel is made on all of them at once), and at least two.
     fn count(workers: usize) -> usize {
         workers.max(2)
     }
@@ -278,19 +278,23 @@ impl Pipeline {
                     break;
                 };
                 let len = (total - offset).min(job_bytes as u64) as usize;
-                let pending = if in_panels {
-                    if panel.as_ref().is_none_or(|p| !p.holds(offset)) {
-                        // Let go of the last one first: waiting for a panel while holding one
-                        // could wait forever.
-                        drop(panel.take());
-                        panel = Some(self.panel(making_ref, offset).await?);
+                if in_panels && panel.as_ref().is_none_or(|p| !p.holds(offset)) {
+                    // The last one goes first, so that a stream holds at most one.
+                    drop(panel.take());
+                    panel = self.panel(making_ref, offset).await?;
+                }
+                let pending = match &panel {
+                    Some(panel) if panel.holds(offset) => {
+                        let panel = Arc::clone(panel);
+                        self.pool.run(move || panel.block(offset, len, emit))
                     }
-                    let panel = Arc::clone(panel.as_ref().expect("made above"));
-                    self.pool.run(move || panel.block(offset, len, emit))
-                } else {
-                    let making = Arc::clone(making_ref);
-                    self.pool
-                        .run(move || generate(&making.plan, offset, len, emit))
+                    // Not made in panels, or every panel is held (by slow readers, perhaps):
+                    // made job by job as any view can be, slower but never waiting on others.
+                    _ => {
+                        let making = Arc::clone(making_ref);
+                        self.pool
+                            .run(move || generate(&making.plan, offset, len, emit))
+                    }
                 };
                 in_flight.push_back((offset, pending));
                 if offsets.peek().is_none() {
@@ -424,15 +428,15 @@ impl Panel {
 }
 
 impl Pipeline {
-    /// Makes the panel that starts at `offset`, its column ranges on all workers at once.
-    async fn panel(&self, making: &Arc<Making>, offset: u64) -> Result<Arc<Panel>, Stop> {
+    /// Makes the panel that starts at `offset`, its column ranges on all workers at once;
+    /// `None` when every panel of the server is held.
+    async fn panel(&self, making: &Arc<Making>, offset: u64) -> Result<Option<Arc<Panel>>, Stop> {
         let tensor = &making.plan;
         let size = tensor.dtype.size() as u64;
         let stop = (offset + PANEL_BYTES).min(tensor.byte_length());
-        let place = Arc::clone(&self.panels.free)
-            .acquire_owned()
-            .await
-            .map_err(|_| Stop::WorkerFailed)?;
+        let Ok(place) = Arc::clone(&self.panels.free).try_acquire_owned() else {
+            return Ok(None);
+        };
         let reused = self
             .panels
             .spare
@@ -457,13 +461,13 @@ impl Pipeline {
         }
         // Every writer has gone with its job.
         let data = output.into_vec().map_err(|_| Stop::WorkerFailed)?;
-        Ok(Arc::new(Panel {
+        Ok(Some(Arc::new(Panel {
             total: tensor.byte_length(),
             start: offset,
             data,
             spare: Arc::clone(&self.panels.spare),
             _place: place,
-        }))
+        })))
     }
 }
 
