@@ -1,7 +1,7 @@
 //! Where a normal's time goes: each stage of the engine's normal path on its own, over 64 Mi
 //! elements in 512-element blocks as `TensorPlan::fill` makes them, in CPU time (the best
-//! of 3), for each instruction set this CPU has. BENCHMARKS.md ("Where a normal's time
-//! goes") explains the figures.
+//! of 3), for each instruction set this CPU has. BENCHMARKS.md explains the figures
+//! ("A normal's time, and the normal path made faster").
 //!
 //!     cargo run --release -p weightinit-engine --example normal_stages
 
