@@ -139,7 +139,7 @@ impl LocalPlan {
         targets: Vec<(usize, &mut [u8])>,
         stop: StopCheck<'_>,
     ) -> Result<(), LocalError> {
-        let mut jobs = Vec::new();
+        let mut checked = Vec::with_capacity(targets.len());
         for (index, out) in targets {
             let tensor = self.tensor(index)?;
             if tensor.byte_length() != out.len() as u64 {
@@ -149,18 +149,20 @@ impl LocalPlan {
                     actual: out.len(),
                 });
             }
-            let job = job_bytes(tensor);
-            jobs.extend(
+            checked.push((tensor, out));
+        }
+        for (tensor, _) in &checked {
+            prepare(tensor, stop)?;
+        }
+        let jobs: Vec<_> = checked
+            .into_iter()
+            .flat_map(|(tensor, out)| {
+                let job = job_bytes(tensor);
                 out.chunks_mut(job)
                     .enumerate()
-                    .map(move |(j, part)| (tensor, (j * job) as u64, part)),
-            );
-        }
-        for (tensor, offset, _) in &jobs {
-            if *offset == 0 {
-                prepare(tensor, stop)?;
-            }
-        }
+                    .map(move |(j, part)| (tensor, (j * job) as u64, part))
+            })
+            .collect();
         pool()?.install(|| {
             jobs.into_par_iter().try_for_each(|(tensor, offset, part)| {
                 check(stop)?;
