@@ -3,7 +3,9 @@
 //! of 3), for each instruction set this CPU has. BENCHMARKS.md explains the figures
 //! ("A normal's time, and the normal path made faster").
 //!
-//!     cargo run --release -p weightinit-engine --example normal_stages
+//!     cargo run --release -p weightinit-engine --example normal_stages [-- avx2 ...]
+//!
+//! Arguments name the instruction sets to time (all that the CPU has by default).
 
 use std::hint::black_box;
 
@@ -127,7 +129,18 @@ fn main() {
         };
     }
     let elements = (N * BLOCKS) as f64;
-    for isa in Isa::ALL.into_iter().filter(|isa| *isa <= Isa::detected()) {
+    let asked: Vec<Isa> = match std::env::args().skip(1).map(|name| name.parse()).collect() {
+        Ok(asked) => asked,
+        Err(unknown) => {
+            eprintln!("normal_stages: {unknown}");
+            std::process::exit(2);
+        }
+    };
+    let chosen = |isa: &Isa| asked.is_empty() || asked.contains(isa);
+    for isa in Isa::ALL
+        .into_iter()
+        .filter(|isa| *isa <= Isa::detected() && chosen(isa))
+    {
         Isa::set_max(isa);
         println!("{isa}: CPU ns per element (M elements per CPU-second)");
         for (which, name) in STAGES.iter().enumerate() {
