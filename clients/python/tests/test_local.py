@@ -116,6 +116,39 @@ def test_many_small_tensors_in_one_pass(target):
         assert local[name].tobytes() == value.tobytes(), name
 
 
+def test_in_process_calls_start_no_thread_each():
+    """Every fetch runs on the engine's pool, whose threads are made once: no thread is started
+    per call (one started as memory runs out can abort the interpreter in glibc)."""
+    import os
+    import threading
+
+    request = {
+        "seed": 3,
+        "tensors": [{"name": "w", "shape": [4096, 4096], "init": {"normal": {"std": 0.02}}}],
+    }
+    out = {"w": np.empty((4096, 4096), np.float32)}
+    weightinit.fetch(request, "local", out=out)  # the pool's threads, made on first use
+    seen = {1: set(), 2: set()}
+    phase, done = [1], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            seen[phase[0]].update(os.listdir("/proc/self/task"))
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for phase[0] in (1, 2):
+            for _ in range(3):
+                weightinit.fetch(request, "local", out=out)
+    finally:
+        done.set()
+        sampler.join()
+    assert len(seen[1]) > 2, "the sampler saw no thread"
+    assert seen[2] <= seen[1], f"threads started by the second calls: {seen[2] - seen[1]}"
+
+
 def test_destinations_that_overlap_are_refused_before_anything_is_written():
     shared = np.full(8 * 1024, 7, np.uint8)
     request = {

@@ -403,6 +403,25 @@ fn job_bytes(tensor: &TensorPlan) -> usize {
     row_job_bytes(tensor).unwrap_or(BLOCK_BYTES)
 }
 
+/// Runs `work` on one of the pool's threads while `wait` runs on this one, given the
+/// receiver of `work`'s result (`Err` with the payload if it panicked); returns `wait`'s
+/// result once both are done. So a caller can watch for signals with no thread started per
+/// call: a thread started as memory runs out can abort the process (glibc allocating the
+/// extension's thread-local data), while the pool's threads have theirs.
+pub fn beside<T: Send, R>(
+    work: impl FnOnce() -> T + Send,
+    wait: impl FnOnce(std::sync::mpsc::Receiver<std::thread::Result<T>>) -> R,
+) -> Result<R, LocalError> {
+    let pool = pool()?;
+    let (done, result) = std::sync::mpsc::channel();
+    Ok(pool.in_place_scope(|scope| {
+        scope.spawn(move |_| {
+            let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+        });
+        wait(result)
+    }))
+}
+
 /// This process's generation threads. Threads do not survive fork(), and Python programs fork
 /// (DataLoader workers, multiprocessing): a forked child starts its own pool rather than wait
 /// forever on its parent's, whose threads it does not have.

@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::runtime::Runtime;
 use tonic::{Code, Status};
-use weightinit_client::local::{LocalError, LocalPlan};
+use weightinit_client::local::{self, LocalError, LocalPlan};
 use weightinit_client::remote::{self, RemoteError, Unary};
 use weightinit_client::retry::RetryPolicy;
 use weightinit_client::target::{Caller, Given, Security};
@@ -84,22 +84,18 @@ impl Plan {
     }
 }
 
-/// Runs `work` on its own thread without the GIL, looking for Ctrl-C (any signal handler's
-/// exception) every [`SIGNAL_POLL`]: the work is then told to stop, which it does within
-/// one job, and the exception is raised here.
+/// Runs `work` on a thread of the engine's pool without the GIL, looking for Ctrl-C (any
+/// signal handler's exception) every [`SIGNAL_POLL`]: the work is then told to stop, which
+/// it does within one job, and the exception is raised here.
 fn interruptible<T: Send>(
     py: Python<'_>,
     work: impl FnOnce(StopCheck<'_>) -> Result<T, LocalError> + Send,
 ) -> PyResult<T> {
     let stop = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let (done, result) = mpsc::channel();
-        let stop = &stop;
-        scope.spawn(move || {
-            let _ = done.send(work(&|| stop.load(Ordering::Relaxed)));
-        });
-        let mut result = result;
-        loop {
+    let stop = &stop;
+    let waited = local::beside(
+        move || work(&|| stop.load(Ordering::Relaxed)),
+        |mut result| loop {
             // Moved in and back: a Receiver cannot be shared with the detached closure.
             let (back, next) = py.detach(move || {
                 let next = result.recv_timeout(SIGNAL_POLL);
@@ -107,7 +103,10 @@ fn interruptible<T: Send>(
             });
             result = back;
             match next {
-                Ok(value) => return value.map_err(local_failure),
+                Ok(Ok(value)) => return value.map_err(local_failure),
+                Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(PyRuntimeError::new_err("the generation thread panicked"));
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Err(signal) = py.check_signals() {
                         stop.store(true, Ordering::Relaxed);
@@ -116,12 +115,10 @@ fn interruptible<T: Send>(
                         return Err(signal);
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(PyRuntimeError::new_err("the generation thread panicked"));
-                }
             }
-        }
-    })
+        },
+    );
+    waited.map_err(local_failure)?
 }
 
 /// A failure as weightinit.errors turns it into the package's exception.
