@@ -11,6 +11,7 @@ report names every tensor that differs and the ranks (and devices) that hold it 
 digests in hex: the form weightinit.digest(), `weightinit digest` and safetensors metadata use.
 """
 
+import time
 from dataclasses import dataclass
 
 import blake3
@@ -18,6 +19,9 @@ import numpy as np
 from google.protobuf import json_format
 
 from .request import check_seed, to_message
+
+# How long verify() waits for torch.distributed's threads to let go of its gathered tensors.
+RELEASE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -131,13 +135,47 @@ def verify(model, seed: int, target, *, group=None, check: bool = True, **init_k
 
 
 def _gather(mine, group):
-    """What every rank of `group` passed, by rank; [mine] outside torch.distributed."""
+    """What every rank of `group` passed, by rank; [mine] outside torch.distributed.
+
+    torch's all_gather_object, written out to control who lets go of its tensors last. A gloo
+    worker thread drops its hold on a collective's tensors just after the caller's wait()
+    returns; if that is the last hold but Python's, it must take the GIL, and if the interpreter
+    is exiting by then (verify() is often a script's last call) Python ends the thread inside
+    C++ and the process aborts ("terminate called without an active exception", about one
+    two-rank run in three on 2 cores). So each tensor has a second hold, a view (a view holds
+    its base), until the collectives' threads have let go: theirs is then never the last.
+    """
+    import pickle
+
+    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return [mine]
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
+    # The device torch's object collectives use for this group (cuda for NCCL).
+    device = dist.distributed_c10d._get_object_coll_device(group)
+    ranks = dist.get_world_size(group)
+    payload = torch.frombuffer(bytearray(pickle.dumps(mine)), dtype=torch.uint8)
+    with torch.inference_mode(False):  # views made in inference mode do not hold their base
+        size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
+        sizes = [torch.zeros_like(size) for _ in range(ranks)]
+        holds = [tensor.view(-1) for tensor in [size, *sizes]]
+        dist.all_gather(sizes, size, group=group)
+        padded = torch.zeros(max(int(n) for n in sizes), dtype=torch.uint8, device=device)
+        padded[: payload.numel()] = payload.to(device)
+        blocks = [torch.empty_like(padded) for _ in range(ranks)]
+        holds += [tensor.view(-1) for tensor in [padded, *blocks]]
+        dist.all_gather(blocks, padded, group=group)
+    gathered = [
+        pickle.loads(block[: int(n)].cpu().numpy().tobytes())
+        for block, n in zip(blocks, sizes, strict=True)
+    ]
+    # Each held by its Python object and its view, 2, once the collectives let go.
+    deadline = time.monotonic() + RELEASE_TIMEOUT
+    while any(view._base._use_count() > 2 for view in holds):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.001)
     return gathered
 
 
