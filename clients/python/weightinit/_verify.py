@@ -12,6 +12,7 @@ digests in hex: the form weightinit.digest(), `weightinit digest` and safetensor
 """
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import blake3
@@ -174,6 +175,12 @@ def _gather(mine, group):
     deadline = time.monotonic() + RELEASE_TIMEOUT
     while any(view._base._use_count() > 2 for view in holds):
         if time.monotonic() > deadline:
+            warnings.warn(
+                f"torch.distributed still holds verify()'s tensors after {RELEASE_TIMEOUT} s; "
+                "if this process exits now, it may abort",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             break
         time.sleep(0.001)
     return gathered
