@@ -18,7 +18,16 @@ async fn digests_are_blake3_of_the_bytes_for_every_length() {
         (
             "DTYPE_FLOAT32",
             4u64,
-            vec![0, 4, block - 4, block, block + 4, 2 * block, 3 * block + 12],
+            vec![
+                0,
+                4,
+                block - 4,
+                block,
+                block + 4,
+                2 * block,
+                3 * block + 12,
+                9 * block + 8,
+            ],
         ),
         (
             "DTYPE_FLOAT16",
