@@ -7,8 +7,9 @@
 //! keystream runs; a Digest's: several, one after the other) and hashes each as a BLAKE3
 //! subtree (a power-of-two run of 1 KiB chunks at a power-of-two offset is a subtree of the
 //! tensor's tree), so the hashing runs in parallel like the generation; the producer only
-//! merges 32-byte chaining values, in order, with [`Tree`]. A few blocks are in flight ahead of the one being sent;
-//! transport chunks are zero-copy slices of a block, so a chunk never spans two blocks.
+//! merges 32-byte chaining values, in order, with [`Tree`]. A few blocks are in flight ahead
+//! of the one being sent; transport chunks are zero-copy slices of a block, so a chunk never
+//! spans two blocks.
 //! A transposing view whose rows are far apart in the tensor is made in panels, drawn from the
 //! server's few ([`panel_bytes_bound`]), so a stream's own memory stays a few jobs
 //! ([`stream_bytes_bound`]) whatever its reader does.
@@ -167,7 +168,7 @@ impl Structured {
 const ROW_JOB_BYTES: u64 = 4 << 20;
 
 /// Bytes per Digest job of a tensor made block by block ([`digest`]). A job per block cost the
-/// producer a wake-up per 1 MiB; four blocks a job take 2.5-3% less of a Digest's CPU
+/// producer a wake-up per 1 MiB; four blocks a job take 3-5% less of a Digest's CPU
 /// (BENCHMARKS.md), and a job still ends within milliseconds of a cancellation.
 const DIGEST_JOB_BYTES: usize = 4 * BLOCK_BYTES;
 
